@@ -48,14 +48,15 @@ def paged_decode_attention_reference(
     pages = block_table[:, : (max_len + page_size - 1) // page_size].long()
     slots = pages[:, positions // page_size] * page_size + positions % page_size  # [B, L]
     valid = positions[None, :] < seq_lens[:, None].long()
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
-    keys = k_cache[slots].float()  # [B, L, Hkv, D]
-    values = v_cache[slots].float()
-    qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    flat = slots.masked_fill(~valid, 0).flatten()
+    # [B, Hkv, L, D]: one gather per cache, then batched matmuls per kv head group.
+    keys = k_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    qg = q.view(batch, num_kv_heads, group, head_dim).float()
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+    out = torch.matmul(probs, values.float())
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
 

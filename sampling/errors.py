@@ -31,6 +31,10 @@ class InvalidConfigError(SamplingError, ValueError):
     """A sampling config holds an out-of-range or inconsistent value."""
 
 
+class InvalidArgumentError(SamplingError, ValueError):
+    """A call argument is malformed: mismatched lengths, duplicate keys, a negative budget."""
+
+
 class HistoryFormatError(SamplingError):
     """The history file is corrupt, or is not a rollout-accel history database."""
 

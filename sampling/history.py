@@ -39,6 +39,7 @@ from .errors import (
     CheckpointNotFoundError,
     HistoryFormatError,
     HistorySchemaError,
+    InvalidArgumentError,
     InvalidConfigError,
     InvalidRecordError,
     ReadOnlyHistoryError,
@@ -208,8 +209,9 @@ class GlobalStats:
         """Pooled within-group variance of log length (sampling noise of one response)."""
         return self.within_ss / self.within_df if self.within_df > 0 else None
 
-    def regression(self) -> tuple[float, float, float] | None:
-        """(intercept, slope, residual variance) of group mean log length on log prompt length."""
+    def regression(self) -> tuple[float, float, float, float] | None:
+        """(mean x, mean y, slope, residual variance) of the least-squares fit of a group's mean
+        log length (y) on log(prompt length + 1) (x); None before 3 groups with prompt lengths."""
         if self.reg_w < 3:
             return None
         mx, my = self.reg_x / self.reg_w, self.reg_y / self.reg_w
@@ -217,8 +219,7 @@ class GlobalStats:
         sxy = self.reg_xy / self.reg_w - mx * my
         syy = max(self.reg_yy / self.reg_w - my * my, 0.0)
         slope = sxy / sxx if sxx > 1e-9 else 0.0
-        resid = max(syy - slope * sxy, 0.0)
-        return my - slope * mx, slope, resid
+        return mx, my, slope, max(syy - slope * sxy, 0.0)
 
 
 class HistoryStore:
@@ -253,8 +254,10 @@ class HistoryStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def record_groups(self, step: int, groups: Sequence[GroupRecord]) -> None:
+    def record_groups(self, step: int, groups: Sequence[GroupRecord]) -> list[GroupOutcome]:
         """Append one step's finished groups and update each prompt's summary, atomically.
+
+        Returns each group's outcome (MIXED, ALL_PASS, ALL_FAIL, EMPTY), in input order.
 
         Raises InvalidRecordError / InvalidPromptKeyError before writing anything if any record
         is malformed, or if `step` is older than the latest recorded step.
@@ -329,6 +332,7 @@ class HistoryStore:
             glob = _fold_global(self._global(cur), checked, sums, cfg.prior_decay)
             self._meta_put(cur, "global", glob)
             self._meta_put(cur, "latest_step", step)
+        return [GroupOutcome(int(o)) for o in sums.outcome]
 
     def record_skips(self, step: int, keys: Iterable[PromptKey]) -> None:
         """Note that the selector skipped these prompts at `step` (feeds the starvation guard).
@@ -457,7 +461,7 @@ class HistoryStore:
         `<args.save>/rollout` to keep it beside slime's data-source state.
         """
         if isinstance(rollout_id, bool) or not isinstance(rollout_id, int) or rollout_id < 0:
-            raise InvalidRecordError(f"rollout_id {rollout_id!r} must be an int >= 0")
+            raise InvalidArgumentError(f"rollout_id {rollout_id!r} must be an int >= 0")
         base = Path(directory) if directory is not None else Path(f"{self.path}.checkpoints")
         return base / f"history_{rollout_id}.db"
 
@@ -585,6 +589,105 @@ def _new_row(pid: int, key: PromptKey, step: int) -> list[object]:
     # Column order of _COLS: ids, steps and counts, seven discounted sums, skips, version, ring.
     head = [pid, key, None, step, step, 0, 0, 0, int(GroupOutcome.EMPTY), 0]
     return [*head, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, None, None, 0]
+
+
+@dataclass(slots=True)
+class _StepSums:
+    """Per-group sums of one recorded step, computed in a few vectorised passes.
+
+    Only non-aborted samples count, except in `samples` and `tokens`.
+    """
+
+    samples: np.ndarray
+    tokens: np.ndarray
+    valid: np.ndarray
+    passed: np.ndarray
+    log_sum: np.ndarray
+    log_sq: np.ndarray
+    tok_valid: np.ndarray
+    truncated: np.ndarray
+    outcome: np.ndarray  # GroupOutcome per group
+
+    @classmethod
+    def of(cls, groups: Sequence[CheckedGroup], pass_threshold: float) -> _StepSums:
+        sizes = np.array([g.rewards.size for g in groups], dtype=np.int64)
+        gid = np.repeat(np.arange(len(groups)), sizes)
+        rewards = np.concatenate([g.rewards for g in groups]) if groups else np.zeros(0)
+        lengths = np.concatenate([g.lengths for g in groups]) if groups else np.zeros(0, int)
+        valid = np.concatenate([g.valid for g in groups]) if groups else np.zeros(0, bool)
+        trunc = np.concatenate([g.truncated for g in groups]) if groups else np.zeros(0, bool)
+        k = len(groups)
+        vg, vr, vl = gid[valid], rewards[valid], lengths[valid]
+        logs = log_length(vl)
+        count = np.bincount(vg, minlength=k)
+        outcome = np.full(k, int(GroupOutcome.EMPTY), dtype=np.int64)
+        if vr.size:
+            # reduceat over non-empty groups only: their starts are strictly increasing.
+            nonempty = count > 0
+            idx = (np.cumsum(count) - count)[nonempty]
+            spread = np.maximum.reduceat(vr, idx) - np.minimum.reduceat(vr, idx)
+            kind = np.where(
+                vr[idx] >= pass_threshold, int(GroupOutcome.ALL_PASS), int(GroupOutcome.ALL_FAIL)
+            )
+            outcome[nonempty] = np.where(spread > 1e-9, int(GroupOutcome.MIXED), kind)
+        return cls(
+            samples=sizes,
+            tokens=np.bincount(gid, weights=lengths, minlength=k),
+            valid=count,
+            passed=np.bincount(vg, weights=(vr >= pass_threshold), minlength=k),
+            log_sum=np.bincount(vg, weights=logs, minlength=k),
+            log_sq=np.bincount(vg, weights=logs * logs, minlength=k),
+            tok_valid=np.bincount(vg, weights=vl, minlength=k),
+            truncated=np.bincount(vg, weights=trunc[valid], minlength=k),
+            outcome=outcome,
+        )
+
+
+def _update_row(
+    row: list[object], g: CheckedGroup, s: _StepSums, i: int, step: int, decay: float
+) -> None:
+    """Fold group `i` of the step into a prompt's summary row (the column order of `_COLS`)."""
+    if g.prompt_length is not None:
+        row[2] = g.prompt_length
+    row[4] = step
+    row[5] += 1
+    row[6] += int(s.samples[i])
+    outcome = GroupOutcome(int(s.outcome[i]))
+    if outcome is not GroupOutcome.EMPTY:
+        # An all-aborted group says nothing about the prompt: leave streak and estimates alone.
+        zero = outcome.zero_variance
+        m = float(s.valid[i])
+        row[7] = row[7] + 1 if zero else 0
+        row[8] = int(outcome)
+        row[9] += int(zero)
+        row[10] = decay * row[10] + float(s.passed[i])
+        row[11] = decay * row[11] + m
+        row[12] = decay * row[12] + m
+        row[13] = decay * row[13] + float(s.log_sum[i])
+        row[14] = decay * row[14] + float(s.log_sq[i])
+        row[15] = decay * row[15] + float(s.tok_valid[i])
+        row[16] = decay * row[16] + float(s.truncated[i])
+    row[17] = 0  # a rollout resets the starvation guard's skip count
+    if g.weight_version is not None:
+        row[19] = g.weight_version
+
+
+_OUTCOMES = tuple(GroupOutcome)
+
+
+def _stats(row: list[object]) -> PromptStats:
+    len_w = row[12]
+    if len_w > 0:
+        mean = row[13] / len_w
+        var = max(row[14] / len_w - mean * mean, 0.0)
+        tok, trunc = row[15] / len_w, row[16] / len_w
+    else:
+        mean = var = tok = trunc = 0.0
+    # Positional, in PromptStats field order: this runs for every candidate of every step.
+    return PromptStats(
+        row[1], row[5], row[6], row[3], row[4], row[7], _OUTCOMES[row[8]], row[9], row[10],
+        row[11], len_w, mean, var, tok, trunc, row[2], row[17], row[18], row[19], row[20],
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
