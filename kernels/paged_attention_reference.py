@@ -50,8 +50,12 @@ def paged_decode_attention_reference(
     valid = positions[None, :] < seq_lens[:, None].long()
     flat = slots.masked_fill(~valid, 0).flatten()
     # [B, Hkv, L, D]: one gather per cache, then batched matmuls per kv head group.
-    keys = k_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    keys = (
+        k_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    )
+    values = (
+        v_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    )
     qg = q.view(batch, num_kv_heads, group, head_dim).float()
     scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))

@@ -4,13 +4,13 @@ A group whose rewards are all equal has zero GRPO advantage. Prompts that were a
 all-wrong recently tend to stay so (GRESO: ~80% stay zero-variance next epoch), so the selector
 skips a prompt with probability growing in its *streak* of consecutive zero-variance groups:
 
-    keep probability = explore[kind] ** (streak - min_streak + 1)    (kind: all-pass / all-fail)
+    keep probability = explore ** (streak - min_streak + 1)
 
 and keeps everything else (new prompts, prompts whose last group was mixed). Invariants:
 
-- Adaptive exploration: after each step, `observe` moves explore[kind] down when that kind's
-  share of the rolled groups exceeds its half of the allowed zero-variance share
-  (1 - target_effective_share), and up otherwise. Easy and hard prompts adapt separately.
+- Adaptive exploration: after each step, `observe` lowers `explore` by `explore_step` when the
+  share of effective (mixed) groups among the rolled ones is below `target_effective_share`,
+  and raises it otherwise, within [explore_min, explore_max].
 - No starvation: a prompt skipped `max_consecutive_skips` times in a row is kept (FORCED), so
   every prompt is rolled out at least once every max_consecutive_skips + 1 epochs. A prompt
   that flips from all-wrong to mixed resets its streak and is kept from then on.
@@ -78,26 +78,21 @@ class SelectorConfig:
 class SelectorState:
     """The adaptive part of the selector; persisted in the history (saved with checkpoints)."""
 
-    explore_pass: float
-    explore_fail: float
+    explore: float
     steps_observed: int = 0
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "explore_pass": self.explore_pass,
-            "explore_fail": self.explore_fail,
-            "steps_observed": self.steps_observed,
-        }
+        return {"explore": self.explore, "steps_observed": self.steps_observed}
 
     @classmethod
     def from_dict(cls, value: Mapping[str, object], config: SelectorConfig) -> SelectorState:
-        def rate(name: str) -> float:
-            raw = value.get(name, config.explore_init)
-            x = float(raw) if isinstance(raw, int | float) else config.explore_init
-            return min(max(x, config.explore_min), config.explore_max)
-
+        raw = value.get("explore", config.explore_init)
+        rate = float(raw) if isinstance(raw, int | float) else config.explore_init
         steps = value.get("steps_observed", 0)
-        return cls(rate("explore_pass"), rate("explore_fail"), int(steps) if steps else 0)
+        return cls(
+            min(max(rate, config.explore_min), config.explore_max),
+            int(steps) if isinstance(steps, int) else 0,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +123,7 @@ class PromptSelector:
     def __init__(self, store: HistoryStore, config: SelectorConfig | None = None) -> None:
         self.store = store
         self.config = config or SelectorConfig()
-        self.state = SelectorState(self.config.explore_init, self.config.explore_init)
+        self.state = SelectorState(self.config.explore_init)
         self.reload_state()
 
     def reload_state(self) -> None:
@@ -146,12 +141,7 @@ class PromptSelector:
             return 1.0, Reason.EFFECTIVE
         if stats.skips_since_rollout >= cfg.max_consecutive_skips:
             return 1.0, Reason.FORCED
-        rate = (
-            self.state.explore_pass
-            if stats.last_outcome is GroupOutcome.ALL_PASS
-            else self.state.explore_fail
-        )
-        return rate ** (stats.zero_var_streak - cfg.min_streak + 1), Reason.EXPLORE
+        return self.state.explore ** (stats.zero_var_streak - cfg.min_streak + 1), Reason.EXPLORE
 
     def select(
         self,
@@ -180,23 +170,16 @@ class PromptSelector:
     def observe(self, outcomes: Sequence[GroupOutcome]) -> None:
         """Adapt exploration from one step's rolled-out groups, then persist the state.
 
-        Each kind (all-pass, all-fail) may take half of the allowed zero-variance share. Above
-        it, that kind's exploration drops by `explore_step`; at or below it, it rises.
+        Below the target effective share, exploration drops by `explore_step` (skip more);
+        at or above it, exploration rises (re-check skipped prompts more often).
         """
         counted = [o for o in outcomes if o is not GroupOutcome.EMPTY]
         if not counted:
             return
         cfg = self.config
-        allowed = (1.0 - cfg.target_effective_share) / 2.0
-        total = len(counted)
-        for kind, attr in (
-            (GroupOutcome.ALL_PASS, "explore_pass"),
-            (GroupOutcome.ALL_FAIL, "explore_fail"),
-        ):
-            share = sum(o is kind for o in counted) / total
-            delta = -cfg.explore_step if share > allowed else cfg.explore_step
-            value = min(max(getattr(self.state, attr) + delta, cfg.explore_min), cfg.explore_max)
-            setattr(self.state, attr, value)
+        share = sum(o is GroupOutcome.MIXED for o in counted) / len(counted)
+        delta = -cfg.explore_step if share < cfg.target_effective_share else cfg.explore_step
+        self.state.explore = min(max(self.state.explore + delta, cfg.explore_min), cfg.explore_max)
         self.state.steps_observed += 1
         if not self.store.readonly:
             self.store.put_state(_STATE_NAME, self.state.to_dict())

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.models import materialize_preset
 
@@ -39,7 +38,9 @@ def mixed_workload(num_seqs: int, seed: int = 0, vocab: int = 500) -> Workload:
     prompt_lens = torch.randint(16, 257, (num_seqs,), generator=gen).tolist()
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in prompt_lens]
     normal = torch.randn(num_seqs, generator=gen)
-    outs = torch.exp(torch.log(torch.tensor(64.0)) + 0.8 * normal).round().clamp(8, 512).int().tolist()
+    outs = (
+        torch.exp(torch.log(torch.tensor(64.0)) + 0.8 * normal).round().clamp(8, 512).int().tolist()
+    )
     return Workload(prompts, outs)
 
 
@@ -74,7 +75,9 @@ def run_transformers(model, work: Workload, pad_id: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny-qwen3", help="model preset (random weights)")
     parser.add_argument("--num-seqs", type=int, default=64, help="concurrent sequences")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{'path':<28}{'seconds':>10}{'out tok/s':>12}")
     print(f"{'rollout-accel engine':<28}{ours:>10.2f}{result['engine_tokens_per_s']:>12.0f}")
-    print(f"{'transformers generate':<28}{theirs:>10.2f}{result['transformers_tokens_per_s']:>12.0f}")
+    print(
+        f"{'transformers generate':<28}{theirs:>10.2f}{result['transformers_tokens_per_s']:>12.0f}"
+    )
     print(f"ratio (engine / transformers): {result['ratio']:.2f}x")
     if args.out:
         with open(args.out, "w") as fh:

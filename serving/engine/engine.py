@@ -19,7 +19,6 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import torch
-
 from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.engine.errors import (
     EngineClosedError,
@@ -33,6 +32,7 @@ from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 from rollout_accel.serving.engine.schedule_policy import make_policy
 from rollout_accel.serving.engine.scheduler import Scheduler, SchedulerLimits
+from rollout_accel.serving.engine.weight_sync import DistributedWeightReceiver
 from rollout_accel.serving.engine.weights import WeightUpdater
 from rollout_accel.serving.models.loader import load_model
 from rollout_accel.serving.models.paged_kv import PagedKVCache
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sink = Callable[[dict[str, Any], bool], None]
 _CPU_DEFAULT_SLOTS = 131_072
+
+
+def _raise_on_error(out: dict[str, Any]) -> dict[str, Any]:
+    if "error" in out:
+        raise InvalidRequestError(out["error"]["message"])
+    return out
 
 
 def _pick_device(name: str) -> torch.device:
@@ -62,16 +68,28 @@ class Engine:
         self.config = EngineConfig.from_kwargs(**engine_args)
         self.device = _pick_device(self.config.device)
         loaded = load_model(
-            self.config.model_path, dtype=self.config.dtype, device=self.device, seed=self.config.seed
+            self.config.model_path,
+            dtype=self.config.dtype,
+            device=self.device,
+            seed=self.config.seed,
         )
-        self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
+        self.model, self.tokenizer, self.model_config = (
+            loaded.model,
+            loaded.tokenizer,
+            loaded.config,
+        )
         self.dtype = next(self.model.parameters()).dtype
         cfg = self.model_config
         self.context_length = self.config.context_length or cfg.max_position_embeddings
         self.eos_ids = tuple(cfg.eos_token_ids)
         num_slots = (self.config.max_total_tokens or self._default_slots()) + 1
         self.kv_cache = PagedKVCache(
-            cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device
+            cfg.num_hidden_layers,
+            num_slots,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
         )
         self.allocator = SlotAllocator(num_slots)
         rows = self.config.max_running_requests + 8
@@ -87,12 +105,15 @@ class Engine:
             make_policy(self.config.schedule_policy),
             self.tokenizer,
             SchedulerLimits(
-                self.config.max_running_requests, self.config.max_prefill_tokens, self.context_length
+                self.config.max_running_requests,
+                self.config.max_prefill_tokens,
+                self.context_length,
             ),
             self.eos_ids,
             lambda: self._weight_version,
         )
         self.weights = WeightUpdater(self)
+        self.receiver = DistributedWeightReceiver(self.device)
         self._rng = random.Random(self.config.seed)
         self._rid_counter = itertools.count()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -108,7 +129,9 @@ class Engine:
             return _CPU_DEFAULT_SLOTS
         torch.cuda.synchronize(self.device)
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        per_slot = (
+            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        )
         # Leave room for activations, logits of a full batch and CUDA graphs.
         reserve = 4 * 2**30
         budget = max(int(free * self.config.mem_fraction_static) - reserve, per_slot * 4096)
@@ -122,7 +145,11 @@ class Engine:
                 pass
             else:
                 return CudaGraphModelRunner(
-                    self.model, self.kv_cache, self.table, self.eos_ids, self.config.cuda_graph_max_bs
+                    self.model,
+                    self.kv_cache,
+                    self.table,
+                    self.eos_ids,
+                    self.config.cuda_graph_max_bs,
                 )
         return ModelRunner(self.model, self.kv_cache, self.table, self.eos_ids)
 
@@ -138,7 +165,9 @@ class Engine:
             except Exception as exc:  # keep serving: fail what was in flight, not the engine
                 log.exception("engine step failed; aborting in-flight requests")
                 for req in list(self.scheduler.by_rid.values()):
-                    self.scheduler._finish(req, {"type": "abort", "message": f"engine error: {exc}"})
+                    self.scheduler._finish(
+                        req, {"type": "abort", "message": f"engine error: {exc}"}
+                    )
                 self.scheduler._release_finished()
 
     def _drain_commands(self, block: bool) -> None:
@@ -259,26 +288,37 @@ class Engine:
         vocab = self.model_config.vocab_size
         for tok in ids:
             if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
-                raise InvalidRequestError(f"{field}: token id {tok!r} is outside the vocabulary [0, {vocab})")
+                raise InvalidRequestError(
+                    f"{field}: token id {tok!r} is outside the vocabulary [0, {vocab})"
+                )
         if len(ids) >= self.context_length:
             raise InvalidRequestError(
                 f"{field}: the prompt has {len(ids)} tokens; the context length is {self.context_length}"
             )
 
-    def submit(self, requests: list[Request], sinks: list[Sink]) -> None:
+    def submit(self, requests: list[Request], sinks: list[Sink], wait: bool = True) -> None:
         """Queues validated requests; each sink is called on the engine thread with
-        (output, finished) — for streaming chunks and once with the final output."""
+        (output, finished) — for streaming chunks and once with the final output. A request the
+        engine refuses at admission (its rid is already live) gets one final output holding an
+        "error" key. With wait=False this returns at once (no thread blocks on the engine)."""
+        if self._closed:
+            raise EngineClosedError("the engine was shut down")
         for req, sink in zip(requests, sinks, strict=True):
             req.sink = sink
 
         def add() -> None:
-            live = [r.rid for r in requests if r.rid in self.scheduler.by_rid]
-            if live:
-                raise InvalidRequestError(f"rid: {live[0]!r} is already running")
             for req in requests:
+                if req.rid in self.scheduler.by_rid:
+                    message = f"rid: {req.rid!r} is already running"
+                    if req.sink is not None:
+                        req.sink({"error": {"message": message, "code": 400}}, True)
+                    continue
                 self.scheduler.add(req)
 
-        self._call(add)
+        if wait:
+            self._call(add)
+        else:
+            self._commands.put(add)
 
     # -- generation -------------------------------------------------------------------------
     def generate(
@@ -295,7 +335,14 @@ class Engine:
         """Blocking generate; a dict (or a list for batched input / n > 1), or with `stream=True`
         an iterator of cumulative outputs (single prompt)."""
         requests, batched = self.make_requests(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, rid, stream, **kwargs
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            rid,
+            stream,
+            **kwargs,
         )
         if stream:
             if batched:
@@ -311,7 +358,7 @@ class Engine:
             return sink
 
         self.submit(requests, [sink_for(f) for f in futures])
-        outs = [f.result() for f in futures]
+        outs = [_raise_on_error(f.result()) for f in futures]
         return outs if batched else outs[0]
 
     def _stream_sync(self, req: Request) -> Iterator[dict[str, Any]]:
@@ -319,7 +366,7 @@ class Engine:
         self.submit([req], [lambda out, fin: chunks.put((out, fin))])
         while True:
             out, finished = chunks.get()
-            yield out
+            yield _raise_on_error(out)
             if finished:
                 return
 
@@ -336,7 +383,14 @@ class Engine:
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like `generate`, awaitable; with `stream=True` returns an async iterator."""
         requests, batched = self.make_requests(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, rid, stream, **kwargs
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            rid,
+            stream,
+            **kwargs,
         )
         if stream:
             if batched:
@@ -352,8 +406,8 @@ class Engine:
 
             return sink
 
-        await asyncio.to_thread(self.submit, requests, [sink_for(f) for f in futures])
-        outs = list(await asyncio.gather(*futures))
+        self.submit(requests, [sink_for(f) for f in futures], wait=False)
+        outs = [_raise_on_error(out) for out in await asyncio.gather(*futures)]
         return outs if batched else outs[0]
 
     async def stream_request(self, req: Request) -> AsyncIterator[dict[str, Any]]:
@@ -365,12 +419,12 @@ class Engine:
         def sink(out: dict[str, Any], finished: bool) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, (out, finished))
 
-        await asyncio.to_thread(self.submit, [req], [sink])
+        self.submit([req], [sink], wait=False)
         finished = False
         try:
             while not finished:
                 out, finished = await chunks.get()
-                yield out
+                yield _raise_on_error(out)
         finally:
             if not finished:
                 self._commands.put(lambda: self.scheduler.abort(req.rid))
@@ -441,12 +495,53 @@ class Engine:
         flush_cache: bool = True,
         weight_version: str | None = None,
     ) -> tuple[bool, str]:
-        return self._call(lambda: self.weights.from_tensors(named_tensors, flush_cache, weight_version))
+        return self._call(
+            lambda: self.weights.from_tensors(named_tensors, flush_cache, weight_version)
+        )
 
     def update_weights_from_disk(
         self, model_path: str, weight_version: str | None = None, flush_cache: bool = True
     ) -> tuple[bool, str]:
         return self._call(lambda: self.weights.from_disk(model_path, flush_cache, weight_version))
+
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str | None = None,
+    ) -> tuple[bool, str]:
+        """Joins the trainer's broadcast group (blocks until every rank has joined)."""
+        return self._call(
+            lambda: self.receiver.init_group(
+                master_address, master_port, rank_offset, world_size, group_name, backend
+            )
+        )
+
+    def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str = "weight_update_group",
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> tuple[bool, str]:
+        def run() -> tuple[bool, str]:
+            try:
+                named = self.receiver.receive(names, dtypes, shapes, group_name)
+            except ValueError as exc:
+                return False, str(exc)
+            return self.weights.from_tensors(named, flush_cache, weight_version)
+
+        return self._call(run)
+
+    def destroy_weights_update_group(
+        self, group_name: str = "weight_update_group"
+    ) -> tuple[bool, str]:
+        return self._call(lambda: self.receiver.destroy(group_name))
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
         return self._call(lambda: self.weights.release(tags))

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.request import Request
@@ -132,13 +131,17 @@ class ModelRunner:
                 cursor += 1
         if not sampling:
             return StepResult([], [], input_logprobs)
-        logits = logits[torch.tensor(sample_rows, device=logits.device)] if sample_rows != list(
-            range(logits.shape[0])
-        ) else logits
+        logits = (
+            logits[torch.tensor(sample_rows, device=logits.device)]
+            if sample_rows != list(range(logits.shape[0]))
+            else logits
+        )
         tokens, logprobs = self.sample(sampling, logits)
         return StepResult(tokens, logprobs, input_logprobs)
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    def sample(
+        self, requests: list[Request], logits: torch.Tensor
+    ) -> tuple[list[int], list[float]]:
         dev = logits.device
         params = [r.params for r in requests]
         if any(p.has_penalties for p in params):

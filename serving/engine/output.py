@@ -39,8 +39,16 @@ def build_output(req: Request, tokenizer: TextTokenizer, weight_version: str) ->
             for lp, tid in zip(req.output_logprobs, req.output_ids, strict=True)
         ]
         start = max(req.logprob_start_len, 0)
-        meta["input_token_logprobs"] = [
-            [lp, tid, tokenizer.token_text(tid) if with_text else None]
-            for lp, tid in zip(req.input_logprobs[start:], req.input_ids[start:], strict=False)
-        ] if req.logprob_start_len >= 0 else []
-    return {"text": output_text(req, tokenizer), "output_ids": list(req.output_ids), "meta_info": meta}
+        meta["input_token_logprobs"] = (
+            [
+                [lp, tid, tokenizer.token_text(tid) if with_text else None]
+                for lp, tid in zip(req.input_logprobs[start:], req.input_ids[start:], strict=False)
+            ]
+            if req.logprob_start_len >= 0
+            else []
+        )
+    return {
+        "text": output_text(req, tokenizer),
+        "output_ids": list(req.output_ids),
+        "meta_info": meta,
+    }

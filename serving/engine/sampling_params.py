@@ -58,7 +58,9 @@ class SamplingParams:
         if raw is None:
             return cls()
         if not isinstance(raw, dict):
-            raise InvalidRequestError(f"sampling_params: expected an object, got {type(raw).__name__}")
+            raise InvalidRequestError(
+                f"sampling_params: expected an object, got {type(raw).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
@@ -67,10 +69,17 @@ class SamplingParams:
             if key in _UNSUPPORTED:
                 if value is None:
                     continue
-                raise InvalidRequestError(f"sampling_params.{key}: constrained decoding is not supported")
+                raise InvalidRequestError(
+                    f"sampling_params.{key}: constrained decoding is not supported"
+                )
             if key not in known:
                 raise InvalidRequestError(f"sampling_params.{key}: unknown key")
-            if value is None and key not in ("sampling_seed", "custom_params", "stop", "stop_token_ids"):
+            if value is None and key not in (
+                "sampling_seed",
+                "custom_params",
+                "stop",
+                "stop_token_ids",
+            ):
                 continue
             kwargs[key] = value
         params = cls(**kwargs)
@@ -95,12 +104,16 @@ class SamplingParams:
         if number("min_new_tokens", integer=True) < 0:
             raise InvalidRequestError("sampling_params.min_new_tokens: must be >= 0")
         if number("temperature") < 0:
-            raise InvalidRequestError(f"sampling_params.temperature: must be >= 0, got {self.temperature}")
+            raise InvalidRequestError(
+                f"sampling_params.temperature: must be >= 0, got {self.temperature}"
+            )
         if not 0.0 < number("top_p") <= 1.0:
             raise InvalidRequestError(f"sampling_params.top_p: must be in (0, 1], got {self.top_p}")
         top_k = number("top_k", integer=True)
         if top_k < -1:
-            raise InvalidRequestError(f"sampling_params.top_k: must be -1 (off) or >= 1, got {top_k}")
+            raise InvalidRequestError(
+                f"sampling_params.top_k: must be -1 (off) or >= 1, got {top_k}"
+            )
         if not 0.0 <= number("min_p") <= 1.0:
             raise InvalidRequestError(f"sampling_params.min_p: must be in [0, 1], got {self.min_p}")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -118,7 +131,9 @@ class SamplingParams:
         if self.stop is None:
             self.stop = []
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError("sampling_params.stop: expected a non-empty string or a list of them")
+            raise InvalidRequestError(
+                "sampling_params.stop: expected a non-empty string or a list of them"
+            )
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if isinstance(self.stop_token_ids, int) and not isinstance(self.stop_token_ids, bool):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
 from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
 from rollout_accel.serving.models.loader import ModelLoadError, iter_safetensors, load_named_tensors
 
@@ -59,14 +58,22 @@ class WeightUpdater:
         except ModelConfigError as exc:
             return False, str(exc)
         current = self.engine.model_config
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
             if getattr(incoming, name) != getattr(current, name):
                 return False, (
                     f"config.json: {name} is {getattr(incoming, name)}, the served model has "
                     f"{getattr(current, name)}"
                 )
         try:
-            count = load_named_tensors(self.engine.model, list(iter_safetensors(path)), strict_all=True)
+            count = load_named_tensors(
+                self.engine.model, list(iter_safetensors(path)), strict_all=True
+            )
         except ModelLoadError as exc:
             return False, str(exc)
         self._after_update(flush_cache, weight_version)

@@ -67,7 +67,9 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         archs = raw.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if arch is None:
             model_type = raw.get("model_type")
             arch = model_type if model_type in SUPPORTED_ARCHITECTURES.values() else None
@@ -132,8 +134,10 @@ class ModelConfig:
         out["architectures"] = [self.hf_architecture]
         out["model_type"] = self.architecture
         out["hidden_act"] = "silu"
-        out["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else (
-            self.eos_token_ids[0] if self.eos_token_ids else None
+        out["eos_token_id"] = (
+            list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
+            else (self.eos_token_ids[0] if self.eos_token_ids else None)
         )
         out["torch_dtype"] = self.torch_dtype
         out["use_cache"] = True

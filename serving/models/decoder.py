@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from rollout_accel.serving.models.config import ModelConfig
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache, paged_attention
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +37,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, initial_positions: int = 4096) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
@@ -57,7 +58,9 @@ class RotaryEmbedding(nn.Module):
         assert self._cos is not None and self._sin is not None
         return self._cos, self._sin
 
-    def forward(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, max_position: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `positions` (any shape) -> positions.shape + (head_dim,).
 
         Pass `max_position` when known to avoid reading it back from the device.
@@ -111,7 +114,12 @@ class Attention(nn.Module):
         q, k, v = self._project(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            q,
+            k,
+            v,
+            is_causal=True,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 

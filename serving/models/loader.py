@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.presets import PRESETS, init_random_weights, preset_names
 from rollout_accel.serving.models.tokenizer import TextTokenizer
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 DTYPES = {
     "float32": torch.float32,
@@ -38,12 +37,18 @@ class LoadedModel:
     source: str
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config: ModelConfig, device: torch.device
+) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         # bf16 on GPUs; float32 on the CPU, where bf16 matmuls are slow and less exact.
-        return DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+        return (
+            DTYPES.get(config.torch_dtype, torch.bfloat16)
+            if device.type == "cuda"
+            else torch.float32
+        )
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[dtype]
@@ -83,7 +88,10 @@ def load_model(
     # Buffers (rotary tables) were created on meta; rebuild them on the real device.
     model.model.rotary.inv_freq = 1.0 / (
         config.rope_theta
-        ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim)
+        ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float()
+            / config.head_dim
+        )
     )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -104,7 +112,9 @@ def iter_safetensors(path: Path):
 
 
 @torch.no_grad()
-def load_named_tensors(model: CausalLM, named: list[tuple[str, torch.Tensor]] | object, strict_all: bool = False) -> int:
+def load_named_tensors(
+    model: CausalLM, named: list[tuple[str, torch.Tensor]] | object, strict_all: bool = False
+) -> int:
     """Copies tensors into parameters by HF name, checking every name and shape first.
 
     Raises ModelLoadError naming the first unknown name or mismatched shape; nothing is copied in

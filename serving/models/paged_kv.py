@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from rollout_accel.kernels.attention import decode_attention, prefill_attention
 
 

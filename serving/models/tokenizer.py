@@ -46,7 +46,9 @@ def build_byte_level_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer with exactly `vocab_size` ids: 256 bytes, the ChatML specials,
     then filler tokens `<N>` (never produced by encoding; they decode to their name)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise TokenizerError(f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        raise TokenizerError(
+            f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
+        )
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
     specials = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
     for i in range(256 + len(SPECIAL_TOKENS), vocab_size):
@@ -103,7 +105,9 @@ class TextTokenizer:
     def token_text(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         if not self.chat_template:
             raise TokenizerError("chat_template: this model's tokenizer has none")
         import jinja2

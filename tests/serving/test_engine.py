@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from rollout_accel.serving.engine import Engine, InvalidRequestError, RequestNotFoundError
 from rollout_accel.serving.models import ModelLoadError, load_model, materialize_preset
 
@@ -120,7 +119,9 @@ def test_pause_in_place_and_continue(engine: Engine) -> None:
     out: list[dict] = []
     worker = threading.Thread(
         target=lambda: out.append(
-            engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 300, "ignore_eos": True})
+            engine.generate(
+                input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 300, "ignore_eos": True}
+            )
         )
     )
     worker.start()
@@ -170,7 +171,9 @@ def test_weight_update_from_tensors_and_disk(tmp_path) -> None:
         assert [o["output_ids"] for o in after] == [o["output_ids"] for o in expected]
         assert after[0]["meta_info"]["weight_version"] == "v1"
         # Back to seed 0 from an HF-layout directory.
-        ok, msg = eng.update_weights_from_disk(str(materialize_preset("tiny-qwen3", tmp_path / "s0")), "v2")
+        ok, msg = eng.update_weights_from_disk(
+            str(materialize_preset("tiny-qwen3", tmp_path / "s0")), "v2"
+        )
         assert ok, msg
         again = eng.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [o["output_ids"] for o in again] == [o["output_ids"] for o in before]
@@ -187,7 +190,13 @@ def test_weight_update_from_tensors_and_disk(tmp_path) -> None:
 
 
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
-    params = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "max_new_tokens": 24, "sampling_seed": 123}
+    params = {
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 50,
+        "max_new_tokens": 24,
+        "sampling_seed": 123,
+    }
     a = engine.generate(input_ids=[3, 4, 5], sampling_params=params)
     # Same seed inside a different batch: same tokens.
     batch = engine.generate(

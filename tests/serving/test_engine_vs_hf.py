@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rollout_accel.serving.engine import Engine
 
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,265 @@
+"""Async client for SGLang-protocol servers (ours or real SGLang), one or many.
+
+Connection failures are retried with backoff (a request that never reached the server is safe to
+resend); HTTP errors are raised at once as `ServerError` carrying the server's message. The rollout
+pool builds on this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import torch
+from rollout_accel.serving.server.protocol import serialize_named_tensors
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status; `status` and the server's message are kept."""
+
+    def __init__(self, url: str, status: int, message: str) -> None:
+        super().__init__(f"{url}: HTTP {status}: {message}")
+        self.url, self.status, self.message = url, status, message
+
+
+class ServerUnavailableError(ConnectionError):
+    """The server could not be reached after every retry."""
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+        if "message" in body:
+            return str(body["message"])
+    return json.dumps(body)
+
+
+class EngineClient:
+    """One server. `timeout` bounds each HTTP call (generation can be long: None = no bound)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_connections: int = 1024,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self.retries = retries
+        self.backoff = backoff
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """Sends with retries on connection failures; raises ServerError on a 4xx/5xx answer."""
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.request(method, path, json=payload)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                last = exc
+                if attempt < self.retries:
+                    await asyncio.sleep(self.backoff * 2**attempt)
+                continue
+            if response.status_code >= 400:
+                raise ServerError(self.url, response.status_code, _message(response))
+            return response
+        raise ServerUnavailableError(
+            f"{self.url}{path}: unreachable after {self.retries + 1} tries ({last})"
+        )
+
+    async def _json(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        response = await self.request(method, path, payload)
+        return response.json() if response.content else None
+
+    # -- generation -------------------------------------------------------------------------
+    async def generate(self, payload: dict[str, Any]) -> Any:
+        """POST /generate with a SGLang GenerateReqInput body; the SGLang-shaped result."""
+        return await self._json("POST", "/generate", {**payload, "stream": False})
+
+    async def stream_generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POST /generate with stream=true; yields each SSE chunk until [DONE]."""
+        async with self._http.stream(
+            "POST", "/generate", json={**payload, "stream": True}
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise ServerError(self.url, response.status_code, _message(response))
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ServerError(self.url, 400, str(chunk["error"].get("message")))
+                yield chunk
+
+    async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        await self.request("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
+
+    # -- control ----------------------------------------------------------------------------
+    async def health(self) -> bool:
+        try:
+            await self.request("GET", "/health")
+        except (ServerError, ServerUnavailableError):
+            return False
+        return True
+
+    async def health_generate(self) -> bool:
+        try:
+            await self.request("GET", "/health_generate")
+        except (ServerError, ServerUnavailableError):
+            return False
+        return True
+
+    async def loads(self) -> dict[str, Any]:
+        return await self._json("GET", "/v1/loads")
+
+    async def num_requests(self) -> int:
+        """Running + waiting requests over every data-parallel rank (slime polls this on abort)."""
+        loads = (await self.loads())["loads"]
+        return sum(
+            item.get("num_running_reqs", 0) + item.get("num_waiting_reqs", 0) for item in loads
+        )
+
+    async def server_info(self) -> dict[str, Any]:
+        return await self._json("GET", "/server_info")
+
+    async def weight_version(self) -> str:
+        return (await self._json("GET", "/get_weight_version"))["weight_version"]
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await self.request("POST", "/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> None:
+        await self.request("POST", "/continue_generation", {})
+
+    async def flush_cache(self) -> None:
+        await self.request("POST", "/flush_cache")
+
+    async def update_weights_from_disk(
+        self, model_path: str, weight_version: str | None = None
+    ) -> dict:
+        return await self._json(
+            "POST",
+            "/update_weights_from_disk",
+            {"model_path": model_path, "weight_version": weight_version},
+        )
+
+    async def update_weights_from_tensor(
+        self,
+        named_tensors: Sequence[tuple[str, torch.Tensor]],
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> dict:
+        return await self._json(
+            "POST",
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": [serialize_named_tensors(list(named_tensors))],
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str | None = None,
+    ) -> dict:
+        payload = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+        }
+        if backend:
+            payload["backend"] = backend
+        return await self._json("POST", "/init_weights_update_group", payload)
+
+    async def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str = "weight_update_group",
+        weight_version: str | None = None,
+    ) -> dict:
+        return await self._json(
+            "POST",
+            "/update_weights_from_distributed",
+            {
+                "names": names,
+                "dtypes": dtypes,
+                "shapes": shapes,
+                "group_name": group_name,
+                "weight_version": weight_version,
+            },
+        )
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
+        return await self._json("POST", "/destroy_weights_update_group", {"group_name": group_name})
+
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        await self.request("POST", "/release_memory_occupation", {"tags": tags} if tags else {})
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        await self.request("POST", "/resume_memory_occupation", {"tags": tags} if tags else {})
+
+
+class MultiEngineClient:
+    """Many servers: control calls go to every server; generate goes where the caller says
+    (the rollout pool decides placement)."""
+
+    def __init__(self, urls: Sequence[str], **client_args: Any) -> None:
+        if not urls:
+            raise ValueError("urls: at least one server URL is needed")
+        self.clients = [EngineClient(url, **client_args) for url in urls]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))
+
+    async def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return await asyncio.gather(*(getattr(c, method)(*args, **kwargs) for c in self.clients))
+
+    async def abort_all(self) -> None:
+        await self.broadcast("abort", abort_all=True)
