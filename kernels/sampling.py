@@ -78,7 +78,7 @@ def sample_tokens(
     temperatures 0 -> greedy; top_ks <= 0 or >= V -> off; top_ps 1 -> off; min_ps 0 -> off.
     `need_filter=False` skips the sort when the caller knows no row filters.
     """
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     greedy = temperatures <= 0
     safe_t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
     logprobs_all = torch.log_softmax(logits / safe_t[:, None], dim=-1)

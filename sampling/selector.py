@@ -58,6 +58,8 @@ class SelectorConfig:
     explore_step: float = 0.02
     min_streak: int = 1
     max_consecutive_skips: int = 3
+    skip_backoff: float = 1.0  # the skip bound grows by this factor per extra streak step
+    max_skips_bound: int = 12  # hard bound on consecutive skips, whatever the streak
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_effective_share <= 1.0:
@@ -132,6 +134,12 @@ class PromptSelector:
         if saved is not None:
             self.state = SelectorState.from_dict(saved, self.config)
 
+    def skip_bound(self, streak: int) -> int:
+        """Consecutive skips allowed for a prompt with this zero-variance streak."""
+        cfg = self.config
+        grown = cfg.max_consecutive_skips * cfg.skip_backoff ** max(streak - cfg.min_streak, 0)
+        return int(min(grown, cfg.max_skips_bound))
+
     def keep_probability(self, stats: PromptStats | None) -> tuple[float, Reason]:
         """Probability of keeping a prompt with these stats, and the reason if kept."""
         cfg = self.config
@@ -139,7 +147,7 @@ class PromptSelector:
             return 1.0, Reason.NEW
         if not stats.last_outcome.zero_variance or stats.zero_var_streak < cfg.min_streak:
             return 1.0, Reason.EFFECTIVE
-        if stats.skips_since_rollout >= cfg.max_consecutive_skips:
+        if stats.skips_since_rollout >= self.skip_bound(stats.zero_var_streak):
             return 1.0, Reason.FORCED
         return self.state.explore ** (stats.zero_var_streak - cfg.min_streak + 1), Reason.EXPLORE
 

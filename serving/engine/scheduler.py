@@ -288,9 +288,11 @@ class Scheduler:
         req.output_logprobs.append(logprob)
         params = req.params
         reason: dict[str, Any] | None = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
-            if len(req.output_ids) >= params.min_new_tokens:
-                reason = {"type": "stop", "matched": token}
+        is_stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_ids
+        )
+        if is_stop_token and len(req.output_ids) >= params.min_new_tokens:
+            reason = {"type": "stop", "matched": token}
         if reason is None and params.stop and len(req.output_ids) >= params.min_new_tokens:
             matched = self._match_stop_string(req)
             if matched is not None:

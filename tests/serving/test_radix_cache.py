@@ -9,9 +9,9 @@ def test_match_insert_split_evict() -> None:
     alloc = SlotAllocator(100)
     cache = RadixCache(alloc.free)
     a = alloc.alloc(6)
-    existing, node_a = cache.insert([1, 2, 3, 4, 5, 6], a)
+    existing, _ = cache.insert([1, 2, 3, 4, 5, 6], a)
     assert existing == 0
-    slots, node = cache.match_prefix([1, 2, 3, 9])
+    slots, _ = cache.match_prefix([1, 2, 3, 9])
     assert torch.equal(slots, a[:3])
     assert cache.match_length([1, 2, 3, 4, 5, 6, 7]) == 6
     b = alloc.alloc(5)
