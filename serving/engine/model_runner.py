@@ -25,6 +25,7 @@ class ForwardItem:
     start: int
     count: int
     slots: torch.Tensor
+    is_prefill: bool = True
 
     @property
     def samples(self) -> bool:
@@ -56,7 +57,9 @@ class ModelRunner:
         self.eos_ids = eos_ids
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], is_decode: bool) -> StepResult:
+    def forward(self, items: list[ForwardItem], num_decode: int) -> StepResult:
+        """`items`: the first `num_decode` are decode items (one token each), the rest prefill."""
+        is_decode = num_decode == len(items)
         dev = self.device
         ids: list[int] = []
         positions: list[int] = []
@@ -77,7 +80,7 @@ class ModelRunner:
             slot_parts.append(item.slots)
             rows.append(req.row)
             seq_lens.append(end)
-            if req.logprob_start_len >= 0 and item.start < len(req.input_ids) and not is_decode:
+            if req.logprob_start_len >= 0 and item.start < len(req.input_ids) and item.is_prefill:
                 input_lp_items.append(index)
                 logit_rows.extend(range(cu[-1], cu[-1] + item.count))
             elif item.samples:
@@ -92,6 +95,7 @@ class ModelRunner:
             page_size=1,
             is_decode=is_decode,
             max_q_len=max(item.count for item in items),
+            num_decode=num_decode,
         )
         logits = self.model.forward_paged(
             torch.tensor(ids, dtype=torch.int64, device=dev),

@@ -116,16 +116,15 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Runs one forward (a prefill batch if any waiting request fits, else a decode batch).
-        Returns False when there was nothing to do."""
-        items = self._schedule_prefill()
-        is_decode = False
-        if not items:
-            items = self._schedule_decode()
-            is_decode = True
+        """Runs one forward: every decoding request advances one token, and waiting requests are
+        prefilled (in chunks) in the same batch up to the token budget. Returns False when there
+        was nothing to do."""
+        decode_items = self._schedule_decode()
+        prefill_items = self._schedule_prefill()
+        items = decode_items + prefill_items
         if not items:
             return False
-        result = self.runner.forward(items, is_decode)
+        result = self.runner.forward(items, num_decode=len(decode_items))
         self.stats.steps += 1
         sampled = 0
         for index, item in enumerate(items):
@@ -135,17 +134,17 @@ class Scheduler:
                 if not req.input_logprobs:
                     req.input_logprobs.append(None)  # the first prompt token has no logprob
                 req.input_logprobs.extend(result.input_logprobs[index])
-            if is_decode:
-                self.stats.decode_tokens += 1
-            else:
+            if item.is_prefill:
                 self.stats.prefill_tokens += item.count
+            else:
+                self.stats.decode_tokens += 1
             if not item.samples:
                 continue
             token, logprob = result.tokens[sampled], result.logprobs[sampled]
             sampled += 1
             if req.finished:  # aborted by a sink callback during this step
                 continue
-            if not is_decode:
+            if item.is_prefill:
                 self._cache_unfinished(req)
                 if req in self.waiting:
                     self.waiting.remove(req)
@@ -212,7 +211,8 @@ class Scheduler:
             slots = self._alloc(len(reqs))
             if slots is not None:
                 return [
-                    ForwardItem(r, r.num_computed, 1, slots[i : i + 1]) for i, r in enumerate(reqs)
+                    ForwardItem(r, r.num_computed, 1, slots[i : i + 1], is_prefill=False)
+                    for i, r in enumerate(reqs)
                 ]
             if len(reqs) == 1:
                 raise OutOfSlotsError(

@@ -28,6 +28,7 @@ class AttentionMetadata:
     page_size: int
     is_decode: bool  # every sequence has exactly one new token
     max_q_len: int = 1
+    num_decode: int = 0  # the first num_decode sequences have exactly one new token each
 
 
 class PagedKVCache:
@@ -80,6 +81,25 @@ def paged_attention(
         return decode_attention(
             q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.page_size, scale
         )
+    nd = meta.num_decode
+    if nd:
+        # Mixed batch: decoding sequences come first, one query row each; they take the decode
+        # kernel and the rest the prefill kernel, so decodes keep moving while prompts prefill.
+        head = decode_attention(
+            q[:nd], k_cache, v_cache, meta.block_table[:nd], meta.seq_lens[:nd], meta.page_size, scale
+        )
+        tail = prefill_attention(
+            q[nd:],
+            k_cache,
+            v_cache,
+            meta.block_table[nd:],
+            meta.cu_q_lens[nd:] - nd,
+            meta.seq_lens[nd:],
+            meta.page_size,
+            scale,
+            max_q_len=meta.max_q_len,
+        )
+        return torch.cat([head, tail])
     return prefill_attention(
         q,
         k_cache,
