@@ -29,7 +29,9 @@ class GRPOConfig:
     exactly zero, and they still count in the token normaliser as in slime.
     """
 
-    lr: float = 1e-4
+    # Tuned for tiny local models, not slime's billion-parameter ones: on arithmetic with the
+    # 2-layer test Qwen3, 3e-4 kept improving eval accuracy while 1e-3 collapsed the policy.
+    lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
@@ -135,10 +137,11 @@ class GRPOTrainer:
         out = {"loss": sums.get("loss", 0.0), "pg_loss": sums.get("pg_loss", 0.0)}
         if self.ref_model is not None:
             out["kl_loss"] = sums.get("kl_loss", 0.0)
-        # Diagnostics describe the tokens actually forwarded, not the skipped zero-advantage ones.
-        rescale = normalizer / max(forwarded_tokens, 1)
-        for name in ("pg_clipfrac", "ppo_kl", "entropy_loss"):
-            out[name] = sums.get(name, 0.0) * rescale
+        # Diagnostics describe the tokens actually forwarded, not the skipped zero-advantage ones;
+        # with none forwarded they are undefined and left out.
+        if forwarded_tokens > 0:
+            for name in ("pg_clipfrac", "ppo_kl", "entropy_loss"):
+                out[name] = sums[name] * normalizer / forwarded_tokens
         out.update(group_metrics)
         out["num_tokens"] = float(num_tokens)
         out["forwarded_samples"] = float(len(chosen))

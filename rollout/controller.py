@@ -1,0 +1,428 @@
+"""The rollout controller: one call runs one RL rollout step to a target of accepted groups.
+
+Walk of a step (details per policy in ControllerConfig):
+  1. resume: groups carried in the partial buffer are dispatched first (history: oldest first,
+     so no sample outlives the staleness bound);
+  2. fill: new prompts until `provision` groups are accepted or in flight (history: the planner
+     skips likely zero-variance prompts and orders the rest longest-first);
+  3. as a group finishes: rewards -> dynamic filter -> accepted (or dropped, and refilled);
+  4. at the target: abort what is still running; partial policies keep the aborted samples (tokens,
+     logprobs, segment weight versions) and surplus finished groups in the buffer, the others
+     discard them;
+  5. record every finished group in the history store; return exactly `rollout_batch_size`
+     whole groups of n samples, with metrics.
+If anything fails mid-step (a reward raises, every engine dies), in-flight work is aborted and
+every group of the step — accepted ones included — goes into the buffer before the error is
+raised, so nothing already generated is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rollout_accel.rollout.controller_config import ControllerConfig
+from rollout_accel.rollout.partial_buffer import BufferedGroup, PartialBuffer
+from rollout_accel.rollout.pool.base import EnginePool, RequestSpan
+from rollout_accel.rollout.prompts import PromptItem, PromptSource
+from rollout_accel.rollout.rewards import RewardFn, reward_value
+from rollout_accel.rollout.sample_types import Sample, Status
+from rollout_accel.rollout.step_metrics import sample_metrics, spearman, tail_metrics
+
+PayloadHook = Callable[[Sample, dict[str, Any]], dict[str, Any]]
+GroupFilter = Callable[[list[Sample]], bool]
+
+
+class GroupSizeError(ValueError):
+    """A group does not have n_samples_per_prompt samples."""
+
+
+def nonzero_std(rewards: list[float]) -> bool:
+    """DAPO's filter: keep a group only if its rewards are not all equal."""
+    return len(rewards) > 1 and max(rewards) - min(rewards) > 1e-12
+
+
+@dataclass
+class GroupWork:
+    """A group on its way through the step."""
+
+    key: str
+    item: PromptItem
+    samples: list[Sample]
+    resumed_tokens: int = 0
+    planned_length: float | None = None
+    new_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def aborted(self) -> bool:
+        return any(s.status in (Status.ABORTED, Status.PENDING) for s in self.samples)
+
+
+@dataclass
+class StepOutput:
+    groups: list[list[Sample]]
+    metrics: dict[str, float]
+    spans: list[RequestSpan] = field(default_factory=list)
+    start_time: float = 0.0
+
+
+class RolloutController:
+    """Runs rollout steps over an EnginePool; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: EnginePool,
+        source: PromptSource,
+        reward: RewardFn,
+        config: ControllerConfig,
+        planner: Any | None = None,
+        buffer: PartialBuffer | None = None,
+        payload_hook: PayloadHook | None = None,
+        group_filter: GroupFilter | None = None,
+    ) -> None:
+        if config.policy == "history" and planner is None:
+            raise ValueError("policy history: needs a planner (rollout_accel.sampling.RolloutPlanner)")
+        self.pool = pool
+        self.source = source
+        self.reward = reward
+        self.config = config
+        self.planner = planner
+        self.buffer = buffer or PartialBuffer(config.max_staleness, config.stale_action)
+        self.payload_hook = payload_hook
+        self.group_filter = group_filter
+        self._group_ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+
+    # -- building work ----------------------------------------------------------------------
+    def _new_work(self, item: PromptItem, planned_length: float | None = None) -> GroupWork:
+        n = self.config.n_samples_per_prompt
+        premade = item.metadata.get("samples")
+        if premade is not None:
+            samples = list(premade)
+            if len(samples) != n:
+                raise GroupSizeError(f"group {item.key!r}: {len(samples)} samples, expected n_samples_per_prompt={n}")
+        else:
+            group_index = next(self._group_ids)
+            samples = [
+                Sample(
+                    group_index=group_index,
+                    index=group_index * n + i,
+                    prompt=item.prompt_text or "",
+                    tokens=list(item.prompt_ids),
+                    label=item.label,
+                    metadata={k: v for k, v in item.metadata.items() if k != "samples"},
+                )
+                for i in range(n)
+            ]
+        for sample in samples:
+            sample.metadata.setdefault("prompt_key", item.key)
+            sample.metadata.setdefault("prompt_length", len(item.prompt_ids))
+        return GroupWork(item.key, item, samples, planned_length=planned_length)
+
+    def _resumed_work(self, group: BufferedGroup) -> GroupWork:
+        item = PromptItem(group.key, group.prompt_ids, group.samples[0].label, None, group.prompt_meta)
+        return GroupWork(group.key, item, group.samples, resumed_tokens=group.partial_tokens())
+
+    def _fresh(self, count: int, step: int, counters: dict[str, float]) -> list[GroupWork]:
+        """Up to `count` new groups; the history policy asks the planner which candidates."""
+        if count <= 0:
+            return []
+        if self.config.policy != "history":
+            return [self._new_work(item) for item in self.source.take(count)]
+        from rollout_accel.sampling import Budget
+
+        out: list[GroupWork] = []
+        looked = 0
+        limit = math.ceil(self.config.max_candidates_factor * count)
+        while len(out) < count and looked < limit:
+            want = count - len(out)
+            candidates = self.source.take(max(want * 2, 8))
+            if not candidates:
+                break
+            looked += len(candidates)
+            by_key = {c.key: c for c in candidates}
+            plan = self.planner.plan(
+                [c.key for c in candidates],
+                [len(c.prompt_ids) for c in candidates],
+                step,
+                Budget(groups=want),
+                self._rng,
+            )
+            counters["considered"] += len(candidates)
+            counters["skipped"] += len(plan.skipped)
+            self.source.give_back([by_key[k] for k in plan.deferred])
+            for planned in plan.items:
+                out.append(self._new_work(by_key[planned.key], planned.expected_length))
+        # longest-first across planning rounds too
+        out.sort(key=lambda w: -(w.planned_length or 0.0))
+        return out
+
+    # -- one sample -------------------------------------------------------------------------
+    def _payload(self, sample: Sample, remaining: int, rollout_id: int, segment: int) -> dict[str, Any]:
+        params = dict(self.config.sampling_params)
+        params["max_new_tokens"] = remaining
+        payload = {
+            "input_ids": list(sample.tokens),
+            "sampling_params": params,
+            "return_logprob": True,
+            "rid": f"r{rollout_id}-g{sample.group_index}-s{sample.index}-{segment}",
+        }
+        return self.payload_hook(sample, payload) if self.payload_hook else payload
+
+    async def _run_sample(self, work: GroupWork, sample: Sample, rollout_id: int) -> None:
+        max_new = int(self.config.sampling_params["max_new_tokens"])
+        remaining = max_new - sample.response_length
+        if remaining <= 0:
+            sample.status = Status.TRUNCATED
+        else:
+            if sample.response_length > 0 and self.config.mask_offpolicy:
+                # Tokens from an earlier policy are off-policy now: keep them as context only.
+                sample.loss_mask = [0] * sample.response_length
+            segments = sample.metadata.setdefault("segments", [])
+            payload = self._payload(sample, remaining, rollout_id, len(segments))
+            cost = len(sample.tokens) + remaining
+            out = await self.pool.generate(payload, group_key=f"{work.key}@{rollout_id}", cost=cost)
+            self._apply(sample, out, rollout_id)
+            work.new_tokens += out["meta_info"].get("completion_tokens", 0)
+            work.cached_tokens += out["meta_info"].get("cached_tokens", 0)
+            work.prompt_tokens += out["meta_info"].get("prompt_tokens", 0)
+        if sample.status in (Status.COMPLETED, Status.TRUNCATED) and sample.reward is None:
+            sample.reward = await self.reward(sample)
+            reward_value(sample.reward, self.config.reward_key, f"sample {sample.index} of {work.key!r}")
+
+    def _apply(self, sample: Sample, out: dict[str, Any], rollout_id: int) -> None:
+        """Appends one engine answer to the sample (slime's append_response_tokens, in effect)."""
+        meta = out["meta_info"]
+        pairs = meta.get("output_token_logprobs") or []
+        tokens = [int(t) for _, t, _ in pairs] if pairs else list(out.get("output_ids", []))
+        logprobs = [float(lp) for lp, _, _ in pairs]
+        if sample.response_length == 0 and tokens:
+            sample.metadata.setdefault("start_rollout_id", rollout_id)
+        sample.tokens = list(sample.tokens) + tokens
+        sample.response = (sample.response or "") + out.get("text", "")
+        sample.response_length += len(tokens)
+        sample.rollout_log_probs = (sample.rollout_log_probs or []) + logprobs
+        mask = sample.loss_mask if sample.loss_mask is not None else [1] * (sample.response_length - len(tokens))
+        sample.loss_mask = list(mask) + [1] * len(tokens)
+        version = str(meta.get("weight_version", "default"))
+        sample.weight_versions = list(sample.weight_versions) + [version]
+        sample.metadata.setdefault("segments", []).append(
+            {"rollout_id": rollout_id, "tokens": len(tokens), "weight_version": version}
+        )
+        kind = (meta.get("finish_reason") or {}).get("type")
+        sample.status = {"stop": Status.COMPLETED, "length": Status.TRUNCATED, "abort": Status.ABORTED}.get(
+            kind, Status.FAILED
+        )
+        if sample.status == Status.COMPLETED and sample.response_length >= int(
+            self.config.sampling_params["max_new_tokens"]
+        ):
+            sample.status = Status.TRUNCATED
+
+    async def _run_group(self, work: GroupWork, rollout_id: int) -> GroupWork:
+        todo = [s for s in work.samples if s.status not in (Status.COMPLETED, Status.TRUNCATED) or s.reward is None]
+        try:
+            await asyncio.gather(*(self._run_sample(work, s, rollout_id) for s in todo))
+        finally:
+            self.pool.forget_group(f"{work.key}@{rollout_id}")
+        return work
+
+    # -- the step ---------------------------------------------------------------------------
+    def _keep(self, work: GroupWork) -> bool:
+        if self.group_filter is not None:
+            return bool(self.group_filter(work.samples))
+        if not self.config.filter_enabled:
+            return True
+        rewards = [reward_value(s.reward, self.config.reward_key, work.key) for s in work.samples]
+        return nonzero_std(rewards)
+
+    async def step(self, rollout_id: int) -> StepOutput:
+        cfg = self.config
+        target, provision = cfg.rollout_batch_size, cfg.provision
+        start = time.perf_counter()
+        span_mark = len(self.pool.timeline)
+        counters: dict[str, float] = dict.fromkeys(
+            ("considered", "skipped", "filtered", "aborted_tokens", "discarded_tokens", "resumed_tokens"), 0.0
+        )
+        accepted: list[GroupWork] = []
+        finished: list[GroupWork] = []  # every group whose generation completed this step
+        carried: list[GroupWork] = []  # back to the buffer at the end
+        queue: deque[GroupWork] = deque(
+            self._resumed_work(g)
+            for g in self.buffer.take(rollout_id, oldest_first=cfg.policy == "history")
+        )
+        counters["resumed_tokens"] = float(sum(w.resumed_tokens for w in queue if w.aborted))
+        running: dict[asyncio.Task, GroupWork] = {}
+        exhausted = False
+        try:
+            while len(accepted) < target:
+                need = provision - len(accepted) - len(running)
+                if need > 0 and len(queue) < need and not exhausted:
+                    fresh = self._fresh(need - len(queue), rollout_id, counters)
+                    exhausted = not fresh
+                    queue.extend(fresh)
+                while need > 0 and queue:
+                    work = queue.popleft()
+                    running[asyncio.create_task(self._run_group(work, rollout_id))] = work
+                    need -= 1
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    work = running.pop(task)
+                    task.result()  # re-raises reward and engine errors
+                    if work.aborted:  # aborted from outside (e.g. pause_generation abort)
+                        carried.append(work)
+                        continue
+                    finished.append(work)
+                    if len(accepted) < target and self._keep(work):
+                        accepted.append(work)
+                    elif len(accepted) >= target:
+                        carried.append(work)  # surplus
+                    else:
+                        counters["filtered"] += 1
+                        counters["discarded_tokens"] += work.new_tokens
+            if running:
+                await self.pool.abort_all()
+                results = await asyncio.gather(*running, return_exceptions=True)
+                for task, result in zip(list(running), results, strict=True):
+                    work = running.pop(task)
+                    if isinstance(result, BaseException):
+                        raise result
+                    if not work.aborted:
+                        finished.append(work)
+                    carried.append(work)
+        except BaseException:
+            await self._recover(running, accepted, carried, queue)
+            raise
+        carried.extend(queue)  # resumed groups never dispatched stay buffered
+        self._carry(carried, counters)
+        groups = [w.samples for w in accepted]
+        end = time.perf_counter()
+        spans = self.pool.timeline[span_mark:]
+        self._record_history(rollout_id, finished)
+        metrics = self._metrics(rollout_id, accepted, finished, counters, spans, start, end)
+        return StepOutput(groups, metrics, spans, start)
+
+    def _carry(self, carried: list[GroupWork], counters: dict[str, float]) -> None:
+        keep: list[BufferedGroup] = []
+        for work in carried:
+            partial = sum(s.response_length for s in work.samples if s.status == Status.ABORTED)
+            if work.aborted:
+                counters["aborted_tokens"] += partial
+            if self.config.keeps_partials and (work.aborted or self.config.keep_surplus):
+                keep.append(BufferedGroup(work.key, work.samples, list(work.item.prompt_ids), _meta(work.item)))
+            else:
+                counters["discarded_tokens"] += sum(s.response_length for s in work.samples)
+        self.buffer.add(keep)
+
+    async def _recover(
+        self,
+        running: dict[asyncio.Task, GroupWork],
+        accepted: list[GroupWork],
+        carried: list[GroupWork],
+        queue: deque[GroupWork],
+    ) -> None:
+        """On failure: stop generation and keep every group of the step in the buffer."""
+        if running:
+            try:
+                await self.pool.abort_all()
+            except Exception:  # every engine may be gone; keep what we have
+                pass
+            await asyncio.gather(*running, return_exceptions=True)
+        everything = [*accepted, *carried, *running.values(), *queue]
+        self.buffer.add(
+            BufferedGroup(w.key, w.samples, list(w.item.prompt_ids), _meta(w.item)) for w in everything
+        )
+
+    def _record_history(self, rollout_id: int, finished: list[GroupWork]) -> None:
+        if self.planner is None or not finished:
+            return
+        from rollout_accel.sampling import GroupRecord
+
+        records = [
+            GroupRecord(
+                key=w.key,
+                rewards=[reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples],
+                lengths=[s.response_length for s in w.samples],
+                finish_reasons=["length" if s.status == Status.TRUNCATED else "stop" for s in w.samples],
+                weight_version=(w.samples[0].weight_versions or ["default"])[-1],
+                prompt_length=len(w.item.prompt_ids),
+                responses=[s.tokens[len(w.item.prompt_ids) :] for s in w.samples] if self.config.record_responses else None,
+            )
+            for w in finished
+        ]
+        self.planner.record(rollout_id, records)
+
+    def _metrics(
+        self,
+        rollout_id: int,
+        accepted: list[GroupWork],
+        finished: list[GroupWork],
+        counters: dict[str, float],
+        spans: list[RequestSpan],
+        start: float,
+        end: float,
+    ) -> dict[str, float]:
+        elapsed = end - start
+        groups = [w.samples for w in accepted]
+        generated = float(sum(s.tokens for s in spans))
+        effective = sum(
+            1 for w in accepted
+            if nonzero_std([reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples])
+        )
+        prompt_tokens = sum(w.prompt_tokens for w in finished)
+        cached = sum(w.cached_tokens for w in finished)
+        metrics: dict[str, float] = {
+            "rollout/step": float(rollout_id),
+            "perf/rollout_time": elapsed,
+            "perf/tokens_per_gpu_per_sec": generated / elapsed / max(1, len(self.pool.engines)),
+            "rollout/prefix_cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+            "accel/accepted_groups": float(len(accepted)),
+            "accel/effective_groups": float(effective),
+            "accel/effective_groups_per_s": effective / elapsed if elapsed > 0 else 0.0,
+            "accel/generated_tokens": generated,
+            "accel/generated_tokens_per_s": generated / elapsed if elapsed > 0 else 0.0,
+            "accel/filtered_groups": counters["filtered"],
+            "accel/aborted_tokens": counters["aborted_tokens"],
+            "accel/resumed_tokens": counters["resumed_tokens"],
+            "accel/discarded_tokens": counters["discarded_tokens"],
+            "accel/skip_rate": counters["skipped"] / counters["considered"] if counters["considered"] else 0.0,
+            "accel/buffered_groups": float(len(self.buffer)),
+            "accel/stale_dropped_groups": float(self.buffer.stats.dropped_groups),
+            "accel/stale_restarted_groups": float(self.buffer.stats.restarted_groups),
+            "accel/redispatched_requests": float(self.pool.stats.redispatched),
+        }
+        zero_std: dict[str, int] = {}
+        for w in finished:
+            rewards = [reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples]
+            if not nonzero_std(rewards):
+                key = f"rollout/zero_std/count_{rewards[0]:g}"
+                zero_std[key] = zero_std.get(key, 0) + 1
+        metrics.update({k: float(v) for k, v in zero_std.items()})
+        metrics.update(sample_metrics(groups))
+        metrics.update(tail_metrics(spans, start, end))
+        longest = max((s for s in spans if s.finish != "failed"), key=lambda s: s.tokens, default=None)
+        if longest is not None and longest.end > longest.start:
+            metrics["perf/longest_sample_tokens_per_sec"] = longest.tokens / (longest.end - longest.start)
+        planned = [(w.planned_length, statistics.fmean(s.response_length for s in w.samples)) for w in finished if w.planned_length is not None]
+        if planned:
+            metrics["accel/length_pred_spearman"] = spearman([p for p, _ in planned], [a for _, a in planned])
+            metrics["accel/length_pred_mae"] = statistics.fmean(abs(p - a) for p, a in planned)
+        for age, count in self.buffer.staleness_histogram(rollout_id + 1).items():
+            metrics[f"accel/staleness/{age}"] = float(count)
+        return metrics
+
+
+def _meta(item: PromptItem) -> dict[str, Any]:
+    return {k: v for k, v in item.metadata.items() if k != "samples"}

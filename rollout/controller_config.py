@@ -1,0 +1,88 @@
+"""Settings of the rollout controller: which policy, how many groups, staleness, masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+POLICIES = ("sync", "dynamic", "partial", "history")
+
+
+class ControllerConfigError(ValueError):
+    """A controller setting that cannot work; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """One rollout step's rules.
+
+    policy: `sync` (slime's default: every requested group completes), `dynamic` (DAPO: over-
+    sample, drop zero-variance groups, refill, discard the surplus), `partial` (APRIL: over-
+    provision, abort the rest at target, resume the partials first next step), `history` (ours:
+    history-informed selection + longest-first dispatch + partial rollout, resumed oldest-first).
+    dynamic_filter: None = the policy's default (on for dynamic and history, off otherwise).
+    over_sampling: groups in flight = ceil(rollout_batch_size * over_sampling) (1.0 for sync).
+    """
+
+    policy: str = "sync"
+    rollout_batch_size: int = 32
+    n_samples_per_prompt: int = 8
+    over_sampling: float = 1.5
+    dynamic_filter: bool | None = None
+    max_staleness: int = 1
+    stale_action: str = "drop"
+    mask_offpolicy: bool = False
+    keep_surplus: bool = True
+    max_candidates_factor: float = 8.0
+    reward_key: str | None = None
+    record_responses: bool = False
+    sampling_params: dict[str, Any] = field(
+        default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 1024}
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ControllerConfigError(f"policy: {self.policy!r} is not one of {POLICIES}")
+        for name in ("rollout_batch_size", "n_samples_per_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ControllerConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if not isinstance(self.over_sampling, int | float) or self.over_sampling < 1.0:
+            raise ControllerConfigError(f"over_sampling: must be >= 1.0, got {self.over_sampling!r}")
+        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            raise ControllerConfigError(f"max_staleness: must be an integer >= 0, got {self.max_staleness!r}")
+        if self.stale_action not in ("drop", "restart"):
+            raise ControllerConfigError(f"stale_action: {self.stale_action!r} is not drop or restart")
+        if not isinstance(self.sampling_params, dict) or "max_new_tokens" not in self.sampling_params:
+            raise ControllerConfigError("sampling_params: must be a dict with max_new_tokens")
+
+    @property
+    def filter_enabled(self) -> bool:
+        if self.dynamic_filter is not None:
+            return self.dynamic_filter
+        return self.policy in ("dynamic", "history")
+
+    @property
+    def keeps_partials(self) -> bool:
+        return self.policy in ("partial", "history")
+
+    @property
+    def provision(self) -> int:
+        """Groups kept in flight (accepted + running) until the target is reached."""
+        import math
+
+        factor = 1.0 if self.policy == "sync" else self.over_sampling
+        return max(self.rollout_batch_size, math.ceil(self.rollout_batch_size * factor))
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], prefix: str = "") -> ControllerConfig:
+        """Builds from a dict (e.g. YAML), refusing unknown keys and wrong types by name."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+            if name not in known:
+                raise ControllerConfigError(f"{key}: unknown setting; known: {sorted(known)}")
+            kwargs[name] = value
+        return cls(**kwargs)

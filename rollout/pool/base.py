@@ -1,0 +1,200 @@
+"""One async interface over many engines: placement, balancing, failure handling, abort.
+
+Every engine speaks SGLang's /generate protocol (payload in, SGLang-shaped dict out) through an
+`EngineHandle`: in-process, HTTP, or a Ray actor. The pool
+  * keeps all samples of a group on one engine (their shared prompt hits its prefix cache),
+  * otherwise places work on the healthy engine with the fewest outstanding tokens,
+  * bounds in-flight requests per engine (slime's --sglang-server-concurrency),
+  * marks an engine that fails (connection lost, actor killed) unhealthy and re-dispatches its
+    requests elsewhere from scratch, so no sample is lost while any engine is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailure(RuntimeError):
+    """The engine itself failed (unreachable, crashed, killed); the request may be retried
+    elsewhere. Errors about the request (HTTP 400) are not EngineFailures."""
+
+
+class NoHealthyEngineError(RuntimeError):
+    """Every engine in the pool has failed."""
+
+
+class EngineHandle(Protocol):
+    name: str
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def abort_all(self) -> None: ...
+
+    async def num_requests(self) -> int: ...
+
+    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class EngineState:
+    handle: EngineHandle
+    healthy: bool = True
+    outstanding_tokens: int = 0
+    in_flight: int = 0
+    completed: int = 0
+    failures: int = 0
+    gate: asyncio.Semaphore | None = None
+
+
+@dataclass
+class PoolStats:
+    redispatched: int = 0
+    failed_engines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpan:
+    """One request's life on one engine, for timelines (times from time.perf_counter)."""
+
+    engine: str
+    start: float
+    end: float
+    finish: str  # stop | length | abort | failed
+    tokens: int
+
+
+def aborted_output(payload: dict[str, Any]) -> dict[str, Any]:
+    """The answer for a request aborted before it reached an engine (SGLang's shape)."""
+    prompt = payload.get("input_ids") or []
+    return {
+        "text": "",
+        "output_ids": [],
+        "meta_info": {
+            "id": payload.get("rid"),
+            "finish_reason": {"type": "abort", "message": "aborted before dispatch"},
+            "prompt_tokens": len(prompt),
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+            "output_token_logprobs": [],
+        },
+    }
+
+
+class EnginePool:
+    """Routes SGLang /generate payloads to engines; see the module docstring for the rules."""
+
+    def __init__(self, handles: Sequence[EngineHandle], concurrency_per_engine: int = 512) -> None:
+        if not handles:
+            raise ValueError("engines: a pool needs at least one engine")
+        self.engines = [EngineState(h) for h in handles]
+        self.concurrency_per_engine = concurrency_per_engine
+        self._affinity: dict[str, int] = {}
+        self.stats = PoolStats()
+        self.timeline: list[RequestSpan] = []
+        self._abort_epoch = 0
+
+    @property
+    def healthy(self) -> list[EngineState]:
+        return [e for e in self.engines if e.healthy]
+
+    def _gate(self, state: EngineState) -> asyncio.Semaphore:
+        if state.gate is None:  # created lazily inside the running loop
+            state.gate = asyncio.Semaphore(self.concurrency_per_engine)
+        return state.gate
+
+    def place(self, group_key: str | None) -> int:
+        """The engine index for a request of `group_key` (sticky per group while healthy)."""
+        if group_key is not None:
+            index = self._affinity.get(group_key)
+            if index is not None and self.engines[index].healthy:
+                return index
+        candidates = [i for i, e in enumerate(self.engines) if e.healthy]
+        if not candidates:
+            raise NoHealthyEngineError("every engine in the pool has failed")
+        index = min(candidates, key=lambda i: (self.engines[i].outstanding_tokens, self.engines[i].in_flight))
+        if group_key is not None:
+            self._affinity[group_key] = index
+        return index
+
+    def forget_group(self, group_key: str) -> None:
+        self._affinity.pop(group_key, None)
+
+    async def generate(
+        self, payload: dict[str, Any], group_key: str | None = None, cost: int = 1
+    ) -> dict[str, Any]:
+        """Runs one request to completion (or abort) on some healthy engine. A request still
+        queued for an engine when `abort_all` is called is answered as aborted without being sent."""
+        epoch = self._abort_epoch
+        while True:
+            index = self.place(group_key)
+            state = self.engines[index]
+            state.outstanding_tokens += cost
+            state.in_flight += 1
+            start = time.perf_counter()
+            try:
+                async with self._gate(state):
+                    if epoch != self._abort_epoch:
+                        return aborted_output(payload)
+                    start = time.perf_counter()
+                    out = await state.handle.generate(payload)
+                state.completed += 1
+                meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
+                reason = (meta.get("finish_reason") or {}).get("type", "stop")
+                self.timeline.append(
+                    RequestSpan(state.handle.name, start, time.perf_counter(), reason, meta.get("completion_tokens", 0))
+                )
+                return out
+            except EngineFailure as exc:
+                self.timeline.append(RequestSpan(state.handle.name, start, time.perf_counter(), "failed", 0))
+                self._mark_failed(index, exc)
+                self.stats.redispatched += 1
+            finally:
+                state.outstanding_tokens -= cost
+                state.in_flight -= 1
+
+    def _mark_failed(self, index: int, exc: Exception) -> None:
+        state = self.engines[index]
+        state.failures += 1
+        if state.healthy:
+            state.healthy = False
+            self.stats.failed_engines.append(state.handle.name)
+            log.warning("engine %s failed (%s); re-dispatching its requests", state.handle.name, exc)
+        self._affinity = {k: v for k, v in self._affinity.items() if v != index}
+
+    async def abort_all(self, poll_interval: float = 0.05, timeout: float = 60.0) -> None:
+        """Aborts everything in flight, repeating until every healthy engine reports idle (slime's
+        abort loop: a request may arrive just after one abort)."""
+        self._abort_epoch += 1
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            live = self.healthy
+            await asyncio.gather(*(self._safe(e, e.handle.abort_all()) for e in live))
+            counts = await asyncio.gather(*(self._safe(e, e.handle.num_requests(), 0) for e in live))
+            if not any(counts) or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(poll_interval)
+
+    async def _safe(self, state: EngineState, coro, default: Any = None) -> Any:
+        try:
+            return await coro
+        except EngineFailure as exc:
+            self._mark_failed(self.engines.index(state), exc)
+            return default
+
+    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None = None) -> None:
+        live = self.healthy
+        await asyncio.gather(
+            *(self._safe(e, e.handle.update_weights_from_tensor(named_tensors, weight_version)) for e in live)
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.handle.close() for e in self.engines), return_exceptions=True)

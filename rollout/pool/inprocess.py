@@ -1,0 +1,44 @@
+"""Engines living in this process (the embedded default on one machine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout_accel.rollout.pool.base import EngineFailure
+from rollout_accel.serving.engine import Engine, EngineClosedError
+from rollout_accel.serving.server.protocol import parse_generate
+
+
+class InProcessEngine:
+    """An `Engine` behind the pool's handle interface; payloads are SGLang /generate bodies."""
+
+    def __init__(self, engine: Engine, name: str = "local-0", owns_engine: bool = False) -> None:
+        self.engine = engine
+        self.name = name
+        self._owns = owns_engine
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        kwargs = parse_generate(payload)
+        kwargs["stream"] = False
+        try:
+            return await self.engine.async_generate(**kwargs)
+        except EngineClosedError as exc:
+            raise EngineFailure(f"{self.name}: {exc}") from exc
+
+    async def abort_all(self) -> None:
+        if self.engine._closed:
+            raise EngineFailure(f"{self.name}: engine closed")
+        self.engine.abort(abort_all=True)
+
+    async def num_requests(self) -> int:
+        loads = self.engine.get_loads()
+        return loads["num_running_reqs"] + loads["num_waiting_reqs"]
+
+    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None:
+        ok, message = self.engine.update_weights_from_tensor(named_tensors, weight_version=weight_version)
+        if not ok:
+            raise ValueError(message)
+
+    async def close(self) -> None:
+        if self._owns:
+            self.engine.shutdown()
