@@ -14,16 +14,35 @@ from collections.abc import Callable
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model-path", default="tiny-qwen3", help="HF-layout directory or preset name (tiny-qwen3, qwen3-0.6b-shape, ...)")
+    group.add_argument(
+        "--model-path",
+        default="tiny-qwen3",
+        help="HF-layout directory or preset name (tiny-qwen3, qwen3-0.6b-shape, ...)",
+    )
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    group.add_argument("--max-running-requests", type=int, default=256, help="concurrent sequences in a batch")
-    group.add_argument("--max-total-tokens", type=int, default=None, help="KV cache slots (default: derived)")
-    group.add_argument("--max-prefill-tokens", type=int, default=4096, help="token budget of one prefill step (chunked prefill)")
-    group.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"], help="waiting-queue order")
+    group.add_argument(
+        "--max-running-requests", type=int, default=256, help="concurrent sequences in a batch"
+    )
+    group.add_argument(
+        "--max-total-tokens", type=int, default=None, help="KV cache slots (default: derived)"
+    )
+    group.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="token budget of one prefill step (chunked prefill)",
+    )
+    group.add_argument(
+        "--schedule-policy", default="fcfs", choices=["fcfs", "lpm"], help="waiting-queue order"
+    )
     group.add_argument("--disable-radix-cache", action="store_true", help="turn prefix caching off")
-    group.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on GPUs")
-    group.add_argument("--seed", type=int, default=0, help="preset weight seed and sampling seed base")
+    group.add_argument(
+        "--disable-cuda-graph", action="store_true", help="run decode eagerly on GPUs"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="preset weight seed and sampling seed base"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -57,10 +76,24 @@ def _generate(args: argparse.Namespace) -> int:
     with Engine(**engine_kwargs(args)) as engine:
         outs = engine.generate(
             prompt=args.prompt,
-            sampling_params={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "n": args.n},
+            sampling_params={
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "n": args.n,
+            },
         )
         for out in outs if isinstance(outs, list) else [outs]:
-            print(json.dumps({"text": out["text"], **{k: out["meta_info"][k] for k in ("finish_reason", "completion_tokens", "e2e_latency")}}))
+            print(
+                json.dumps(
+                    {
+                        "text": out["text"],
+                        **{
+                            k: out["meta_info"][k]
+                            for k in ("finish_reason", "completion_tokens", "e2e_latency")
+                        },
+                    }
+                )
+            )
     return 0
 
 
@@ -75,15 +108,25 @@ def _lazy(module: str, func: str = "main") -> Callable[[list[str]], int]:
 
 # Subcommands whose parsers live in their own modules (their --help is their own).
 DELEGATED = {
-    "bench": ("rollout_accel.rollout.bench.cli", "Compare rollout policies side by side (default: the synthetic long-tail scenario)."),
-    "train": ("rollout_accel.rollout.train_cli", "Run a local GRPO training recipe (recipes/local/*.toml)."),
+    "bench": (
+        "rollout_accel.rollout.bench.cli",
+        "Compare rollout policies side by side (default: the synthetic long-tail scenario).",
+    ),
+    "train": (
+        "rollout_accel.rollout.train_cli",
+        "Run a local GRPO training recipe (recipes/local/*.toml).",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rollout", description="rollout-accel: fast RL rollouts for slime.")
+    parser = argparse.ArgumentParser(
+        prog="rollout", description="rollout-accel: fast RL rollouts for slime."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the SGLang-protocol HTTP server on the embedded engine")
+    serve = sub.add_parser(
+        "serve", help="run the SGLang-protocol HTTP server on the embedded engine"
+    )
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=30000)
@@ -110,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return _lazy(module)(argv[1:])
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("rollout_accel"):
-                print(f"rollout {argv[0]}: not available in this build ({exc.name})", file=sys.stderr)
+                print(
+                    f"rollout {argv[0]}: not available in this build ({exc.name})", file=sys.stderr
+                )
                 return 2
             raise
     parser = build_parser()

@@ -92,7 +92,9 @@ class RolloutController:
         group_filter: GroupFilter | None = None,
     ) -> None:
         if config.policy == "history" and planner is None:
-            raise ValueError("policy history: needs a planner (rollout_accel.sampling.RolloutPlanner)")
+            raise ValueError(
+                "policy history: needs a planner (rollout_accel.sampling.RolloutPlanner)"
+            )
         self.pool = pool
         self.source = source
         self.reward = reward
@@ -111,7 +113,9 @@ class RolloutController:
         if premade is not None:
             samples = list(premade)
             if len(samples) != n:
-                raise GroupSizeError(f"group {item.key!r}: {len(samples)} samples, expected n_samples_per_prompt={n}")
+                raise GroupSizeError(
+                    f"group {item.key!r}: {len(samples)} samples, expected n_samples_per_prompt={n}"
+                )
         else:
             group_index = next(self._group_ids)
             samples = [
@@ -131,7 +135,9 @@ class RolloutController:
         return GroupWork(item.key, item, samples, planned_length=planned_length)
 
     def _resumed_work(self, group: BufferedGroup) -> GroupWork:
-        item = PromptItem(group.key, group.prompt_ids, group.samples[0].label, None, group.prompt_meta)
+        item = PromptItem(
+            group.key, group.prompt_ids, group.samples[0].label, None, group.prompt_meta
+        )
         return GroupWork(group.key, item, group.samples, resumed_tokens=group.partial_tokens())
 
     def _fresh(self, count: int, step: int, counters: dict[str, float]) -> list[GroupWork]:
@@ -169,7 +175,9 @@ class RolloutController:
         return out
 
     # -- one sample -------------------------------------------------------------------------
-    def _payload(self, sample: Sample, remaining: int, rollout_id: int, segment: int) -> dict[str, Any]:
+    def _payload(
+        self, sample: Sample, remaining: int, rollout_id: int, segment: int
+    ) -> dict[str, Any]:
         params = dict(self.config.sampling_params)
         params["max_new_tokens"] = remaining
         payload = {
@@ -199,7 +207,9 @@ class RolloutController:
             work.prompt_tokens += out["meta_info"].get("prompt_tokens", 0)
         if sample.status in (Status.COMPLETED, Status.TRUNCATED) and sample.reward is None:
             sample.reward = await self.reward(sample)
-            reward_value(sample.reward, self.config.reward_key, f"sample {sample.index} of {work.key!r}")
+            reward_value(
+                sample.reward, self.config.reward_key, f"sample {sample.index} of {work.key!r}"
+            )
 
     def _apply(self, sample: Sample, out: dict[str, Any], rollout_id: int) -> None:
         """Appends one engine answer to the sample (slime's append_response_tokens, in effect)."""
@@ -213,7 +223,11 @@ class RolloutController:
         sample.response = (sample.response or "") + out.get("text", "")
         sample.response_length += len(tokens)
         sample.rollout_log_probs = (sample.rollout_log_probs or []) + logprobs
-        mask = sample.loss_mask if sample.loss_mask is not None else [1] * (sample.response_length - len(tokens))
+        mask = (
+            sample.loss_mask
+            if sample.loss_mask is not None
+            else [1] * (sample.response_length - len(tokens))
+        )
         sample.loss_mask = list(mask) + [1] * len(tokens)
         version = str(meta.get("weight_version", "default"))
         sample.weight_versions = list(sample.weight_versions) + [version]
@@ -221,16 +235,22 @@ class RolloutController:
             {"rollout_id": rollout_id, "tokens": len(tokens), "weight_version": version}
         )
         kind = (meta.get("finish_reason") or {}).get("type")
-        sample.status = {"stop": Status.COMPLETED, "length": Status.TRUNCATED, "abort": Status.ABORTED}.get(
-            kind, Status.FAILED
-        )
+        sample.status = {
+            "stop": Status.COMPLETED,
+            "length": Status.TRUNCATED,
+            "abort": Status.ABORTED,
+        }.get(kind, Status.FAILED)
         if sample.status == Status.COMPLETED and sample.response_length >= int(
             self.config.sampling_params["max_new_tokens"]
         ):
             sample.status = Status.TRUNCATED
 
     async def _run_group(self, work: GroupWork, rollout_id: int) -> GroupWork:
-        todo = [s for s in work.samples if s.status not in (Status.COMPLETED, Status.TRUNCATED) or s.reward is None]
+        todo = [
+            s
+            for s in work.samples
+            if s.status not in (Status.COMPLETED, Status.TRUNCATED) or s.reward is None
+        ]
         try:
             await asyncio.gather(*(self._run_sample(work, s, rollout_id) for s in todo))
         finally:
@@ -252,7 +272,15 @@ class RolloutController:
         start = time.perf_counter()
         span_mark = len(self.pool.timeline)
         counters: dict[str, float] = dict.fromkeys(
-            ("considered", "skipped", "filtered", "aborted_tokens", "discarded_tokens", "resumed_tokens"), 0.0
+            (
+                "considered",
+                "skipped",
+                "filtered",
+                "aborted_tokens",
+                "discarded_tokens",
+                "resumed_tokens",
+            ),
+            0.0,
         )
         accepted: list[GroupWork] = []
         finished: list[GroupWork] = []  # every group whose generation completed this step
@@ -321,7 +349,11 @@ class RolloutController:
             if work.aborted:
                 counters["aborted_tokens"] += partial
             if self.config.keeps_partials and (work.aborted or self.config.keep_surplus):
-                keep.append(BufferedGroup(work.key, work.samples, list(work.item.prompt_ids), _meta(work.item)))
+                keep.append(
+                    BufferedGroup(
+                        work.key, work.samples, list(work.item.prompt_ids), _meta(work.item)
+                    )
+                )
             else:
                 counters["discarded_tokens"] += sum(s.response_length for s in work.samples)
         self.buffer.add(keep)
@@ -342,7 +374,8 @@ class RolloutController:
             await asyncio.gather(*running, return_exceptions=True)
         everything = [*accepted, *carried, *running.values(), *queue]
         self.buffer.add(
-            BufferedGroup(w.key, w.samples, list(w.item.prompt_ids), _meta(w.item)) for w in everything
+            BufferedGroup(w.key, w.samples, list(w.item.prompt_ids), _meta(w.item))
+            for w in everything
         )
 
     def _record_history(self, rollout_id: int, finished: list[GroupWork]) -> None:
@@ -355,10 +388,14 @@ class RolloutController:
                 key=w.key,
                 rewards=[reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples],
                 lengths=[s.response_length for s in w.samples],
-                finish_reasons=["length" if s.status == Status.TRUNCATED else "stop" for s in w.samples],
+                finish_reasons=[
+                    "length" if s.status == Status.TRUNCATED else "stop" for s in w.samples
+                ],
                 weight_version=(w.samples[0].weight_versions or ["default"])[-1],
                 prompt_length=len(w.item.prompt_ids),
-                responses=[s.tokens[len(w.item.prompt_ids) :] for s in w.samples] if self.config.record_responses else None,
+                responses=[s.tokens[len(w.item.prompt_ids) :] for s in w.samples]
+                if self.config.record_responses
+                else None,
             )
             for w in finished
         ]
@@ -378,8 +415,11 @@ class RolloutController:
         groups = [w.samples for w in accepted]
         generated = float(sum(s.tokens for s in spans))
         effective = sum(
-            1 for w in accepted
-            if nonzero_std([reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples])
+            1
+            for w in accepted
+            if nonzero_std(
+                [reward_value(s.reward, self.config.reward_key, w.key) for s in w.samples]
+            )
         )
         prompt_tokens = sum(w.prompt_tokens for w in finished)
         cached = sum(w.cached_tokens for w in finished)
@@ -397,7 +437,9 @@ class RolloutController:
             "accel/aborted_tokens": counters["aborted_tokens"],
             "accel/resumed_tokens": counters["resumed_tokens"],
             "accel/discarded_tokens": counters["discarded_tokens"],
-            "accel/skip_rate": counters["skipped"] / counters["considered"] if counters["considered"] else 0.0,
+            "accel/skip_rate": counters["skipped"] / counters["considered"]
+            if counters["considered"]
+            else 0.0,
             "accel/buffered_groups": float(len(self.buffer)),
             "accel/stale_dropped_groups": float(self.buffer.stats.dropped_groups),
             "accel/stale_restarted_groups": float(self.buffer.stats.restarted_groups),
@@ -412,12 +454,22 @@ class RolloutController:
         metrics.update({k: float(v) for k, v in zero_std.items()})
         metrics.update(sample_metrics(groups))
         metrics.update(tail_metrics(spans, start, end))
-        longest = max((s for s in spans if s.finish != "failed"), key=lambda s: s.tokens, default=None)
+        longest = max(
+            (s for s in spans if s.finish != "failed"), key=lambda s: s.tokens, default=None
+        )
         if longest is not None and longest.end > longest.start:
-            metrics["perf/longest_sample_tokens_per_sec"] = longest.tokens / (longest.end - longest.start)
-        planned = [(w.planned_length, statistics.fmean(s.response_length for s in w.samples)) for w in finished if w.planned_length is not None]
+            metrics["perf/longest_sample_tokens_per_sec"] = longest.tokens / (
+                longest.end - longest.start
+            )
+        planned = [
+            (w.planned_length, statistics.fmean(s.response_length for s in w.samples))
+            for w in finished
+            if w.planned_length is not None
+        ]
         if planned:
-            metrics["accel/length_pred_spearman"] = spearman([p for p, _ in planned], [a for _, a in planned])
+            metrics["accel/length_pred_spearman"] = spearman(
+                [p for p, _ in planned], [a for _, a in planned]
+            )
             metrics["accel/length_pred_mae"] = statistics.fmean(abs(p - a) for p, a in planned)
         for age, count in self.buffer.staleness_histogram(rollout_id + 1).items():
             metrics[f"accel/staleness/{age}"] = float(count)

@@ -37,7 +37,12 @@ class ControllerConfig:
     reward_key: str | None = None
     record_responses: bool = False
     sampling_params: dict[str, Any] = field(
-        default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 1024}
+        default_factory=lambda: {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "max_new_tokens": 1024,
+        }
     )
     seed: int = 0
 
@@ -49,12 +54,21 @@ class ControllerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ControllerConfigError(f"{name}: must be a positive integer, got {value!r}")
         if not isinstance(self.over_sampling, int | float) or self.over_sampling < 1.0:
-            raise ControllerConfigError(f"over_sampling: must be >= 1.0, got {self.over_sampling!r}")
+            raise ControllerConfigError(
+                f"over_sampling: must be >= 1.0, got {self.over_sampling!r}"
+            )
         if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
-            raise ControllerConfigError(f"max_staleness: must be an integer >= 0, got {self.max_staleness!r}")
+            raise ControllerConfigError(
+                f"max_staleness: must be an integer >= 0, got {self.max_staleness!r}"
+            )
         if self.stale_action not in ("drop", "restart"):
-            raise ControllerConfigError(f"stale_action: {self.stale_action!r} is not drop or restart")
-        if not isinstance(self.sampling_params, dict) or "max_new_tokens" not in self.sampling_params:
+            raise ControllerConfigError(
+                f"stale_action: {self.stale_action!r} is not drop or restart"
+            )
+        if (
+            not isinstance(self.sampling_params, dict)
+            or "max_new_tokens" not in self.sampling_params
+        ):
             raise ControllerConfigError("sampling_params: must be a dict with max_new_tokens")
 
     @property

@@ -83,7 +83,9 @@ class PartialBuffer:
     def add(self, groups: Iterable[BufferedGroup]) -> None:
         self.groups.extend(groups)
 
-    def take(self, rollout_id: int, limit: int | None = None, oldest_first: bool = False) -> list[BufferedGroup]:
+    def take(
+        self, rollout_id: int, limit: int | None = None, oldest_first: bool = False
+    ) -> list[BufferedGroup]:
         """Up to `limit` groups to resume at `rollout_id`, staleness bound applied.
         `oldest_first` orders by start_rollout_id (closest to the bound first)."""
         kept: list[BufferedGroup] = []

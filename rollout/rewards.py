@@ -45,7 +45,9 @@ async def numeric_answer(sample: Sample) -> float:
         return 0.0
     got = extract_final_number(sample.response)
     want = extract_final_number(str(sample.label))
-    return float(got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+    return float(
+        got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+    )
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "numeric": numeric_answer}
@@ -61,7 +63,9 @@ def load_reward(spec: str | RewardFn, args: Any = None) -> RewardFn:
     else:
         module_name, _, attr = str(spec).rpartition(".")
         if not module_name:
-            raise RewardError(f"reward: {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor a dotted path")
+            raise RewardError(
+                f"reward: {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor a dotted path"
+            )
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:

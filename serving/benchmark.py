@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.models import materialize_preset
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import torch
+
 from rollout_accel.serving.server.protocol import serialize_named_tensors
 
 
@@ -94,7 +95,9 @@ class EngineClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> tuple[int, bytes]:
         """Sends with retries on connection failures; raises ServerError on a 4xx/5xx answer.
         Returns (status, body)."""
         last: Exception | None = None
@@ -111,7 +114,9 @@ class EngineClient:
             if status >= 400:
                 raise ServerError(self.url, status, _message(body.decode(errors="replace")))
             return status, body
-        raise ServerUnavailableError(f"{self.url}{path}: unreachable after {self.retries + 1} tries ({last!r})")
+        raise ServerUnavailableError(
+            f"{self.url}{path}: unreachable after {self.retries + 1} tries ({last!r})"
+        )
 
     async def _json(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         _, body = await self.request(method, path, payload)

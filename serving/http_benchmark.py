@@ -35,7 +35,11 @@ def _payloads(count: int) -> list[dict[str, Any]]:
     return [
         {
             "input_ids": torch.randint(0, 500, (PROMPT_LEN,), generator=gen).tolist(),
-            "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.7, "ignore_eos": True},
+            "sampling_params": {
+                "max_new_tokens": NEW_TOKENS,
+                "temperature": 0.7,
+                "ignore_eos": True,
+            },
         }
         for _ in range(count)
     ]
@@ -109,7 +113,8 @@ async def run(concurrencies: list[int], model: str) -> list[dict[str, Any]]:
                         "requests": len(payloads),
                         "http": http,
                         "in_process": local,
-                        "http_over_in_process": http["output_tokens_per_s"] / local["output_tokens_per_s"],
+                        "http_over_in_process": http["output_tokens_per_s"]
+                        / local["output_tokens_per_s"],
                     }
                 )
         finally:
@@ -122,8 +127,12 @@ async def run(concurrencies: list[int], model: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", default="1,64,256", help="comma-separated concurrency levels")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--concurrency", default="1,64,256", help="comma-separated concurrency levels"
+    )
     parser.add_argument("--model-path", default="tiny-qwen3")
     parser.add_argument("--out", help="write results JSON here")
     args = parser.parse_args(argv)
@@ -140,7 +149,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{'':>5} HTTP / in-process output tokens/s: {row['http_over_in_process']:.2f}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+            json.dump(
+                {"machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows},
+                fh,
+                indent=2,
+            )
     return rows
 
 

@@ -1,6 +1,11 @@
 """The engine pool: in-process engines, HTTP servers (ours or SGLang), Ray actors."""
 
-from rollout_accel.rollout.pool.base import EngineFailure, EngineHandle, EnginePool, NoHealthyEngineError
+from rollout_accel.rollout.pool.base import (
+    EngineFailure,
+    EngineHandle,
+    EnginePool,
+    NoHealthyEngineError,
+)
 from rollout_accel.rollout.pool.http import HttpEngine, expand_router
 from rollout_accel.rollout.pool.inprocess import InProcessEngine
 

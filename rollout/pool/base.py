@@ -39,7 +39,9 @@ class EngineHandle(Protocol):
 
     async def num_requests(self) -> int: ...
 
-    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None: ...
+    async def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None
+    ) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -120,7 +122,10 @@ class EnginePool:
         candidates = [i for i, e in enumerate(self.engines) if e.healthy]
         if not candidates:
             raise NoHealthyEngineError("every engine in the pool has failed")
-        index = min(candidates, key=lambda i: (self.engines[i].outstanding_tokens, self.engines[i].in_flight))
+        index = min(
+            candidates,
+            key=lambda i: (self.engines[i].outstanding_tokens, self.engines[i].in_flight),
+        )
         if group_key is not None:
             self._affinity[group_key] = index
         return index
@@ -150,11 +155,19 @@ class EnginePool:
                 meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
                 reason = (meta.get("finish_reason") or {}).get("type", "stop")
                 self.timeline.append(
-                    RequestSpan(state.handle.name, start, time.perf_counter(), reason, meta.get("completion_tokens", 0))
+                    RequestSpan(
+                        state.handle.name,
+                        start,
+                        time.perf_counter(),
+                        reason,
+                        meta.get("completion_tokens", 0),
+                    )
                 )
                 return out
             except EngineFailure as exc:
-                self.timeline.append(RequestSpan(state.handle.name, start, time.perf_counter(), "failed", 0))
+                self.timeline.append(
+                    RequestSpan(state.handle.name, start, time.perf_counter(), "failed", 0)
+                )
                 self._mark_failed(index, exc)
                 self.stats.redispatched += 1
             finally:
@@ -167,7 +180,9 @@ class EnginePool:
         if state.healthy:
             state.healthy = False
             self.stats.failed_engines.append(state.handle.name)
-            log.warning("engine %s failed (%s); re-dispatching its requests", state.handle.name, exc)
+            log.warning(
+                "engine %s failed (%s); re-dispatching its requests", state.handle.name, exc
+            )
         self._affinity = {k: v for k, v in self._affinity.items() if v != index}
 
     async def abort_all(self, poll_interval: float = 0.05, timeout: float = 60.0) -> None:
@@ -178,7 +193,9 @@ class EnginePool:
         while True:
             live = self.healthy
             await asyncio.gather(*(self._safe(e, e.handle.abort_all()) for e in live))
-            counts = await asyncio.gather(*(self._safe(e, e.handle.num_requests(), 0) for e in live))
+            counts = await asyncio.gather(
+                *(self._safe(e, e.handle.num_requests(), 0) for e in live)
+            )
             if not any(counts) or asyncio.get_running_loop().time() > deadline:
                 return
             await asyncio.sleep(poll_interval)
@@ -190,10 +207,15 @@ class EnginePool:
             self._mark_failed(self.engines.index(state), exc)
             return default
 
-    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None = None) -> None:
+    async def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None = None
+    ) -> None:
         live = self.healthy
         await asyncio.gather(
-            *(self._safe(e, e.handle.update_weights_from_tensor(named_tensors, weight_version)) for e in live)
+            *(
+                self._safe(e, e.handle.update_weights_from_tensor(named_tensors, weight_version))
+                for e in live
+            )
         )
 
     async def close(self) -> None:

@@ -35,8 +35,12 @@ class HttpEngine:
     async def num_requests(self) -> int:
         return await self._call(self.client.num_requests())
 
-    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None:
-        reply = await self._call(self.client.update_weights_from_tensor(named_tensors, weight_version))
+    async def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None
+    ) -> None:
+        reply = await self._call(
+            self.client.update_weights_from_tensor(named_tensors, weight_version)
+        )
         if not reply.get("success"):
             raise ValueError(reply.get("message"))
 

@@ -34,8 +34,12 @@ class InProcessEngine:
         loads = self.engine.get_loads()
         return loads["num_running_reqs"] + loads["num_waiting_reqs"]
 
-    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None:
-        ok, message = self.engine.update_weights_from_tensor(named_tensors, weight_version=weight_version)
+    async def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None
+    ) -> None:
+        ok, message = self.engine.update_weights_from_tensor(
+            named_tensors, weight_version=weight_version
+        )
         if not ok:
             raise ValueError(message)
 

@@ -36,7 +36,9 @@ class _EngineActor:
         loads = self.engine.get_loads()
         return loads["num_running_reqs"] + loads["num_waiting_reqs"]
 
-    def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> tuple[bool, str]:
+    def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None
+    ) -> tuple[bool, str]:
         return self.engine.update_weights_from_tensor(named_tensors, weight_version=weight_version)
 
 
@@ -64,8 +66,12 @@ class RayEngine:
     async def num_requests(self) -> int:
         return await self._call(self.actor.num_requests.remote())
 
-    async def update_weights_from_tensor(self, named_tensors: list, weight_version: str | None) -> None:
-        ok, message = await self._call(self.actor.update_weights_from_tensor.remote(named_tensors, weight_version))
+    async def update_weights_from_tensor(
+        self, named_tensors: list, weight_version: str | None
+    ) -> None:
+        ok, message = await self._call(
+            self.actor.update_weights_from_tensor.remote(named_tensors, weight_version)
+        )
         if not ok:
             raise ValueError(message)
 
@@ -89,12 +95,14 @@ def start_ray_engines(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False
+        )
     if num_gpus_per_engine is None:
         num_gpus_per_engine = 1 if ray.cluster_resources().get("GPU", 0) >= count else 0
-    actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine, max_concurrency=4096)(
-        _EngineActor
-    )
+    actor_cls = ray.remote(
+        num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine, max_concurrency=4096
+    )(_EngineActor)
     actors = [actor_cls.remote(engine_args) for _ in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return [RayEngine(a, f"ray-{i}") for i, a in enumerate(actors)]

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from rollout_accel.rollout.trainer.grpo import group_advantages, policy_loss
 from rollout_accel.rollout.trainer.sequence_logprobs import pack_batch, response_logprobs
 from rollout_accel.rollout.trainer.types import TrainSample
-from torch import nn
 
 
 @dataclass(frozen=True, slots=True)

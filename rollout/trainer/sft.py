@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from rollout_accel.rollout.tasks.base import Problem, Task
 from rollout_accel.rollout.trainer.sequence_logprobs import pack_batch, response_logprobs
-from torch import nn
 
 
 @dataclass(frozen=True, slots=True)

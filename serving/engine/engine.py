@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import torch
+
 from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.engine.errors import (
     EngineClosedError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.request import Request

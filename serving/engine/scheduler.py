@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from rollout_accel.serving.engine.kv_pool import OutOfSlotsError, RequestTable, SlotAllocator
 from rollout_accel.serving.engine.model_runner import ForwardItem, ModelRunner
 from rollout_accel.serving.engine.output import build_output

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
 from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
 from rollout_accel.serving.models.loader import ModelLoadError, iter_safetensors, load_named_tensors
 

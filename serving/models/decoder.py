@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from rollout_accel.serving.models.config import ModelConfig
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache, paged_attention
-from torch import nn
 
 
 class RMSNorm(nn.Module):

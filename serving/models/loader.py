@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.presets import PRESETS, init_random_weights, preset_names
 from rollout_accel.serving.models.tokenizer import TextTokenizer
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 DTYPES = {
     "float32": torch.float32,

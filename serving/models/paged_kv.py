@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from rollout_accel.kernels.attention import decode_attention, prefill_attention
 
 
@@ -86,7 +87,13 @@ def paged_attention(
         # Mixed batch: decoding sequences come first, one query row each; they take the decode
         # kernel and the rest the prefill kernel, so decodes keep moving while prompts prefill.
         head = decode_attention(
-            q[:nd], k_cache, v_cache, meta.block_table[:nd], meta.seq_lens[:nd], meta.page_size, scale
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_table[:nd],
+            meta.seq_lens[:nd],
+            meta.page_size,
+            scale,
         )
         tail = prefill_attention(
             q[nd:],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from rollout_accel.serving.models.config import ModelConfig
 
 _EOS = 256  # "<|endoftext|>" in the byte-level tokenizer

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from rollout_accel.serving.engine import Engine, InvalidRequestError, RequestNotFoundError
 from rollout_accel.serving.server.openai_api import register_openai_routes
 from rollout_accel.serving.server.protocol import (

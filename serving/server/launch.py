@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import uvicorn
+
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.server.app import build_app
 

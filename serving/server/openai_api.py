@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from rollout_accel.serving.engine import Engine, InvalidRequestError
 from rollout_accel.serving.server.protocol import check_fields, parse_json_object
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing
+
 from rollout_accel.serving.engine.errors import InvalidRequestError
 
 GENERATE_FIELDS = {

@@ -30,7 +30,9 @@ def _long_tail_hook(sample: Sample, payload: dict) -> dict:
     straggler = sample.group_index % 3 == 0 and sample.index % N == 0
     length = LONG if straggler else SHORT
     params = dict(payload["sampling_params"])
-    params["max_new_tokens"] = max(1, min(params["max_new_tokens"], length - sample.response_length))
+    params["max_new_tokens"] = max(
+        1, min(params["max_new_tokens"], length - sample.response_length)
+    )
     params["ignore_eos"] = True
     return {**payload, "sampling_params": params}
 
@@ -100,7 +102,10 @@ def test_each_policy_returns_whole_groups(tiny_engine, policy, tmp_path) -> None
         assert sum(o.metrics["accel/aborted_tokens"] for o in outs) > 0
         assert sum(o.metrics["accel/resumed_tokens"] for o in outs[1:]) > 0
     if policy == "history":
-        assert "accel/length_pred_spearman" in outs[-1].metrics or outs[-1].metrics["accel/skip_rate"] >= 0
+        assert (
+            "accel/length_pred_spearman" in outs[-1].metrics
+            or outs[-1].metrics["accel/skip_rate"] >= 0
+        )
         assert ctl.planner.store.num_groups() > 0
 
 
@@ -126,7 +131,13 @@ def test_partial_keeps_tokens_and_resumes_exactly(tiny_engine) -> None:
     for s in buffered:
         tokens, logprobs = snapshot[s.index]
         assert len(tokens) == s.metadata["prompt_length"] + len(logprobs)
-    resumed = [s for out in later for g in out.groups for s in g if s.index in snapshot and len(s.metadata["segments"]) > 1]
+    resumed = [
+        s
+        for out in later
+        for g in out.groups
+        for s in g
+        if s.index in snapshot and len(s.metadata["segments"]) > 1
+    ]
     assert resumed, "some aborted samples should come back in later steps"
     for s in resumed:
         tokens, logprobs = snapshot[s.index]
@@ -135,7 +146,11 @@ def test_partial_keeps_tokens_and_resumes_exactly(tiny_engine) -> None:
         prompt = s.tokens[: s.metadata["prompt_length"]]
         ref = tiny_engine.generate(
             input_ids=prompt,
-            sampling_params={"temperature": 0, "max_new_tokens": s.response_length, "ignore_eos": True},
+            sampling_params={
+                "temperature": 0,
+                "max_new_tokens": s.response_length,
+                "ignore_eos": True,
+            },
         )
         assert s.tokens[len(prompt) :] == ref["output_ids"]
         assert s.response_length == LONG
@@ -159,13 +174,17 @@ def test_staleness_bound_and_offpolicy_masks(tiny_engine) -> None:
                     assert s.loss_mask == [0] * earlier + [1] * last
                 else:
                     assert s.loss_mask == [1] * s.response_length
-    assert ctl.buffer.stats.dropped_groups + sum(
-        1 for o in outs for g in o.groups for s in g if len(s.metadata["segments"]) > 1
-    ) > 0
+    assert (
+        ctl.buffer.stats.dropped_groups
+        + sum(1 for o in outs for g in o.groups for s in g if len(s.metadata["segments"]) > 1)
+        > 0
+    )
 
 
 def test_stale_restart_counts(tiny_engine) -> None:
-    ctl = _controller(InProcessEngine(tiny_engine), "partial", max_staleness=0, stale_action="restart")
+    ctl = _controller(
+        InProcessEngine(tiny_engine), "partial", max_staleness=0, stale_action="restart"
+    )
 
     async def run():
         return [await ctl.step(k) for k in range(3)]
@@ -227,7 +246,10 @@ def test_bad_settings_and_group_sizes(tiny_engine) -> None:
         ControllerConfig.from_mapping({"bogus": 1})
     item = PromptItem("x", [1, 2], metadata={"samples": [Sample(tokens=[1, 2])]})
     ctl = RolloutController(
-        EnginePool([InProcessEngine(tiny_engine)]), ListPromptSource([item]), parity_reward, _config("sync")
+        EnginePool([InProcessEngine(tiny_engine)]),
+        ListPromptSource([item]),
+        parity_reward,
+        _config("sync"),
     )
     with pytest.raises(GroupSizeError, match="n_samples_per_prompt"):
         asyncio.run(ctl.step(0))

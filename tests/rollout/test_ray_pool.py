@@ -9,7 +9,14 @@ import pytest
 
 from rollout_accel.rollout.controller import RolloutController
 from rollout_accel.rollout.pool import EnginePool
-from tests.rollout.test_controller import N, _check_group_shapes, _config, _items, _long_tail_hook, parity_reward
+from tests.rollout.test_controller import (
+    N,
+    _check_group_shapes,
+    _config,
+    _items,
+    _long_tail_hook,
+    parity_reward,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -19,7 +26,9 @@ def ray_engines():
     from rollout_accel.rollout.pool.ray_actors import start_ray_engines
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    engines = start_ray_engines(2, {"model_path": "tiny-qwen3", "max_running_requests": 64}, num_cpus_per_engine=0.5)
+    engines = start_ray_engines(
+        2, {"model_path": "tiny-qwen3", "max_running_requests": 64}, num_cpus_per_engine=0.5
+    )
     yield engines
     ray.shutdown()
 
@@ -29,7 +38,11 @@ def test_ray_pool_step_and_actor_kill(ray_engines) -> None:
 
     pool = EnginePool(ray_engines)
     ctl = RolloutController(
-        pool, ListPromptSource(_items(), seed=3), parity_reward, _config("sync"), payload_hook=_long_tail_hook
+        pool,
+        ListPromptSource(_items(), seed=3),
+        parity_reward,
+        _config("sync"),
+        payload_hook=_long_tail_hook,
     )
 
     async def run():

@@ -7,6 +7,7 @@ import itertools
 import statistics
 
 import pytest
+
 from rollout_accel.rollout.tasks import (
     TASKS,
     ArithmeticConfig,
