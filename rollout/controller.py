@@ -19,6 +19,7 @@ raised, so nothing already generated is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import statistics
@@ -367,10 +368,8 @@ class RolloutController:
     ) -> None:
         """On failure: stop generation and keep every group of the step in the buffer."""
         if running:
-            try:
+            with contextlib.suppress(Exception):  # every engine may be gone; keep what we have
                 await self.pool.abort_all()
-            except Exception:  # every engine may be gone; keep what we have
-                pass
             await asyncio.gather(*running, return_exceptions=True)
         everything = [*accepted, *carried, *running.values(), *queue]
         self.buffer.add(

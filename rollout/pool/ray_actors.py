@@ -6,6 +6,7 @@ loss, `ray.kill`) surfaces as an EngineFailure and the pool re-dispatches its re
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rollout_accel.rollout.pool.base import EngineFailure
@@ -78,10 +79,8 @@ class RayEngine:
     async def close(self) -> None:
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already dead
             ray.kill(self.actor)
-        except Exception:  # already dead
-            pass
 
 
 def start_ray_engines(

@@ -126,7 +126,7 @@ def test_partial_keeps_tokens_and_resumes_exactly(tiny_engine) -> None:
         later = [await ctl.step(k) for k in range(1, 6)]
         return first, buffered, snapshot, later
 
-    first, buffered, snapshot, later = asyncio.run(run())
+    _, buffered, snapshot, later = asyncio.run(run())
     assert buffered, "the long tail should leave aborted samples behind"
     for s in buffered:
         tokens, logprobs = snapshot[s.index]
