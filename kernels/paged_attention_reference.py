@@ -80,7 +80,7 @@ def paged_prefill_attention_reference(
     token before them is visible.
     """
     out = torch.empty_like(q)
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_q_heads = q.shape[1]
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     cu = cu_q_lens.tolist()

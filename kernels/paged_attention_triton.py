@@ -50,17 +50,22 @@ class PrefillConfig:
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Hopper starting point: 64-token tiles keep 32 KB of K+V in flight per stage at bf16/d128."""
-    if dtype == torch.float32:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    """Hopper starting point: 64-token tiles keep 32 KB of K+V in flight per stage at bf16/d128.
+
+    Checked by compiling for sm_90: no register spills at head_dim 64/96/128, bf16/fp16/fp32.
+    """
+    if dtype == torch.float32:  # IEEE fp32 products run on FMA units; 8 warps avoid spills
+        return DecodeConfig(block_n=32, num_warps=8, num_stages=2)
     if head_dim > 128:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """Hopper starting point: 128x64 tiles, three stages fit shared memory at bf16/d128."""
-    if dtype == torch.float32 or head_dim > 128:
+    """Hopper starting point: 128x64 tiles (wgmma), three stages fit shared memory at bf16/d128."""
+    if dtype == torch.float32:  # test path; larger fp32 tiles spill registers
+        return PrefillConfig(block_m=32, block_n=16, num_warps=8, num_stages=2)
+    if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
@@ -79,7 +84,8 @@ def default_num_splits(
 ) -> int:
     """KV chunks per sequence from static shapes only (CUDA-graph safe).
 
-    Aims for about two programs per SM; never more chunks than `max_context` has tiles.
+    Aims for about two programs per SM, with at least four tiles per chunk at `max_context` (the
+    longest sequence the block table can describe) and at most MAX_NUM_SPLITS chunks.
     """
     programs = batch * num_kv_heads
     sms = _sm_count(device)
@@ -117,7 +123,18 @@ def _check_common(
             raise ValueError(f"{name} must be contiguous in head_dim")
     if block_table.dim() != 2 or block_table.stride(-1) != 1:
         raise ValueError("block_table must be 2-D and contiguous in its last dim")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 or int64, got {block_table.dtype}")
     return num_q_heads, num_kv_heads, head_dim
+
+
+def _check_lengths(name: str, lengths: torch.Tensor, size: int, page_size: int) -> None:
+    if lengths.dim() != 1 or lengths.shape[0] != size:
+        raise ValueError(f"{name} must have shape [{size}], got {tuple(lengths.shape)}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {lengths.dtype}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
 
 
 def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -302,6 +319,9 @@ def paged_decode_attention(
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_cache, v_cache, block_table)
     batch = q.shape[0]
     out = _check_out(out, q)
+    _check_lengths("seq_lens", seq_lens, batch, page_size)
+    if block_table.shape[0] < batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows for batch {batch}")
     if batch == 0:
         return out
     cfg = config or default_decode_config(head_dim, q.dtype)
@@ -458,7 +478,8 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    m_blk = tl.program_id(0)
+    # Later query blocks see the longest causal range: launch them first to shorten the tail.
+    m_blk = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
 
@@ -572,8 +593,10 @@ def paged_prefill_attention(
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_cache, v_cache, block_table)
     out = _check_out(out, q)
     batch = seq_lens.shape[0]
-    if cu_q_lens.shape[0] != batch + 1:
-        raise ValueError(f"cu_q_lens needs batch + 1 = {batch + 1} entries")
+    _check_lengths("seq_lens", seq_lens, batch, page_size)
+    _check_lengths("cu_q_lens", cu_q_lens, batch + 1, page_size)
+    if block_table.shape[0] < batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows for batch {batch}")
     if q.shape[0] == 0 or batch == 0:
         return out
     if max_q_len is None:

@@ -130,9 +130,11 @@ class RolloutController:
                 )
                 for i in range(n)
             ]
-        for sample in samples:
+        for index, sample in enumerate(samples):
             sample.metadata.setdefault("prompt_key", item.key)
             sample.metadata.setdefault("prompt_length", len(item.prompt_ids))
+            sample.metadata.setdefault("index_in_group", index)
+            sample.metadata.setdefault("group_size", len(samples))
         return GroupWork(item.key, item, samples, planned_length=planned_length)
 
     def _resumed_work(self, group: BufferedGroup) -> GroupWork:
@@ -158,7 +160,14 @@ class RolloutController:
             if not candidates:
                 break
             looked += len(candidates)
-            by_key = {c.key: c for c in candidates}
+            by_key: dict[str, PromptItem] = {}
+            repeats: list[PromptItem] = []
+            for c in candidates:  # an epoch boundary can repeat a prompt within one take
+                if c.key in by_key:
+                    repeats.append(c)
+                else:
+                    by_key[c.key] = c
+            candidates = list(by_key.values())
             plan = self.planner.plan(
                 [c.key for c in candidates],
                 [len(c.prompt_ids) for c in candidates],
@@ -168,7 +177,7 @@ class RolloutController:
             )
             counters["considered"] += len(candidates)
             counters["skipped"] += len(plan.skipped)
-            self.source.give_back([by_key[k] for k in plan.deferred])
+            self.source.give_back([by_key[k] for k in plan.deferred] + repeats)
             for planned in plan.items:
                 out.append(self._new_work(by_key[planned.key], planned.expected_length))
         # longest-first across planning rounds too
@@ -241,6 +250,16 @@ class RolloutController:
             "length": Status.TRUNCATED,
             "abort": Status.ABORTED,
         }.get(kind, Status.FAILED)
+        # Trace-shaped simulation (rollout bench): the workload told the engine this response's
+        # length via max_new_tokens; reaching it is the response's natural end, not truncation.
+        simulated_end = sample.metadata.get("simulated_length")
+        if (
+            kind == "length"
+            and simulated_end is not None
+            and sample.response_length >= simulated_end
+        ):
+            truncated = bool(sample.metadata.get("simulated_truncated", False))
+            sample.status = Status.TRUNCATED if truncated else Status.COMPLETED
         if sample.status == Status.COMPLETED and sample.response_length >= int(
             self.config.sampling_params["max_new_tokens"]
         ):
@@ -286,10 +305,13 @@ class RolloutController:
         accepted: list[GroupWork] = []
         finished: list[GroupWork] = []  # every group whose generation completed this step
         carried: list[GroupWork] = []  # back to the buffer at the end
+        stale_before = self.buffer.stats.dropped_tokens
         queue: deque[GroupWork] = deque(
             self._resumed_work(g)
             for g in self.buffer.take(rollout_id, oldest_first=cfg.policy == "history")
         )
+        # Partial tokens dropped for staleness were generated and are now thrown away.
+        counters["discarded_tokens"] += self.buffer.stats.dropped_tokens - stale_before
         counters["resumed_tokens"] = float(sum(w.resumed_tokens for w in queue if w.aborted))
         running: dict[asyncio.Task, GroupWork] = {}
         exhausted = False

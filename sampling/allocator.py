@@ -6,11 +6,13 @@ Value of giving prompt i n samples: the chance its group has non-zero reward var
 
 (the expectation over p, not the plug-in estimate, so an uncertain prompt is worth more than a
 confidently solved one). Cost: n times the prompt's expected response length (length predictor).
-v_i is concave in n, so greedy by marginal value per expected token is the optimal order: each
-prompt first "enters" with min_n samples, then gains one sample at a time, and a sorted prefix of
-all these steps is taken until a budget (samples, tokens, groups) runs out. Prompts that get
-nothing are *deferred*: the controller hands them back to the data source, so epoch coverage is
-unchanged.
+v_i is convex from 1 to 2 samples (one sample never has variance) and concave after, so each
+prompt first "enters" with the size that has the best value per sample (at least min_n; 2 or 3
+in practice), then gains one sample at a time in order of marginal value per expected token;
+a sorted prefix of all these steps is taken until a budget (samples, tokens, groups) runs out.
+With one budget, that greedy is within one item's value of the optimum (the LP bound; exactly
+optimal when the budget ends on an item boundary). Prompts that get nothing are *deferred*: the
+controller hands them back to the data source, so epoch coverage is unchanged.
 
 Fixed-n mode (`AllocatorConfig.fixed_n`, slime's `n_samples_per_prompt`) keeps n and only chooses
 which prompts get it, by v_i(n) per expected token. Ranking per token favours short prompts;
@@ -20,7 +22,7 @@ deferral (not dropping) keeps long ones in the epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,15 +100,11 @@ class SampleAllocator:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(v[i, n] for n = 0..max_n, posterior mean pass rate[i])."""
         s = self.config.prior_strength
-        a = np.empty(len(keys))
-        b = np.empty(len(keys))
-        for i, key in enumerate(keys):
-            st = stats.get(key)
-            a[i], b[i] = (
-                st.beta(prior_rate, s)
-                if st is not None
-                else (s * prior_rate, s * (1.0 - prior_rate))
-            )
+        found = [stats.get(key) for key in keys]
+        succ = np.array([0.0 if st is None else st.pass_successes for st in found])
+        trials = np.array([0.0 if st is None else st.pass_trials for st in found])
+        a = s * prior_rate + succ
+        b = s * (1.0 - prior_rate) + (trials - succ)
         v = 1.0 - beta_power_means(a, b, max_n) - beta_power_means(b, a, max_n)
         return np.maximum(v, 0.0), a / (a + b)
 
@@ -116,8 +114,13 @@ class SampleAllocator:
         expected_lengths: Sequence[float],
         budget: Budget,
         stats: Mapping[PromptKey, PromptStats] | None = None,
+        required: Collection[PromptKey] = (),
     ) -> Allocation:
-        """Sample counts for `keys` (unique) given each prompt's expected response length."""
+        """Sample counts for `keys` (unique) given each prompt's expected response length.
+
+        `required` prompts enter first (with min_n, or fixed_n), whatever their value: the
+        planner uses it so that a prompt deferred again and again is not starved.
+        """
         keys = list(keys)
         if len(set(keys)) != len(keys):
             raise InvalidArgumentError("allocate: candidate keys must be unique")
@@ -138,17 +141,33 @@ class SampleAllocator:
         v, p = self.values(keys, stats, hi, prior)
         k = len(keys)
 
-        # Items: column 0 is "enter with lo samples", column j >= 1 is "one more sample".
+        # Items per prompt (one row): column 0 enters the prompt with `entry` samples, column
+        # j >= 1 brings it to lo + j samples. v is convex up to n = 2 (one sample never has
+        # variance) and concave after, so the entry takes the size with the best value per
+        # sample; the columns it covers become free no-ops that sort right behind it.
         steps = hi - lo + 1
-        gain = np.empty((k, steps))
-        gain[:, 0] = v[:, lo]
-        gain[:, 1:] = np.diff(v[:, lo:], axis=1)
-        samples = np.ones((k, steps))
-        samples[:, 0] = lo
-        ratio = gain / (samples * cost[:, None])
-        # Concavity makes each row's ratio non-increasing; sorting by (ratio desc, column asc)
-        # keeps every prompt's taken items a prefix of its row even with ties.
-        order = np.lexsort((np.tile(np.arange(steps), k), -ratio.ravel()))
+        held = lo + np.arange(steps)
+        rows = np.arange(k)
+        per_sample = v[:, lo:] / held[None, :]
+        # The smallest size within rounding of the best (v(2)/2 and v(3)/3 tie exactly).
+        best = per_sample.max(axis=1, keepdims=True)
+        entry = lo + np.argmax(per_sample >= best * (1 - 1e-9), axis=1)
+        later = held[None, 1:] > entry[:, None]
+        gain = np.zeros((k, steps))
+        samples = np.zeros((k, steps))
+        gain[:, 0], samples[:, 0] = v[rows, entry], entry
+        gain[:, 1:] = np.where(later, np.diff(v[:, lo:], axis=1), 0.0)
+        samples[:, 1:] = later
+        ratio = np.where(samples > 0, gain / np.maximum(samples, 1) / cost[:, None], 0.0)
+        ratio[:, 1:] = np.where(later, ratio[:, 1:], ratio[:, :1])
+        if required:
+            need = np.array([key in required for key in keys])
+            ratio[need, 0] = np.inf
+        # After the entry the ratios do not increase (concavity); the running minimum only
+        # irons out rounding. Sorting by (key desc, column asc) then keeps each prompt's taken
+        # items a prefix of its row, which is what makes the greedy optimal.
+        key = np.minimum.accumulate(ratio, axis=1)
+        order = np.lexsort((np.tile(np.arange(steps), k), -key.ravel()))
         s_flat = samples.ravel()[order]
         t_flat = (samples * cost[:, None]).ravel()[order]
         e_flat = (np.arange(k * steps) % steps == 0)[order]

@@ -160,7 +160,9 @@ class _PromptCorpus:
 class DraftIndex:
     """Proposes the next k tokens of a response from earlier responses to the same prompt."""
 
-    def __init__(self, store: HistoryStore | None = None, config: DraftConfig | None = None):
+    def __init__(
+        self, store: HistoryStore | None = None, config: DraftConfig | None = None
+    ) -> None:
         self.store = store
         self.config = config or DraftConfig()
         self._cache: OrderedDict[PromptKey, _PromptCorpus] = OrderedDict()

@@ -12,7 +12,11 @@ number of training steps under several policies, each a fresh SQLite history:
   picks the `batch` prompts with the best value per expected token (n = 16); the rest are
   deferred to the next step;
 - selector+alloc var-n: the allocator spreads the same samples per step (batch x 16) over the
-  pool with 4 <= n <= 32.
+  pool with 4 <= n <= 32;
+- selector no guard (ablation): the selector without its starvation guard (no forced retries),
+  to show what the guarantee costs;
+- oracle (ceiling): skips exactly the groups that would be zero-variance, except a prompt's
+  first (it has no history yet): the best any history-based skip policy can do here.
 
 Reported against uniform: the share of generated tokens spent on zero-variance groups,
 effective (mixed-reward) groups per 1k generated tokens, skip precision and recall (against
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections import deque
@@ -41,7 +46,7 @@ from .history import HistoryConfig, HistoryStore
 from .length import LengthConfig, LengthPredictor
 from .planner import PlannerConfig, RolloutPlanner
 from .records import GroupRecord
-from .selector import PromptSelector
+from .selector import PromptSelector, SelectorConfig
 from .synthetic_trace import SyntheticLongtailTrace, trace_statistics
 
 TARGET_GAIN = 2.0
@@ -79,11 +84,12 @@ class PolicyResult:
     decided_zero: int = 0
     decided: int = 0
     length_pairs: list[tuple[int, float, float, bool]] = field(default_factory=list)
+    zero_tokens_by_reason: dict[str, int] = field(default_factory=dict)
 
     def row(self, uniform: PolicyResult | None, num_prompts: int) -> dict[str, float]:
         per_1k = 1000.0 * self.effective / max(self.tokens, 1)
         base = 1000.0 * uniform.effective / max(uniform.tokens, 1) if uniform else per_1k
-        has_skips = self.skipped > 0 or self.name != "uniform"
+        has_skips = self.name != "uniform"
         return {
             "tokens_M": self.tokens / 1e6,
             "groups": float(self.groups),
@@ -101,6 +107,10 @@ class PolicyResult:
             if has_skips
             else float("nan"),
             "epochs": self.consumed / num_prompts,
+            **{
+                f"zero_var_token_share_{reason}": tokens / max(self.tokens, 1)
+                for reason, tokens in sorted(self.zero_tokens_by_reason.items())
+            },
         }
 
 
@@ -149,9 +159,11 @@ def _record(trace: SyntheticLongtailTrace, prompt: int, step: int, n: int) -> Gr
     )
 
 
-def _account(res: PolicyResult, rec: GroupRecord) -> None:
+def _account(res: PolicyResult, rec: GroupRecord, reason: str) -> None:
     tokens = int(np.sum(rec.lengths))
     zero = float(np.min(rec.rewards)) == float(np.max(rec.rewards))
+    if zero:
+        res.zero_tokens_by_reason[reason] = res.zero_tokens_by_reason.get(reason, 0) + tokens
     res.tokens += tokens
     res.groups += 1
     res.samples += len(rec.rewards)
@@ -172,7 +184,9 @@ def run_policy(
     stream = _Stream(trace)
     rng = np.random.default_rng([cfg.seed, 0x5E1])
     predictor = LengthPredictor(store, LengthConfig(max_len=cfg.max_len))
-    selector = PromptSelector(store)
+    # The ablation turns the starvation guard off (forced retries), everything else default.
+    unguarded = SelectorConfig(max_consecutive_skips=10**6, max_skips_bound=10**6)
+    selector = PromptSelector(store, unguarded if name.endswith("(ablation)") else None)
     planner = None
     if name.startswith("selector+alloc"):
         alloc = (
@@ -184,10 +198,25 @@ def run_policy(
             store, PlannerConfig(allocator=alloc, length=LengthConfig(max_len=cfg.max_len))
         )
     plens = trace.prompt_lengths
+    seen: set[int] = set()
     for step in range(cfg.steps):
         if name == "uniform":
-            chosen = [(p, cfg.n) for p in stream.take(cfg.batch)]
+            chosen = [(p, cfg.n, "uniform") for p in stream.take(cfg.batch)]
             res.consumed += len(chosen)
+        elif name.startswith("oracle"):
+            # Skips exactly the groups that would be zero-variance, except a prompt's first:
+            # the ceiling of any policy that must see a prompt once before judging it.
+            chosen = []
+            while len(chosen) < cfg.batch:
+                p = stream.take(1)[0]
+                res.consumed += 1
+                zero = _counterfactual_zero(trace, p, step, cfg.n)
+                if zero and p in seen:
+                    _score_skips(res, trace, step, cfg.n, [], [p])
+                    continue
+                _score_skips(res, trace, step, cfg.n, [p], [])
+                chosen.append((p, cfg.n, "oracle"))
+                seen.add(p)
         elif planner is None:
             chosen = []
             while len(chosen) < cfg.batch:
@@ -197,7 +226,7 @@ def run_policy(
                 if sel.skipped:
                     store.record_skips(step, sel.skipped)
                 _score_skips(res, trace, step, cfg.n, sel.selected, sel.skipped)
-                chosen += [(p, cfg.n) for p in sel.selected]
+                chosen += [(d.key, cfg.n, d.reason.value) for d in sel.decisions if d.keep]
         else:
             # Over-provision 2x, like slime's over-sampling; top up while skips leave room.
             fixed = name.endswith("fixed-n")
@@ -210,22 +239,22 @@ def run_policy(
                 stream.give_back(list(plan.deferred))
                 res.consumed += len(pool) - len(plan.deferred)
                 _score_skips(res, trace, step, cfg.n, [i.key for i in plan.items], plan.skipped)
-                chosen += [(i.key, i.n) for i in plan.items]
+                chosen += [(i.key, i.n, i.reason.value) for i in plan.items]
                 left -= len(plan.items) if fixed else sum(i.n for i in plan.items)
                 if left < (1 if fixed else 4) or plan.deferred:
                     break
-        keys = [p for p, _ in chosen]
+        keys = [p for p, _, _ in chosen]
         estimates = predictor.predict(keys, [int(plens[p]) for p in keys])
-        records = [_record(trace, p, step, n) for p, n in chosen]
-        for rec, est in zip(records, estimates, strict=True):
-            _account(res, rec)
+        records = [_record(trace, p, step, n) for p, n, _ in chosen]
+        for rec, est, (_, _, reason) in zip(records, estimates, chosen, strict=True):
+            _account(res, rec, reason)
             actual = float(np.mean(rec.lengths))
             res.length_pairs.append((step, est.mean, actual, est.from_history))
         if planner is not None:
             planner.record(step, records)
         else:
             outcomes = store.record_groups(step, records)
-            if name != "uniform":
+            if name.startswith("selector"):
                 selector.observe(outcomes)
     store.close()
     return res
@@ -369,21 +398,26 @@ def timing_metrics(cfg: EvalConfig, workdir: Path) -> dict[str, float]:
     fill_s = time.perf_counter() - t0
     planner = RolloutPlanner(store, PlannerConfig(allocator=AllocatorConfig(fixed_n=cfg.n)))
     known = cfg.timing_prompts
-    rec_ms, score_ms = [], []
+    rec_ms, score_ms, rec_cpu, score_cpu = [], [], [], []
     for rep in range(7):
         step = cfg.timing_steps + rep
-        # Half the step's groups are prompts seen before, half are new.
-        keys = [*rng.choice(known, 512, replace=False).tolist(), *range(known, known + 512)]
-        known += 512
+        # Half the step's groups are prompts seen before, half are new (fewer seen ones if the
+        # history is smaller than that).
+        old = min(512, known)
+        keys = [*rng.choice(known, old, replace=False).tolist(), *range(known, known + 1024 - old)]
+        known += 1024 - old
         groups = _random_groups(rng, keys, cfg.n)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         store.record_groups(step, groups)
         rec_ms.append(1e3 * (time.perf_counter() - t))
-        cand = [*rng.choice(known, 3584, replace=False).tolist(), *range(known, known + 512)]
+        rec_cpu.append(1e3 * (time.process_time() - c))
+        old = min(3584, known)
+        cand = [*rng.choice(known, old, replace=False).tolist(), *range(known, known + 4096 - old)]
         plens = rng.integers(20, 400, len(cand)).tolist()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         planner.plan(cand, plens, step + 1, Budget(groups=1024), rng)
         score_ms.append(1e3 * (time.perf_counter() - t))
+        score_cpu.append(1e3 * (time.process_time() - c))
     size_mb = sum(f.stat().st_size for f in workdir.glob("timing.db*")) / 1e6
     prompts = store.num_prompts()
     store.close()
@@ -395,6 +429,11 @@ def timing_metrics(cfg: EvalConfig, workdir: Path) -> dict[str, float]:
         "record_1024x16_ms_max": float(np.max(rec_ms)),
         "score_4096_ms_median": float(np.median(score_ms)),
         "score_4096_ms_max": float(np.max(score_ms)),
+        "record_1024x16_cpu_ms_median": float(np.median(rec_cpu)),
+        "score_4096_cpu_ms_median": float(np.median(score_cpu)),
+        # Other processes share this machine's cores; wall time includes waiting for them.
+        "load_average_1min": os.getloadavg()[0],
+        "cpu_count": float(os.cpu_count() or 0),
     }
 
 
@@ -409,7 +448,14 @@ def _random_groups(rng: np.random.Generator, keys: range | list[int], n: int) ->
     ]
 
 
-POLICIES = ("uniform", "selector", "selector+alloc fixed-n", "selector+alloc var-n")
+POLICIES = (
+    "uniform",
+    "selector",
+    "selector+alloc fixed-n",
+    "selector+alloc var-n",
+    "selector no guard (ablation)",
+    "oracle (ceiling)",
+)
 
 
 def evaluate(cfg: EvalConfig, workdir: Path, log: Callable[[str], None] = print) -> dict:
@@ -470,12 +516,25 @@ def format_report(report: dict) -> str:
             v = row[key]
             cells.append(("-" if v != v else fmt.format(v)).rjust(max(len(head), 8)))
         lines.append(name.ljust(width) + "  ".join(cells))
-    sel = report["policies"]["selector"]["gain_vs_uniform"]
+    pol = report["policies"]
+    sel = pol["selector"]["gain_vs_uniform"]
+    why = ", ".join(
+        f"{k.removeprefix('zero_var_token_share_')} {v:.3f}"
+        for k, v in pol["selector"].items()
+        if k.startswith("zero_var_token_share_")
+    )
     lu, ls = report["length"]["uniform"], report["length"]["selector"]
     d, t = report["drafts"], report["timing"]
     checks = [
         ("selector eff. groups / 1k tokens vs uniform", f"{sel:.2f}x", f">= {TARGET_GAIN}x",
          sel >= TARGET_GAIN),
+        ("selector+alloc var-n eff. groups / 1k tokens vs uniform",
+         f"{pol['selector+alloc var-n']['gain_vs_uniform']:.2f}x", "-", None),
+        ("selector without starvation guard (ablation) vs uniform",
+         f"{pol['selector no guard (ablation)']['gain_vs_uniform']:.2f}x", "-", None),
+        ("oracle ceiling (skips every zero-var group but a prompt's first)",
+         f"{pol['oracle (ceiling)']['gain_vs_uniform']:.2f}x", "-", None),
+        (f"selector zero-var token share by reason: {why}", "", "-", None),
         ("length Spearman, held-out steps (uniform run)", f"{lu['spearman_heldout']:.3f}",
          f">= {TARGET_SPEARMAN}", lu["spearman_heldout"] >= TARGET_SPEARMAN),
         ("length Spearman, held-out steps (selector run)", f"{ls['spearman_heldout']:.3f}",
@@ -488,12 +547,16 @@ def format_report(report: dict) -> str:
          None),
         ("drafts epoch 1 siblings: accepted / proposal",
          f"{d['sibling_accepted_per_proposal']:.2f}", "-", None),
-        (f"record 1024x16 groups, ms (median / max, {t['prompts']:.0f} prompts)",
+        (f"record 1024x16 groups, wall ms median / max ({t['prompts']:.0f} prompts)",
          f"{t['record_1024x16_ms_median']:.0f} / {t['record_1024x16_ms_max']:.0f}",
          f"< {TARGET_MS:.0f}", t["record_1024x16_ms_max"] < TARGET_MS),
-        ("score 4096 candidates, ms (median / max)",
+        ("score 4096 candidates, wall ms median / max",
          f"{t['score_4096_ms_median']:.0f} / {t['score_4096_ms_max']:.0f}",
          f"< {TARGET_MS:.0f}", t["score_4096_ms_max"] < TARGET_MS),
+        (f"  (CPU ms median record / score; {t['cpu_count']:.0f} cores, "
+         f"load average {t['load_average_1min']:.1f})",
+         f"{t['record_1024x16_cpu_ms_median']:.0f} / {t['score_4096_cpu_ms_median']:.0f}",
+         "-", None),
     ]  # fmt: skip
     w = max(len(c[0]) for c in checks) + 2
     lines += ["", "metric".ljust(w) + "value".rjust(14) + "target".rjust(10) + "  met"]

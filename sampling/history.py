@@ -64,8 +64,8 @@ _TABLES = ("prompts", "groups", "responses", "meta")
 
 _SCHEMA = """
 CREATE TABLE prompts (
-    id INTEGER PRIMARY KEY,
-    key UNIQUE NOT NULL,          -- no type: int keys stay ints, str keys stay text
+    id INTEGER NOT NULL UNIQUE,   -- compact reference for groups and responses
+    key NOT NULL PRIMARY KEY,     -- no type: int keys stay ints, str keys stay text
     prompt_length INTEGER,
     first_step INTEGER NOT NULL,
     last_step INTEGER NOT NULL,
@@ -85,7 +85,7 @@ CREATE TABLE prompts (
     last_skip_step INTEGER,
     weight_version TEXT,
     resp_count INTEGER NOT NULL
-);
+) WITHOUT ROWID;                  -- clustered on key: one B-tree descent per candidate
 CREATE TABLE groups (
     id INTEGER PRIMARY KEY,
     prompt_id INTEGER NOT NULL,
@@ -115,6 +115,19 @@ _COLS = (
     "skips, last_skip_step, weight_version, resp_count"
 )
 _N_COLS = 21
+_OUTCOMES = tuple(GroupOutcome)  # GroupOutcome by stored int, without an enum call per row
+
+# PromptStats, field for field; the derived means are computed by SQLite, in C, because this
+# runs for every candidate of every step.
+_STATS_SQL = """SELECT key, groups, samples, first_step, last_step, zero_var_streak, last_outcome,
+    zero_var_groups, pass_s, pass_n, len_w,
+    CASE WHEN len_w > 0 THEN len_s / len_w ELSE 0.0 END,
+    CASE WHEN len_w > 0 THEN MAX(len_ss / len_w - (len_s / len_w) * (len_s / len_w), 0.0)
+        ELSE 0.0 END,
+    CASE WHEN len_w > 0 THEN tok_s / len_w ELSE 0.0 END,
+    CASE WHEN len_w > 0 THEN trunc_s / len_w ELSE 0.0 END,
+    prompt_length, skips, last_skip_step, weight_version, resp_count
+FROM prompts"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,11 +327,11 @@ class HistoryStore:
                         row[20] = seq + 1
             touched = {g.key for g in checked}
             inserts = [tuple(rows[k]) for k in touched if rows[k][0] in new_ids]
-            updates = [(*rows[k][2:], rows[k][0]) for k in touched if rows[k][0] not in new_ids]
+            updates = [(*rows[k][2:], k) for k in touched if rows[k][0] not in new_ids]
             placeholders = ", ".join("?" * _N_COLS)
             cur.executemany(f"INSERT INTO prompts ({_COLS}) VALUES ({placeholders})", inserts)
             sets = ", ".join(f"{c.strip()} = ?" for c in _COLS.split(",")[2:])
-            cur.executemany(f"UPDATE prompts SET {sets} WHERE id = ?", updates)
+            cur.executemany(f"UPDATE prompts SET {sets} WHERE key = ?", updates)
             cur.executemany(
                 "INSERT INTO groups (prompt_id, step, weight_version, rewards, lengths, finish, "
                 "truncated) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -348,8 +361,8 @@ class HistoryStore:
             if missing:
                 raise UnknownPromptError(_unknown_message(missing, "cannot record a skip"))
             cur.executemany(
-                "UPDATE prompts SET skips = skips + 1, last_skip_step = ? WHERE id = ?",
-                [(step, rows[k][0]) for k in keys],
+                "UPDATE prompts SET skips = skips + 1, last_skip_step = ? WHERE key = ?",
+                [(step, k) for k in keys],
             )
 
     def put_state(self, name: str, value: dict[str, object]) -> None:
@@ -369,13 +382,18 @@ class HistoryStore:
         `strict`, where any unknown key raises UnknownPromptError.
         """
         wanted = list(dict.fromkeys(check_prompt_key(k) for k in keys))
+        found: dict[PromptKey, PromptStats] = {}
         with self._read() as cur:
-            rows = self._rows(cur, set(wanted))
+            for i in range(0, len(wanted), _CHUNK):
+                chunk = wanted[i : i + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for r in cur.execute(f"{_STATS_SQL} WHERE key IN ({marks})", chunk):
+                    found[r[0]] = PromptStats._make((*r[:6], _OUTCOMES[r[6]], *r[7:]))
         if strict:
-            missing = [k for k in wanted if k not in rows]
+            missing = [k for k in wanted if k not in found]
             if missing:
                 raise UnknownPromptError(_unknown_message(missing, "no history"))
-        return {k: _stats(rows[k]) for k in wanted if k in rows}
+        return {k: found[k] for k in wanted if k in found}
 
     def stats(self, key: PromptKey) -> PromptStats:
         """One prompt's summary; UnknownPromptError if it has no history."""
@@ -670,133 +688,6 @@ def _update_row(
     row[17] = 0  # a rollout resets the starvation guard's skip count
     if g.weight_version is not None:
         row[19] = g.weight_version
-
-
-_OUTCOMES = tuple(GroupOutcome)
-
-
-def _stats(row: list[object]) -> PromptStats:
-    len_w = row[12]
-    if len_w > 0:
-        mean = row[13] / len_w
-        var = max(row[14] / len_w - mean * mean, 0.0)
-        tok, trunc = row[15] / len_w, row[16] / len_w
-    else:
-        mean = var = tok = trunc = 0.0
-    # Positional, in PromptStats field order: this runs for every candidate of every step.
-    return PromptStats(
-        row[1], row[5], row[6], row[3], row[4], row[7], _OUTCOMES[row[8]], row[9], row[10],
-        row[11], len_w, mean, var, tok, trunc, row[2], row[17], row[18], row[19], row[20],
-    )  # fmt: skip
-
-
-@dataclass(slots=True)
-class _StepSums:
-    """Per-group sums of one recorded step, computed in a few vectorised passes.
-
-    Only non-aborted samples count, except in `samples` and `tokens`.
-    """
-
-    samples: np.ndarray
-    tokens: np.ndarray
-    valid: np.ndarray
-    passed: np.ndarray
-    log_sum: np.ndarray
-    log_sq: np.ndarray
-    tok_valid: np.ndarray
-    truncated: np.ndarray
-    outcome: np.ndarray  # GroupOutcome per group
-
-    @classmethod
-    def of(cls, groups: Sequence[CheckedGroup], pass_threshold: float) -> _StepSums:
-        sizes = np.array([g.rewards.size for g in groups], dtype=np.int64)
-        gid = np.repeat(np.arange(len(groups)), sizes)
-        rewards = np.concatenate([g.rewards for g in groups]) if groups else np.zeros(0)
-        lengths = np.concatenate([g.lengths for g in groups]) if groups else np.zeros(0, int)
-        valid = np.concatenate([g.valid for g in groups]) if groups else np.zeros(0, bool)
-        trunc = np.concatenate([g.truncated for g in groups]) if groups else np.zeros(0, bool)
-        k = len(groups)
-        vg, vr, vl = gid[valid], rewards[valid], lengths[valid]
-        logs = log_length(vl)
-        count = np.bincount(vg, minlength=k)
-        outcome = np.full(k, int(GroupOutcome.EMPTY), dtype=np.int64)
-        if vr.size:
-            # reduceat over non-empty groups only: their starts are strictly increasing.
-            nonempty = count > 0
-            idx = (np.cumsum(count) - count)[nonempty]
-            spread = np.maximum.reduceat(vr, idx) - np.minimum.reduceat(vr, idx)
-            kind = np.where(
-                vr[idx] >= pass_threshold, int(GroupOutcome.ALL_PASS), int(GroupOutcome.ALL_FAIL)
-            )
-            outcome[nonempty] = np.where(spread > 1e-9, int(GroupOutcome.MIXED), kind)
-        return cls(
-            samples=sizes,
-            tokens=np.bincount(gid, weights=lengths, minlength=k),
-            valid=count,
-            passed=np.bincount(vg, weights=(vr >= pass_threshold), minlength=k),
-            log_sum=np.bincount(vg, weights=logs, minlength=k),
-            log_sq=np.bincount(vg, weights=logs * logs, minlength=k),
-            tok_valid=np.bincount(vg, weights=vl, minlength=k),
-            truncated=np.bincount(vg, weights=trunc[valid], minlength=k),
-            outcome=outcome,
-        )
-
-
-def _update_row(
-    row: list[object], g: CheckedGroup, s: _StepSums, i: int, step: int, decay: float
-) -> None:
-    """Fold group `i` of the step into a prompt's summary row (the column order of `_COLS`)."""
-    if g.prompt_length is not None:
-        row[2] = g.prompt_length
-    row[4] = step
-    row[5] += 1
-    row[6] += int(s.samples[i])
-    outcome = GroupOutcome(int(s.outcome[i]))
-    if outcome is not GroupOutcome.EMPTY:
-        # An all-aborted group says nothing about the prompt: leave streak and estimates alone.
-        zero = outcome.zero_variance
-        m = float(s.valid[i])
-        row[7] = row[7] + 1 if zero else 0
-        row[8] = int(outcome)
-        row[9] += int(zero)
-        row[10] = decay * row[10] + float(s.passed[i])
-        row[11] = decay * row[11] + m
-        row[12] = decay * row[12] + m
-        row[13] = decay * row[13] + float(s.log_sum[i])
-        row[14] = decay * row[14] + float(s.log_sq[i])
-        row[15] = decay * row[15] + float(s.tok_valid[i])
-        row[16] = decay * row[16] + float(s.truncated[i])
-    row[17] = 0  # a rollout resets the starvation guard's skip count
-    if g.weight_version is not None:
-        row[19] = g.weight_version
-
-
-def _stats(row: list[object]) -> PromptStats:
-    len_w = float(row[12])
-    mean = float(row[13]) / len_w if len_w > 0 else 0.0
-    var = max(float(row[14]) / len_w - mean * mean, 0.0) if len_w > 0 else 0.0
-    return PromptStats(
-        key=row[1],
-        groups=int(row[5]),
-        samples=int(row[6]),
-        first_step=int(row[3]),
-        last_step=int(row[4]),
-        zero_var_streak=int(row[7]),
-        last_outcome=GroupOutcome(int(row[8])),
-        zero_var_groups=int(row[9]),
-        pass_successes=float(row[10]),
-        pass_trials=float(row[11]),
-        length_weight=len_w,
-        length_log_mean=mean,
-        length_log_var=var,
-        length_mean=float(row[15]) / len_w if len_w > 0 else 0.0,
-        truncation_rate=float(row[16]) / len_w if len_w > 0 else 0.0,
-        prompt_length=None if row[2] is None else int(row[2]),
-        skips_since_rollout=int(row[17]),
-        last_skip_step=None if row[18] is None else int(row[18]),
-        weight_version=row[19],
-        responses_stored=int(row[20]),
-    )
 
 
 def _fold_global(

@@ -11,7 +11,9 @@
 
 Every candidate lands in exactly one of `plan.items` (roll out), `plan.skipped` (visited this
 epoch, not rolled out) or `plan.deferred` (not reached by the budget: hand back to the data
-source so it comes again). That keeps epoch coverage the data source's.
+source so it comes again). That keeps epoch coverage the data source's. A prompt deferred
+`max_deferrals` times in a row gets budget before any other next time it is a candidate, so the
+allocator's value-per-token ranking cannot starve it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .allocator import AllocatorConfig, Budget, SampleAllocator
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidConfigError
 from .history import HistoryStore
 from .length import LengthConfig, LengthEstimate, LengthPredictor
 from .records import GroupOutcome, GroupRecord, PromptKey
@@ -31,12 +33,18 @@ from .selector import PromptSelector, Reason, SelectorConfig
 
 @dataclass(frozen=True, slots=True)
 class PlannerConfig:
-    """The parts' configs, and whether skipping is on (off: every candidate is kept)."""
+    """The parts' configs, whether skipping is on (off: every candidate is kept), and the
+    deferral bound that keeps the allocator from starving a low-value prompt."""
 
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     length: LengthConfig = field(default_factory=LengthConfig)
     skip: bool = True
+    max_deferrals: int = 2  # a prompt deferred this often gets budget first next time
+
+    def __post_init__(self) -> None:
+        if self.max_deferrals < 0:
+            raise InvalidConfigError(f"PlannerConfig.max_deferrals={self.max_deferrals} < 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,7 @@ class RolloutPlanner:
         self.selector = PromptSelector(store, self.config.selector)
         self.lengths = LengthPredictor(store, self.config.length)
         self.allocator = SampleAllocator(store, self.config.allocator)
+        self._deferrals: dict[PromptKey, int] = {}
 
     def plan(
         self,
@@ -115,7 +124,14 @@ class RolloutPlanner:
             kept, skipped = candidates, []
         plen: Mapping[PromptKey, int | None] = dict(zip(candidates, prompt_lengths, strict=True))
         estimates = self.lengths.predict(kept, [plen[k] for k in kept], stats)
-        allocation = self.allocator.allocate(kept, [e.mean for e in estimates], budget, stats)
+        overdue = {k for k in kept if self._deferrals.get(k, 0) >= self.config.max_deferrals}
+        allocation = self.allocator.allocate(
+            kept, [e.mean for e in estimates], budget, stats, required=overdue
+        )
+        for k in allocation.deferred:
+            self._deferrals[k] = self._deferrals.get(k, 0) + 1
+        for k in [*allocation.counts, *skipped]:
+            self._deferrals.pop(k, None)
         by_key: dict[PromptKey, LengthEstimate] = {e.key: e for e in estimates}
         items = [
             PlannedPrompt(
@@ -149,5 +165,10 @@ class RolloutPlanner:
         return outcomes
 
     def reload(self) -> None:
-        """Re-read persisted policy state, e.g. after `store.load(rollout_id)`."""
+        """Re-read persisted policy state, e.g. after `store.load(rollout_id)`.
+
+        Deferral counts live in memory only: after a restart a deferred prompt may wait
+        `max_deferrals` more steps, which bounds the loss.
+        """
         self.selector.reload_state()
+        self._deferrals.clear()

@@ -146,17 +146,6 @@ class CheckedGroup:
         return self.finish != FINISH_REASONS.index("abort")
 
 
-def classify_rewards(
-    rewards: np.ndarray, pass_threshold: float, tolerance: float = 1e-9
-) -> GroupOutcome:
-    """MIXED if the rewards differ, else ALL_PASS / ALL_FAIL by `rewards >= pass_threshold`."""
-    if rewards.size == 0:
-        return GroupOutcome.EMPTY
-    if float(rewards.max() - rewards.min()) > tolerance:
-        return GroupOutcome.MIXED
-    return GroupOutcome.ALL_PASS if float(rewards[0]) >= pass_threshold else GroupOutcome.ALL_FAIL
-
-
 def check_group(record: object, index: int) -> CheckedGroup:
     """Validate one record; raise InvalidRecordError naming the field and the problem."""
     if not isinstance(record, GroupRecord):

@@ -11,9 +11,12 @@ and keeps everything else (new prompts, prompts whose last group was mixed). Inv
 - Adaptive exploration: after each step, `observe` lowers `explore` by `explore_step` when the
   share of effective (mixed) groups among the rolled ones is below `target_effective_share`,
   and raises it otherwise, within [explore_min, explore_max].
-- No starvation: a prompt skipped `max_consecutive_skips` times in a row is kept (FORCED), so
-  every prompt is rolled out at least once every max_consecutive_skips + 1 epochs. A prompt
-  that flips from all-wrong to mixed resets its streak and is kept from then on.
+- No starvation: a prompt skipped `skip_bound(streak)` times in a row is kept (FORCED). The
+  bound is max_consecutive_skips (3) after the first zero-variance group and grows by
+  `skip_backoff` (x2) per further one (exponential backoff: a prompt that stayed zero-variance
+  through several retries is retried less often), never above `max_skips_bound` (12). So every
+  prompt is rolled out at least once every max_skips_bound + 1 epochs. A prompt that flips
+  from all-wrong to mixed resets its streak and is kept from then on.
 - Epoch coverage: the selector never reorders or holds back prompts. Each candidate the data
   source hands out is either selected or skipped; a skipped prompt counts as visited for this
   epoch and is a candidate again next epoch. Epoch boundaries stay the data source's.
@@ -27,6 +30,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,7 +47,7 @@ class Reason(StrEnum):
     NEW = "new"  # no history: always rolled out
     EFFECTIVE = "effective"  # last group was mixed (or the streak is below min_streak)
     EXPLORE = "explore"  # zero-variance streak, kept by the exploration draw
-    FORCED = "forced"  # skipped max_consecutive_skips times in a row: kept
+    FORCED = "forced"  # skipped skip_bound(streak) times in a row: kept (starvation guard)
     SKIP = "skip"
 
 
@@ -58,8 +62,8 @@ class SelectorConfig:
     explore_step: float = 0.02
     min_streak: int = 1
     max_consecutive_skips: int = 3
-    skip_backoff: float = 1.0  # the skip bound grows by this factor per extra streak step
-    max_skips_bound: int = 12  # hard bound on consecutive skips, whatever the streak
+    skip_backoff: float = 2.0  # the skip bound doubles per extra zero-variance group...
+    max_skips_bound: int = 12  # ...up to this hard bound, whatever the streak
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_effective_share <= 1.0:
@@ -73,6 +77,11 @@ class SelectorConfig:
             raise InvalidConfigError(
                 "SelectorConfig needs explore_step >= 0, min_streak >= 1, "
                 "max_consecutive_skips >= 0"
+            )
+        if self.skip_backoff < 1.0 or self.max_skips_bound < self.max_consecutive_skips:
+            raise InvalidConfigError(
+                "SelectorConfig needs skip_backoff >= 1 and max_skips_bound >= "
+                "max_consecutive_skips"
             )
 
 
@@ -97,8 +106,9 @@ class SelectorState:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """One candidate's verdict (a NamedTuple: one is built per candidate per step)."""
+
     key: PromptKey
     keep: bool
     reason: Reason

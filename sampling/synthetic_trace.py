@@ -42,8 +42,8 @@ Tokens: each prompt has a reference solution made of 32-token blocks; each block
 (the policy's wording drifts) on average once per 2H steps. A response alternates segments
 (geometric, mean 12 tokens) copied from the reference with probability 0.8 and freshly sampled
 otherwise; a fresh segment replaces a reference span of a different length, shifting alignment.
-Measured: ~55% of a response's 3-grams occur in the previous epoch's group (SPEC-RL: 50-70% of
-content overlaps between rounds), ~75% in its siblings'.
+Measured (`trace_statistics`): ~60% of a response's 3-grams occur in the previous epoch's group
+(SPEC-RL: 50-70% of content overlaps between rounds), ~67% in 8 of its siblings'.
 """
 
 from __future__ import annotations

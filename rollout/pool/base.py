@@ -39,6 +39,8 @@ class EngineHandle(Protocol):
 
     async def num_requests(self) -> int: ...
 
+    async def flush_cache(self) -> None: ...
+
     async def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None
     ) -> None: ...
@@ -206,6 +208,11 @@ class EnginePool:
         except EngineFailure as exc:
             self._mark_failed(self.engines.index(state), exc)
             return default
+
+    async def flush_cache(self) -> None:
+        """Empties every engine's prefix cache (between benchmark runs, after weight pushes)."""
+        live = self.healthy
+        await asyncio.gather(*(self._safe(e, e.handle.flush_cache()) for e in live))
 
     async def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None = None

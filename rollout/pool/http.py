@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 from rollout_accel.rollout.pool.base import EngineFailure
@@ -34,6 +36,10 @@ class HttpEngine:
 
     async def num_requests(self) -> int:
         return await self._call(self.client.num_requests())
+
+    async def flush_cache(self) -> None:
+        with contextlib.suppress(ServerError):  # busy: SGLang refuses while requests run
+            await self._call(self.client.flush_cache())
 
     async def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None

@@ -34,6 +34,9 @@ class InProcessEngine:
         loads = self.engine.get_loads()
         return loads["num_running_reqs"] + loads["num_waiting_reqs"]
 
+    async def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
     async def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None
     ) -> None:

@@ -37,6 +37,9 @@ class _EngineActor:
         loads = self.engine.get_loads()
         return loads["num_running_reqs"] + loads["num_waiting_reqs"]
 
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()
+
     def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None
     ) -> tuple[bool, str]:
@@ -66,6 +69,9 @@ class RayEngine:
 
     async def num_requests(self) -> int:
         return await self._call(self.actor.num_requests.remote())
+
+    async def flush_cache(self) -> None:
+        await self._call(self.actor.flush_cache.remote())
 
     async def update_weights_from_tensor(
         self, named_tensors: list, weight_version: str | None

@@ -32,3 +32,10 @@ def get_task(name: str, **kwargs: Any) -> Task:
             f"task {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(fields)}"
         )
     return task_cls(config_cls(**kwargs))
+
+
+def task_config_class(name: str) -> type:
+    """The config dataclass of task `name` (its fields are the task's options)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return _REGISTRY[name][0]

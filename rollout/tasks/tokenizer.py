@@ -6,7 +6,13 @@ never depend on the data. Ids 0..2 are the specials; the rest are single charact
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS)
@@ -95,6 +101,45 @@ class CharTokenizer:
                 continue
             pieces.append(self._tokens[tok_id])
         return "".join(pieces)
+
+    def to_hf(self) -> Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizers.Tokenizer` (same ids, same text).
+
+        Every character is its own pre-token and word; the specials are added tokens, so `<eos>`
+        in a text encodes to its id; decoding concatenates (no spaces between tokens). A
+        character outside the vocabulary fails to encode, as with `encode`.
+        """
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {tok: i for i, tok in enumerate(self._tokens)}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+        # [\s\S] rather than '.', which would not match the newline character.
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens(list(SPECIAL_TOKENS))
+        return hf
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Writes `tokenizer.json` and `tokenizer_config.json` into `path` (created if missing).
+
+        Both the engine's `TextTokenizer.from_dir` and transformers' `AutoTokenizer` load them;
+        no BOS is added on encode (prompts carry `<bos>` explicitly, as `Task.encode_prompt` does).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.to_hf().save(str(path / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "add_bos_token": False,
+            "model_max_length": 1_000_000,
+            "chat_template": None,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        return path
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

@@ -1,6 +1,6 @@
 """Runs the Triton attention kernels under Triton's CPU interpreter against the reference.
 
-Usage: python tests/kernels/paged_attention_interpret.py decode|prefill|dispatch
+Usage, from the repository root: python -m tests.kernels.paged_attention_interpret [decode|prefill|dispatch]
 Exits 1 if any case fails. TRITON_INTERPRET must be set before triton is imported (it is read
 when `@triton.jit` decorates), hence a script of its own run in a fresh process by the tests.
 
@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from paged_attention_cases import PagedAttentionCase, make_case, rel_err
+
 from rollout_accel.kernels import attention
 from rollout_accel.kernels.paged_attention_reference import (
     paged_decode_attention_reference,
@@ -30,6 +30,7 @@ from rollout_accel.kernels.paged_attention_triton import (
     paged_decode_attention,
     paged_prefill_attention,
 )
+from tests.kernels.paged_attention_cases import PagedAttentionCase, make_case, rel_err
 
 F32, F16 = torch.float32, torch.float16
 TOL = {F32: 1e-5, F16: 1e-2}

@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from paged_attention_cases import PagedAttentionCase, dense_attention, make_case, rel_err
+
 from rollout_accel.kernels import attention
 from rollout_accel.kernels.paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
+from tests.kernels.paged_attention_cases import (
+    PagedAttentionCase,
+    dense_attention,
+    make_case,
+    rel_err,
+)
 
-HERE = Path(__file__).parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HEADS = [(4, 2), (8, 1), (4, 4)]
 
 
@@ -179,7 +185,8 @@ def test_triton_kernels_under_interpreter(part: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != attention.ENV_VAR}
     env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "paged_attention_interpret.py"), part],
+        [sys.executable, "-m", "tests.kernels.paged_attention_interpret", part],
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -349,11 +356,16 @@ def test_gpu_decode_cuda_graph_replay(gen: torch.Generator, num_splits: int | No
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        replay_case = PagedAttentionCase(
-            q, case.k_cache, case.v_cache, case.block_table, seq_lens, case.cu_q_lens, 1,
-            case.scale, [], [],
-        )  # fmt: skip
-        err = rel_err(out, _decode_ref(replay_case, upcast=True))
+        ref = paged_decode_attention_reference(
+            q.float(),
+            case.k_cache.float(),
+            case.v_cache.float(),
+            case.block_table,
+            seq_lens,
+            1,
+            case.scale,
+        )
+        err = rel_err(out, ref)
         assert torch.isfinite(out).all() and err <= 1e-2, f"rel_err {err:.2e}"
 
 
@@ -372,3 +384,25 @@ def test_gpu_decode_zero_length_rows_write_zeros(gen: torch.Generator) -> None:
         assert (out[0] == 0).all() and (out[2] == 0).all()
         err = rel_err(out[[1, 3]], ref[[1, 3]])
         assert err <= 1e-2, f"rel_err {err:.2e}, seed {gen.initial_seed()}"
+
+
+# --- input validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_wrappers_reject_bad_inputs(gen: torch.Generator) -> None:
+    tri = _triton()
+    case = make_case([5, 9], [1, 1], 4, 2, 16, 1, gen=gen)
+    args = (case.k_cache, case.v_cache, case.block_table, case.seq_lens, 1, case.scale)
+    with pytest.raises(ValueError, match="multiple"):
+        tri.paged_decode_attention(case.q[:, :3], *args)
+    with pytest.raises(ValueError, match="dtype"):
+        tri.paged_decode_attention(case.q.half(), *args)
+    with pytest.raises(ValueError, match="seq_lens"):
+        tri.paged_decode_attention(case.q, *args[:3], case.seq_lens[:1], 1, case.scale)
+    with pytest.raises(ValueError, match="out"):
+        tri.paged_decode_attention(case.q, *args, torch.empty(2, 4, 8))
+    with pytest.raises(ValueError, match="cu_q_lens"):
+        tri.paged_prefill_attention(
+            case.q, *args[:3], case.cu_q_lens[:2], case.seq_lens, 1, case.scale
+        )

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.models import materialize_preset
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from rollout_accel.serving.engine import Engine, InvalidRequestError, RequestNotFoundError
 from rollout_accel.serving.models import ModelLoadError, load_model, materialize_preset
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rollout_accel.serving.engine import Engine
 
 transformers = pytest.importorskip("transformers")

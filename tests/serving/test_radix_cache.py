@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+
 from rollout_accel.serving.engine.kv_pool import SlotAllocator
 from rollout_accel.serving.engine.radix_cache import RadixCache
 

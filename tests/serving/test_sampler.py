@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from rollout_accel.kernels.sampling import sample_tokens, seeded_uniform
 
 

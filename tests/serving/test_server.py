@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from rollout_accel.serving.client import EngineClient, ServerError
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.models import load_model

@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import torch.distributed as dist
+
 from rollout_accel.serving.engine.weight_sync import init_custom_process_group
 from rollout_accel.serving.models import load_model
 

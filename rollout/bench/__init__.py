@@ -1,0 +1,1 @@
+"""`rollout bench`: policy comparison on real engines, workloads, reports."""
