@@ -251,6 +251,32 @@ def test_dynamic_filter_path_drops_zero_std_groups(server, hf_dir, tmp_path) -> 
     assert sum(drops.values()) == out.metrics["accel/filtered_groups"]
 
 
+class SamePromptSource(SlimeShapedSource):
+    def get_samples(self, num_samples: int) -> list[list[Sample]]:
+        groups = super().get_samples(num_samples)
+        for group in groups:
+            for s in group:
+                s.prompt = PROMPTS[0]
+        return groups
+
+
+def test_deterministic_inference_seeds_by_position_in_group(server, hf_dir, tmp_path) -> None:
+    """slime's --sglang-enable-deterministic-inference: sampling_seed = rollout_seed + position,
+    so the same prompt gives the same response at the same position of any group."""
+    args = make_args(
+        server,
+        hf_dir,
+        tmp_path,
+        sglang_enable_deterministic_inference=True,
+        accel_payload_hook=None,
+        rollout_max_response_len=8,
+    )
+    out = plugin.generate_rollout(args, 0, SamePromptSource())
+    by_position = [{tuple(g[i].tokens) for g in out.samples} for i in range(N)]
+    assert all(len(responses) == 1 for responses in by_position)
+    assert len(set().union(*by_position)) > 1  # positions differ from each other
+
+
 def test_evaluation_output_shape(server, hf_dir, tmp_path) -> None:
     args = make_args(server, hf_dir, tmp_path)
     out = plugin.generate_rollout(args, 5, SlimeShapedSource(), evaluation=True)
