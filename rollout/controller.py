@@ -101,7 +101,11 @@ class RolloutController:
         self.reward = reward
         self.config = config
         self.planner = planner
-        self.buffer = buffer or PartialBuffer(config.max_staleness, config.stale_action)
+        self.buffer = (
+            buffer
+            if buffer is not None
+            else PartialBuffer(config.max_staleness, config.stale_action)
+        )
         self.payload_hook = payload_hook
         self.group_filter = group_filter
         self._group_ids = itertools.count()
@@ -239,6 +243,11 @@ class RolloutController:
             else [1] * (sample.response_length - len(tokens))
         )
         sample.loss_mask = list(mask) + [1] * len(tokens)
+        # slime recomputes its prefix-cache and speculative metrics from these per-sample fields.
+        for info in ("prefix_cache_info", "spec_info"):
+            tracker = getattr(sample, info, None)
+            if tracker is not None and hasattr(tracker, "add"):
+                tracker.add(meta)
         version = str(meta.get("weight_version", "default"))
         sample.weight_versions = list(sample.weight_versions) + [version]
         sample.metadata.setdefault("segments", []).append(

@@ -23,10 +23,13 @@ except ImportError:
 
         group_index: int | None = None
         index: int | None = None
+        rollout_id: int | None = None
         prompt: str | list[dict[str, str]] = ""
         tokens: list[int] = field(default_factory=list)
         multimodal_inputs: dict[str, Any] | None = None
         multimodal_train_inputs: dict[str, Any] | None = None
+        multimodal_train_input_id: str | None = None
+        apply_chat_template_kwargs: dict = field(default_factory=dict)
         response: str = ""
         response_length: int = 0
         label: str | None = None
@@ -34,6 +37,8 @@ except ImportError:
         loss_mask: list[int] | None = None
         weight_versions: list[str] = field(default_factory=list)
         rollout_log_probs: list[float] | None = None
+        rollout_top_p_token_ids: list[int] | None = None
+        rollout_top_p_token_offsets: list[int] | None = None
         rollout_routed_experts: list[list[int]] | None = None
         remove_sample: bool = False
         teacher_log_probs: list[float] | None = None
@@ -50,17 +55,51 @@ except ImportError:
         generate_function_path: str | None = None
         train_metadata: dict | None = None
         session_id: str | None = None
+        custom_rm_path: str | None = None
         non_generation_time: float = 0.0
+
+        @dataclass
+        class SpecInfo:
+            spec_accept_token_num: int = 0
+            spec_draft_token_num: int = 0
+            spec_verify_ct: int = 0
+            completion_token_num: int = 0
+
+            def add(self, meta_info: dict) -> None:
+                self.spec_accept_token_num += meta_info.get("spec_accept_token_num", 0)
+                self.spec_draft_token_num += meta_info.get("spec_draft_token_num", 0)
+                self.spec_verify_ct += meta_info.get("spec_verify_ct", 0)
+                self.completion_token_num += meta_info.get("completion_tokens", 0)
+
+        @dataclass
+        class PrefixCacheInfo:
+            cached_tokens: int = 0
+            total_prompt_tokens: int = 0
+
+            def add(self, meta_info: dict) -> None:
+                self.cached_tokens += meta_info.get("cached_tokens", 0)
+                self.total_prompt_tokens += meta_info.get("prompt_tokens", 0)
+
+        spec_info: SpecInfo = field(default_factory=SpecInfo)
+        prefix_cache_info: PrefixCacheInfo = field(default_factory=PrefixCacheInfo)
+
+        def get_reward_value(self, args: Any) -> Any:
+            key = getattr(args, "reward_key", None)
+            return self.reward if not key else self.reward[key]
 
         def to_dict(self) -> dict[str, Any]:
             value = self.__dict__.copy()
             value["status"] = self.status.value
+            value["spec_info"] = self.spec_info.__dict__.copy()
+            value["prefix_cache_info"] = self.prefix_cache_info.__dict__.copy()
             return value
 
         @staticmethod
         def from_dict(data: dict[str, Any]) -> Sample:
             data = dict(data)
             data["status"] = Sample.Status(data["status"])
+            data["spec_info"] = Sample.SpecInfo(**data.get("spec_info", {}))
+            data["prefix_cache_info"] = Sample.PrefixCacheInfo(**data.get("prefix_cache_info", {}))
             names = set(Sample.__dataclass_fields__)
             sample = Sample(**{k: v for k, v in data.items() if k in names})
             for key, value in data.items():

@@ -34,6 +34,18 @@ class ForwardItem:
 
 
 @dataclass(slots=True)
+class PreparedBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor
+    max_len: int
+    input_lp_items: list[int]
+    rows: list[int]
+    seq_lens: list[int]
+
+
+@dataclass(slots=True)
 class StepResult:
     tokens: list[int]  # one per sampling item, in item order
     logprobs: list[float]
@@ -60,25 +72,36 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem], num_decode: int) -> StepResult:
         """`items`: the first `num_decode` are decode items (one token each), the rest prefill."""
-        is_decode = num_decode == len(items)
+        batch = self.prepare(items, num_decode)
+        logits = self.model.forward_paged(
+            batch.input_ids,
+            batch.positions,
+            batch.meta,
+            self.kv_cache,
+            logit_rows=batch.logit_rows,
+            max_position=batch.max_len - 1,
+        )
+        return self._sample(items, logits, batch.input_lp_items)
+
+    def prepare(self, items: list[ForwardItem], num_decode: int) -> PreparedBatch:
+        """Host-side lists -> device tensors (one copy each), and the new tokens' slots written
+        into the request table with a single scatter."""
         dev = self.device
         ids: list[int] = []
         positions: list[int] = []
+        token_rows: list[int] = []
         cu = [0]
         seq_lens: list[int] = []
         rows: list[int] = []
         logit_rows: list[int] = []
         input_lp_items: list[int] = []
-        slot_parts = []
         for index, item in enumerate(items):
             req = item.request
-            fill = req.fill_ids
             end = item.start + item.count
-            ids.extend(fill[item.start : end])
+            ids.extend(req.token_slice(item.start, end))
             positions.extend(range(item.start, end))
             assert req.row is not None
-            self.table.write(req.row, item.start, item.slots)
-            slot_parts.append(item.slots)
+            token_rows.extend([req.row] * item.count)
             rows.append(req.row)
             seq_lens.append(end)
             if req.logprob_start_len >= 0 and item.start < len(req.input_ids) and item.is_prefill:
@@ -87,26 +110,35 @@ class ModelRunner:
             elif item.samples:
                 logit_rows.append(cu[-1] + item.count - 1)
             cu.append(cu[-1] + item.count)
+        slots = items[0].slots if len(items) == 1 else torch.cat([item.slots for item in items])
+        slot_mapping = slots.to(dev, non_blocking=True)
+        positions_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        self.table.req_to_token[
+            torch.tensor(token_rows, dtype=torch.int64).to(dev, non_blocking=True), positions_t
+        ] = slot_mapping.to(torch.int32)
         max_len = max(seq_lens)
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts).to(dev),
-            block_table=self.table.req_to_token[torch.tensor(rows, device=dev), :max_len],
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            slot_mapping=slot_mapping,
+            block_table=self.table.req_to_token[
+                torch.tensor(rows).to(dev, non_blocking=True), :max_len
+            ],
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_q_lens=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
             page_size=1,
-            is_decode=is_decode,
+            is_decode=num_decode == len(items),
             max_q_len=max(item.count for item in items),
             num_decode=num_decode,
         )
-        logits = self.model.forward_paged(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
-            self.kv_cache,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
-            max_position=max_len - 1,
+        return PreparedBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=positions_t,
+            meta=meta,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.int64).to(dev, non_blocking=True),
+            max_len=max_len,
+            input_lp_items=input_lp_items,
+            rows=rows,
+            seq_lens=seq_lens,
         )
-        return self._sample(items, logits, input_lp_items)
 
     def _sample(
         self, items: list[ForwardItem], logits: torch.Tensor, input_lp_items: list[int]

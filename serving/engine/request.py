@@ -70,6 +70,15 @@ class Request:
     def fill_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end] without building fill_ids (the decode hot path asks for one)."""
+        prompt = len(self.input_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt : end - prompt]
+        if end <= prompt:
+            return self.input_ids[start:end]
+        return self.input_ids[start:] + self.output_ids[: end - prompt]
+
     @property
     def in_decode(self) -> bool:
         """KV exists for all but the newest token, which the next step feeds."""
