@@ -81,4 +81,6 @@ class RequestTable:
         )
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        return self.req_to_token[row, start:end].to(torch.int64)
+        """Slots of tokens [start, end) of `row`, as a CPU int64 tensor (the allocator and the
+        radix cache keep slot ids on the host)."""
+        return self.req_to_token[row, start:end].to("cpu", torch.int64)
