@@ -112,6 +112,7 @@ def main() -> None:
         cuda_graph_max_bs=args.num_seqs,
         context_length=args.in_len + args.out_len + 64,
         max_prefill_tokens=16384,
+        cuda_graph=not args.eager,
     )
     results["engine_startup_s"] = time.perf_counter() - t0
     cfg = engine.model_config
@@ -123,9 +124,28 @@ def main() -> None:
     engine.generate(input_ids=warm, sampling_params={**params, "max_new_tokens": 32})
     engine.flush_cache()
     torch.cuda.synchronize()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        step = engine.scheduler.step
+
+        def profiled_step() -> bool:
+            profiler.enable()
+            try:
+                return step()
+            finally:
+                profiler.disable()
+
+        engine.scheduler.step = profiled_step
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     elapsed = time.perf_counter() - t0
+    if profiler is not None:
+        import pstats
+
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     produced = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert produced == args.num_seqs * args.out_len, produced
     results["engine_s"] = elapsed
