@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument(
         "--batch-seqs", type=int, default=None, help="sequences for generate_batch (default: all)"
     )
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread's steps")
+    parser.add_argument("--eager", action="store_true", help="our engine without CUDA graphs (ablation)")
     args = parser.parse_args()
     _import_path()
     import torch
