@@ -51,14 +51,31 @@ from rollout_accel.rollout.trainer import GRPOConfig, GRPOTrainer, TrainSample
 from rollout_accel.serving.engine import Engine
 
 SFT_CACHE = "sft-cache"
+# Per-step numbers whose run means go into summary.json (what a policy comparison reads).
+_STEP_MEANS = (
+    "time/rollout",
+    "time/train",
+    "time/push",
+    "accel/generated_tokens",
+    "accel/effective_groups",
+    "accel/filtered_groups",
+    "accel/skip_rate",
+    "accel/aborted_tokens",
+    "accel/discarded_tokens",
+    "rollout/raw_reward",
+    "rollout/response_len/mean",
+    "train/forwarded_samples",
+)
 
 
 @dataclass(slots=True)
 class EvalPoint:
-    """One held-out evaluation: after `step` RL steps, at `wall` seconds of RL time."""
+    """One held-out evaluation: after `step` RL steps, at `wall` seconds of RL wall time and
+    `cpu` seconds of this process's CPU time spent in RL (a contention-robust cost measure)."""
 
     step: int
     wall: float
+    cpu: float
     accuracy: float
 
 
@@ -333,20 +350,23 @@ async def _train(
     )
     evals: list[EvalPoint] = []
 
-    async def run_eval(step: int, wall: float) -> EvalResult:
+    async def run_eval(step: int, wall: float, cpu: float) -> EvalResult:
         result = await evaluate(pool, task, eval_problems, recipe.rollout.max_new_tokens)
-        evals.append(EvalPoint(step, wall, result.accuracy))
+        evals.append(EvalPoint(step, wall, cpu, result.accuracy))
         return result
 
     started = time.perf_counter()
-    first = await run_eval(0, 0.0)
-    tracker.log({**first.metrics(), "time/wall": 0.0, "time/elapsed": 0.0}, step=0)
-    wall = 0.0
+    first = await run_eval(0, 0.0, 0.0)
+    tracker.log(
+        {**first.metrics(), "time/wall": 0.0, "time/cpu": 0.0, "time/elapsed": 0.0}, step=0
+    )
+    wall = cpu = 0.0
     rewards: list[float] = []
     generated = 0.0
+    per_step: dict[str, list[float]] = {k: [] for k in _STEP_MEANS}
     last_eval = first
     for step in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = await controller.step(step)
         t1 = time.perf_counter()
         train_metrics = trainer.train_step(train_groups(out.groups))
@@ -354,6 +374,7 @@ async def _train(
         await push_weights(pool, model, step + 1)
         t3 = time.perf_counter()
         wall += t3 - t0
+        cpu += time.process_time() - c0
         reward = statistics.fmean(float(s.reward) for g in out.groups for s in g)
         rewards.append(reward)
         generated += out.metrics.get("accel/generated_tokens", 0.0)
@@ -367,13 +388,18 @@ async def _train(
                 "time/push": t3 - t2,
                 "time/step": t3 - t0,
                 "time/wall": wall,
+                "time/cpu": cpu,
             }
         )
         done = step + 1
         if done % every == 0 or done == steps:
-            last_eval = await run_eval(done, wall)
+            last_eval = await run_eval(done, wall, cpu)
             record.update(last_eval.metrics())
         record["time/elapsed"] = time.perf_counter() - started
+        for key in _STEP_MEANS:
+            value = record.get(key)
+            if isinstance(value, int | float):
+                per_step[key].append(float(value))
         # Rollout k's metrics and the eval after train step k+1 share one record: the x axes
         # are rollout/step = k and train/step = eval/step = k + 1 (weights after k+1 updates).
         tracker.log(record | {"rollout/step": step, "train/step": done, "eval/step": done})
@@ -387,14 +413,18 @@ async def _train(
         "final_eval_accuracy": evals[-1].accuracy,
         "best_eval_accuracy": max(e.accuracy for e in evals),
         "rl_wall_seconds": wall,
+        "rl_cpu_seconds": cpu,
         "elapsed_seconds": time.perf_counter() - started,
         "mean_step_seconds": wall / max(steps, 1),
         "mean_rollout_reward": statistics.fmean(rewards) if rewards else None,
         "generated_tokens": generated,
+        "step_means": {k: statistics.fmean(v) for k, v in per_step.items() if v},
         "sft_cached": bool(sft_meta.get("cached")),
         "sft_seconds": sft_meta.get("seconds"),
         "sft_final_loss": (sft_meta.get("losses") or [None])[-1],
-        "evals": [{"step": e.step, "wall": e.wall, "accuracy": e.accuracy} for e in evals],
+        "evals": [
+            {"step": e.step, "wall": e.wall, "cpu": e.cpu, "accuracy": e.accuracy} for e in evals
+        ],
         "wandb_mode": tracker.mode,
     }
     tracker.summary({k: v for k, v in summary.items() if k != "evals"})

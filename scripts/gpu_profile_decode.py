@@ -1,0 +1,66 @@
+"""Profiles decode steps of the engine on the GPU (torch.profiler, CUDA time per kernel).
+
+    python scripts/gpu_profile_decode.py [--num-seqs 256] [--ctx 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--ctx", type=int, default=768)
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+    try:
+        import rollout_accel.serving  # noqa: F401
+    except ImportError:
+        link = Path(tempfile.mkdtemp())
+        (link / "rollout_accel").symlink_to(ROOT)
+        sys.path.insert(0, str(link))
+    import threading
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from rollout_accel.serving.engine import Engine
+
+    engine = Engine(
+        "qwen3-0.6b-shape", device="cuda", dtype="bfloat16", max_running_requests=args.num_seqs,
+        cuda_graph_max_bs=args.num_seqs, context_length=args.ctx + 128, max_prefill_tokens=16384,
+        cuda_graph=not args.eager,
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(300, 150_000, (args.num_seqs, args.ctx), generator=gen).tolist()
+    done = threading.Event()
+    counter = {"steps": 0}
+    step = engine.scheduler.step
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def wrapped() -> bool:
+        counter["steps"] += 1
+        if counter["steps"] == 30:
+            prof.__enter__()
+        result = step()
+        if counter["steps"] == 40:
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            done.set()
+        return result
+
+    engine.scheduler.step = wrapped
+    engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 60, "ignore_eos": True})
+    done.wait()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
