@@ -181,7 +181,13 @@ async def _make_pool(args: argparse.Namespace):
     from rollout_accel.rollout.pool import InProcessEngine
     from rollout_accel.serving.engine import Engine
 
-    engine = Engine(args.model_path, max_running_requests=min(args.concurrency, 512))
+    engine = Engine(
+        args.model_path,
+        max_running_requests=min(args.concurrency, 512),
+        # Long enough for any prompt of the workload plus max_len; a tighter context keeps the
+        # request table (and the GPU's per-step block-table copy) small.
+        context_length=args.max_len + 2048,
+    )
     return EnginePool([InProcessEngine(engine, owns_engine=True)], args.concurrency), {
         "kind": "embedded",
         "targets": [str(engine.device)],

@@ -357,9 +357,7 @@ async def _train(
 
     started = time.perf_counter()
     first = await run_eval(0, 0.0, 0.0)
-    tracker.log(
-        {**first.metrics(), "time/wall": 0.0, "time/cpu": 0.0, "time/elapsed": 0.0}, step=0
-    )
+    tracker.log({**first.metrics(), "time/wall": 0.0, "time/cpu": 0.0, "time/elapsed": 0.0}, step=0)
     wall = cpu = 0.0
     rewards: list[float] = []
     generated = 0.0

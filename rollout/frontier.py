@@ -1,0 +1,364 @@
+"""Accuracy-speed frontier: the same local training under every rollout policy, over seeds.
+
+    rollout bench --scenario frontier --out runs/frontier          # -> frontier.main(argv)
+    python -m rollout_accel.rollout.frontier --out runs/frontier --quick
+
+Every policy runs the same recipe (default recipes/local/arithmetic-sync.toml) with the same
+seed, SFT warm start (one cached checkpoint per seed), RL steps and accepted groups per step;
+only `rollout.policy` differs. Runs are interleaved (seed by seed, the policy order rotated per
+seed) so drifting machine load hits every policy alike.
+
+Reported per policy: final held-out accuracy (mean ± standard error over seeds), RL wall time,
+and time-to-accuracy: the RL wall time of the first evaluation whose accuracy reaches the sync
+run's final accuracy *of the same seed* (paired), also as a fraction of that sync run's total RL
+wall time. Wall time excludes SFT and evaluation (see `local.loop`); CPU time is reported next
+to it because this machine may be shared. Outputs in --out: results.json, table.md,
+frontier.png, and runs/ (each run's metrics.jsonl and summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rollout_accel.rollout.controller_config import POLICIES
+from rollout_accel.rollout.recipe import Recipe, RecipeError, load_recipe
+
+DEFAULT_RECIPE = "recipes/local/arithmetic-sync.toml"
+# The target the design asks of the history policy, checked and reported (not enforced).
+TARGET_TIME_FRACTION = 0.5
+QUICK = {"train.steps": 50, "eval.every": 10}
+
+
+def find_default_recipe() -> Path:
+    """recipes/local/arithmetic-sync.toml under the working directory, else the source tree."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = base / DEFAULT_RECIPE
+        if path.is_file():
+            return path
+    raise RecipeError(
+        f"recipe: {DEFAULT_RECIPE} not found here or in the source tree; pass --recipe"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rollout bench --scenario frontier",
+        description="Accuracy vs wall time of one local training recipe under each rollout "
+        "policy, over several seeds (time-to-accuracy table + frontier plot).",
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--recipe", help=f"base recipe (default {DEFAULT_RECIPE})")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated; must include sync"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one seed and {QUICK['train.steps']} RL steps: a smoke run, not a measurement",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key for every run (e.g. --set train.steps=100)",
+    )
+    parser.add_argument(
+        "--wandb-mode",
+        default="disabled",
+        choices=("auto", "offline", "online", "disabled"),
+        help="W&B for each run (default disabled: JSON logs only, no background uploader)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise RecipeError(f"{what}: empty list")
+    if len(set(items)) != len(items):
+        raise RecipeError(f"{what}: duplicates in {text!r}")
+    return items
+
+
+def plan_runs(
+    base: Recipe, policies: Sequence[str], seeds: Sequence[int], out: Path, wandb_mode: str
+) -> list[Recipe]:
+    """One recipe per (seed, policy), seed-major, the policy order rotated by one per seed."""
+    runs = []
+    for i, seed in enumerate(seeds):
+        order = [policies[(j + i) % len(policies)] for j in range(len(policies))]
+        for policy in order:
+            runs.append(
+                base.with_updates(
+                    {
+                        "rollout.policy": policy,
+                        "run.seed": seed,
+                        "run.name": f"frontier-{policy}",
+                        "run.out_dir": str(out / "runs"),
+                        "run.wandb_mode": wandb_mode,
+                    }
+                )
+            )
+    return runs
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return mean, se
+
+
+def first_reach(evals: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation whose accuracy is >= target (a small float tolerance), or None."""
+    for point in evals:
+        if point["accuracy"] >= target - 1e-9:
+            return point
+    return None
+
+
+def analyse(summaries: Sequence[dict[str, Any]], policies: Sequence[str]) -> dict[str, Any]:
+    """The time-to-accuracy table from run summaries (one per policy and seed; sync required)."""
+    by = {(s["policy"], s["seed"]): s for s in summaries}
+    seeds = sorted({s["seed"] for s in summaries})
+    if any(("sync", seed) not in by for seed in seeds):
+        raise ValueError("frontier: every seed needs a sync run (it sets the target)")
+    rows = []
+    for policy in policies:
+        finals, walls, cpus, reach_walls, reach_cpus, reach_steps = [], [], [], [], [], []
+        fractions, ratios, cpu_ratios = [], [], []
+        for seed in seeds:
+            run, sync = by.get((policy, seed)), by[("sync", seed)]
+            if run is None:
+                continue
+            target = sync["final_eval_accuracy"]
+            finals.append(run["final_eval_accuracy"])
+            walls.append(run["rl_wall_seconds"])
+            cpus.append(run["rl_cpu_seconds"])
+            hit = first_reach(run["evals"], target)
+            sync_hit = first_reach(sync["evals"], target)
+            assert sync_hit is not None  # sync's last evaluation is its final accuracy
+            if hit is None:
+                continue
+            reach_walls.append(hit["wall"])
+            reach_cpus.append(hit["cpu"])
+            reach_steps.append(hit["step"])
+            fractions.append(hit["wall"] / sync["rl_wall_seconds"])
+            if sync_hit["wall"] > 0:
+                ratios.append(hit["wall"] / sync_hit["wall"])
+            if sync_hit["cpu"] > 0:
+                cpu_ratios.append(hit["cpu"] / sync_hit["cpu"])
+        final_mean, final_se = _mean_se(finals)
+        rows.append(
+            {
+                "policy": policy,
+                "seeds": len(finals),
+                "final_accuracy_mean": final_mean,
+                "final_accuracy_se": final_se,
+                "final_accuracies": finals,
+                "rl_wall_mean": _mean_se(walls)[0],
+                "rl_cpu_mean": _mean_se(cpus)[0],
+                "reached": len(reach_walls),
+                "time_to_target_mean": _mean_se(reach_walls)[0],
+                "cpu_to_target_mean": _mean_se(reach_cpus)[0],
+                "steps_to_target_mean": _mean_se(reach_steps)[0],
+                # of sync's total RL wall time (the design target's measure), per seed, averaged
+                "fraction_of_sync_wall_mean": _mean_se(fractions)[0],
+                "fractions_of_sync_wall": fractions,
+                # of the time sync itself first reached its final accuracy
+                "ratio_to_sync_reach_mean": _mean_se(ratios)[0],
+                "cpu_ratio_to_sync_reach_mean": _mean_se(cpu_ratios)[0],
+            }
+        )
+    table = {row["policy"]: row for row in rows}
+    verdict = None
+    if "history" in table and len(seeds) > 0:
+        hist, sync = table["history"], table["sync"]
+        floor = sync["final_accuracy_mean"] - (sync["final_accuracy_se"] or 0.0)
+        fraction = hist["fraction_of_sync_wall_mean"]
+        verdict = {
+            "time_fraction_target": TARGET_TIME_FRACTION,
+            "history_reached_all_seeds": hist["reached"] == len(seeds),
+            "history_fraction_of_sync_wall": fraction,
+            "time_ok": hist["reached"] == len(seeds)
+            and fraction is not None
+            and fraction <= TARGET_TIME_FRACTION,
+            "accuracy_floor": floor,
+            "accuracy_ok": hist["final_accuracy_mean"] is not None
+            and hist["final_accuracy_mean"] >= floor,
+        }
+        verdict["met"] = verdict["time_ok"] and verdict["accuracy_ok"]
+    return {"seeds": seeds, "rows": rows, "target": verdict}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table_markdown(analysis: dict[str, Any]) -> str:
+    """The time-to-accuracy table as Markdown."""
+    lines = [
+        "| policy | final eval acc (mean ± se) | RL wall s | time to sync's final acc s "
+        "(reached) | fraction of sync wall | vs sync's own reach | steps to target | "
+        "CPU-time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in analysis["rows"]:
+        lines.append(
+            f"| {row['policy']} | {_fmt(row['final_accuracy_mean'])} ± "
+            f"{_fmt(row['final_accuracy_se'])} | {_fmt(row['rl_wall_mean'], 1)} | "
+            f"{_fmt(row['time_to_target_mean'], 1)} ({row['reached']}/{row['seeds']}) | "
+            f"{_fmt(row['fraction_of_sync_wall_mean'], 2)} | "
+            f"{_fmt(row['ratio_to_sync_reach_mean'], 2)} | "
+            f"{_fmt(row['steps_to_target_mean'], 0)} | {_fmt(row['cpu_ratio_to_sync_reach_mean'], 2)} |"
+        )
+    target = analysis.get("target")
+    if target:
+        lines.append("")
+        lines.append(
+            f"history vs target: fraction of sync wall "
+            f"{_fmt(target['history_fraction_of_sync_wall'], 2)} (target <= "
+            f"{target['time_fraction_target']}, reached on every seed: "
+            f"{target['history_reached_all_seeds']}); final accuracy floor (sync mean - se) "
+            f"{_fmt(target['accuracy_floor'])}: {'ok' if target['accuracy_ok'] else 'below'}; "
+            f"target met: {target['met']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(
+    summaries: Sequence[dict[str, Any]], policies: Sequence[str], path: Path
+) -> Path | None:
+    """Eval accuracy vs RL wall time (and vs step), mean over seeds per policy; None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_time, ax_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sync_finals = [s["final_eval_accuracy"] for s in summaries if s["policy"] == "sync"]
+    for policy in policies:
+        runs = [s for s in summaries if s["policy"] == policy]
+        if not runs:
+            continue
+        count = min(len(r["evals"]) for r in runs)
+        wall = [statistics.fmean(r["evals"][i]["wall"] for r in runs) for i in range(count)]
+        step = [runs[0]["evals"][i]["step"] for i in range(count)]
+        acc = [statistics.fmean(r["evals"][i]["accuracy"] for r in runs) for i in range(count)]
+        (line,) = ax_time.plot(wall, acc, marker="o", ms=3, label=f"{policy} (mean)")
+        ax_step.plot(step, acc, marker="o", ms=3, color=line.get_color(), label=policy)
+        for r in runs:
+            ax_time.plot(
+                [e["wall"] for e in r["evals"]],
+                [e["accuracy"] for e in r["evals"]],
+                color=line.get_color(),
+                alpha=0.25,
+                lw=0.8,
+            )
+    if sync_finals:
+        for ax in (ax_time, ax_step):
+            ax.axhline(statistics.fmean(sync_finals), color="gray", ls=":", lw=1)
+    ax_time.set_xlabel("RL wall time (s, excl. SFT and eval)")
+    ax_step.set_xlabel("RL step")
+    for ax in (ax_time, ax_step):
+        ax.set_ylabel("held-out greedy accuracy")
+        ax.grid(alpha=0.3)
+    ax_time.legend(loc="lower right", fontsize=8)
+    ax_time.set_title("accuracy vs wall time (thin: single seeds)")
+    ax_step.set_title("accuracy vs step (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the experiment; returns 0, or 2 for bad arguments (nothing written then)."""
+    args = build_parser().parse_args(argv)
+    try:
+        policies = _parse_list(args.policies, "--policies")
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown:
+            raise RecipeError(f"--policies: {unknown} not among {', '.join(POLICIES)}")
+        if "sync" not in policies:
+            raise RecipeError("--policies: must include sync (its final accuracy is the target)")
+        try:
+            seeds = [int(s) for s in _parse_list(args.seeds, "--seeds")]
+        except ValueError as exc:
+            raise RecipeError(f"--seeds: {args.seeds!r} is not a list of integers") from exc
+        if args.quick:
+            seeds = seeds[:1]
+        overrides = list(args.overrides)
+        if args.quick:
+            overrides = [f"{k}={v}" for k, v in QUICK.items()] + overrides
+        base = load_recipe(args.recipe or find_default_recipe(), overrides)
+        out = Path(args.out)
+        runs = plan_runs(base, policies, seeds, out, args.wandb_mode)
+    except RecipeError as exc:
+        print(f"frontier: error: {exc}", file=sys.stderr)
+        return 2
+
+    from rollout_accel.rollout.local import ensure_sft_checkpoint, run_recipe
+    from rollout_accel.rollout.local.loop import SFT_CACHE
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    load_before = os.getloadavg()
+    for recipe in runs:  # warm starts first, so no run waits on SFT
+        if recipe.rollout.policy == policies[0]:
+            ensure_sft_checkpoint(recipe, Path(recipe.run.out_dir) / SFT_CACHE)
+    summaries = []
+    for index, recipe in enumerate(runs):
+        print(
+            f"[{index + 1}/{len(runs)}] {recipe.rollout.policy} seed {recipe.run.seed}",
+            flush=True,
+        )
+        result = run_recipe(recipe, progress=not args.no_progress)
+        summaries.append(result.summary)
+    analysis = analyse(summaries, policies)
+    markdown = table_markdown(analysis)
+    plot = plot_frontier(summaries, policies, out / "frontier.png")
+    results = {
+        "recipe": base.to_dict(),
+        "policies": policies,
+        "seeds": seeds,
+        "quick": args.quick,
+        "analysis": analysis,
+        "runs": summaries,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": base.run.torch_threads,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+        "experiment_seconds": time.time() - started,
+        "plot": str(plot) if plot else None,
+    }
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+    (out / "table.md").write_text(markdown)
+    print(markdown)
+    print(f"results: {out / 'results.json'}; plot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
