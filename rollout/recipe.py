@@ -374,6 +374,7 @@ def _check_values(recipe: Recipe) -> None:
             f"task.train_size: {r.task.train_size} prompts cannot fill a rollout batch of "
             f"{r.rollout.rollout_batch_size}"
         )
+    _check_problem_counts(r)
 
 
 def _check_task_options(task: str, options: Mapping[str, Any]) -> None:
@@ -391,3 +392,20 @@ def _check_task_options(task: str, options: Mapping[str, Any]) -> None:
         config_cls(**options)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"task.options: {exc}") from exc
+
+
+def _check_problem_counts(recipe: Recipe) -> None:
+    """The task can supply as many distinct problems as asked (a few ms of generation)."""
+    from rollout_accel.rollout.tasks import get_task
+
+    task = get_task(recipe.task.name, **recipe.task.options)
+    wanted = {
+        "task.train_size": (recipe.task.train_size, task.train_prompts),
+        "task.sft_size": (recipe.task.sft_size, task.train_prompts),
+        "eval.size": (recipe.eval.size, task.eval_prompts),
+    }
+    for key, (count, generate) in wanted.items():
+        try:
+            generate(count, seed=0)
+        except ValueError as exc:
+            raise RecipeError(f"{key}: {exc}") from exc

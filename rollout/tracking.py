@@ -91,17 +91,21 @@ class Tracker:
         mode: str | None = "auto",
         jsonl_name: str = "metrics.jsonl",
     ) -> None:
+        self.mode = resolve_wandb_mode(mode)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / jsonl_name
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
-        self.mode = resolve_wandb_mode(mode)
         self.note: str | None = None
         self._run: Any = None
         self._closed = False
         if self.mode != "disabled":
             if wandb_available():
-                self._run = self._start_wandb(project, name, group, config)
+                try:
+                    self._run = self._start_wandb(project, name, group, config)
+                except BaseException:
+                    self._jsonl.close()
+                    raise
             else:
                 self.note = "wandb is not installed; logging to JSONL only"
                 self.mode = "disabled"

@@ -78,7 +78,9 @@ def main() -> None:
         "--batch-seqs", type=int, default=None, help="sequences for generate_batch (default: all)"
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread's steps")
-    parser.add_argument("--eager", action="store_true", help="our engine without CUDA graphs (ablation)")
+    parser.add_argument(
+        "--eager", action="store_true", help="our engine without CUDA graphs (ablation)"
+    )
     args = parser.parse_args()
     _import_path()
     import torch

@@ -1,6 +1,6 @@
 """Profiles decode steps of the engine on the GPU (torch.profiler, CUDA time per kernel).
 
-    python scripts/gpu_profile_decode.py [--num-seqs 256] [--ctx 768]
+python scripts/gpu_profile_decode.py [--num-seqs 256] [--ctx 768]
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ def main() -> None:
     from rollout_accel.serving.engine import Engine
 
     engine = Engine(
-        "qwen3-0.6b-shape", device="cuda", dtype="bfloat16", max_running_requests=args.num_seqs,
-        cuda_graph_max_bs=args.num_seqs, context_length=args.ctx + 128, max_prefill_tokens=16384,
+        "qwen3-0.6b-shape",
+        device="cuda",
+        dtype="bfloat16",
+        max_running_requests=args.num_seqs,
+        cuda_graph_max_bs=args.num_seqs,
+        context_length=args.ctx + 128,
+        max_prefill_tokens=16384,
         cuda_graph=not args.eager,
     )
     gen = torch.Generator().manual_seed(0)
@@ -56,9 +61,14 @@ def main() -> None:
         return result
 
     engine.scheduler.step = wrapped
-    engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 60, "ignore_eos": True})
+    engine.generate(
+        input_ids=prompts,
+        sampling_params={"temperature": 0, "max_new_tokens": 60, "ignore_eos": True},
+    )
     done.wait()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    )
     engine.shutdown()
 
 

@@ -42,6 +42,19 @@ SFT_SEED_OFFSET = 1_000_003
 SFT_META = "sft.json"
 
 
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh hidden directory in `parent` to build outputs in before renaming them into place.
+
+    `mkdtemp` makes it owner-only; it gets the usual umask-derived mode, since it becomes a
+    normal output directory once renamed.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
+
+
 def model_config(recipe: Recipe, task: Task) -> ModelConfig:
     """The decoder's shape: the recipe's size, the task tokenizer's vocabulary and specials."""
     spec = recipe.model
@@ -141,7 +154,7 @@ def ensure_sft_checkpoint(recipe: Recipe, cache_root: str | Path) -> tuple[Path,
         "seconds": time.perf_counter() - start,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_dir(target.parent, f".{target.name}.")
     try:
         save_policy_dir(model.eval(), task, staging)
         (staging / SFT_META).write_text(json.dumps(meta))

@@ -19,11 +19,11 @@ has finished, so a run directory is never half-written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +39,7 @@ from rollout_accel.rollout.local.checkpoint import (
     ensure_sft_checkpoint,
     load_policy,
     named_weights,
+    staging_dir,
 )
 from rollout_accel.rollout.local.evaluation import EvalResult, evaluate
 from rollout_accel.rollout.pool import EnginePool, HttpEngine, InProcessEngine
@@ -242,7 +243,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> RunResult:
     """Runs one recipe to completion; outputs in `recipe.run_dir` (see the module docstring)."""
     out_root = Path(recipe.run.out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.run_name}.tmp-", dir=out_root))
+    staging = staging_dir(out_root, f".{recipe.run_name}.tmp-")
     try:
         with torch_threads(recipe.run.torch_threads):
             summary, evals = asyncio.run(_run(recipe, staging, progress))
@@ -276,26 +277,34 @@ async def _run(recipe: Recipe, staging: Path, progress: bool) -> tuple[dict, lis
     sft_dir, sft_meta = ensure_sft_checkpoint(recipe, Path(recipe.run.out_dir) / SFT_CACHE)
     (staging / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
 
-    engine = build_engine(sft_dir, recipe)
-    server = None
-    if recipe.rollout.engine == "http":
-        from rollout_accel.serving.server import ServerThread
+    async with contextlib.AsyncExitStack() as stack:
+        # Unwound in reverse order, also when set-up fails half-way.
+        engine = build_engine(sft_dir, recipe)
+        stack.callback(engine.shutdown)
+        if recipe.rollout.engine == "http":
+            from rollout_accel.serving.server import ServerThread
 
-        server = ServerThread(engine=engine).start()
-        pool = EnginePool([HttpEngine(server.url)])
-    else:
-        pool = EnginePool([InProcessEngine(engine)])
-    planner = make_planner(recipe, staging / "history.db")
-    tracker = Tracker(
-        staging,
-        project=recipe.run.wandb_project,
-        name=recipe.run_name,
-        group=recipe.run.name or None,
-        config=recipe.to_dict(),
-        mode=recipe.run.wandb_mode,
-    )
-    bar = _Progress(progress, recipe.train.steps, f"{recipe.run_name} [{recipe.rollout.policy}]")
-    try:
+            server = ServerThread(engine=engine).start()
+            stack.callback(server.stop)
+            pool = EnginePool([HttpEngine(server.url)])
+        else:
+            pool = EnginePool([InProcessEngine(engine)])
+        stack.push_async_callback(pool.close)
+        planner = make_planner(recipe, staging / "history.db")
+        if planner is not None:
+            stack.callback(planner.store.close)
+        tracker = Tracker(
+            staging,
+            project=recipe.run.wandb_project,
+            name=recipe.run_name,
+            group=recipe.run.name or None,
+            config=recipe.to_dict(),
+            mode=recipe.run.wandb_mode,
+        )
+        stack.push(lambda exc_type, *_: tracker.finish(exit_code=int(exc_type is not None)))
+        label = f"{recipe.run_name} [{recipe.rollout.policy}]"
+        bar = _Progress(progress, recipe.train.steps, label)
+        stack.callback(bar.close)
         return await _train(
             recipe,
             task,
@@ -308,15 +317,6 @@ async def _run(recipe: Recipe, staging: Path, progress: bool) -> tuple[dict, lis
             sft_dir,
             sft_meta,
         )
-    finally:
-        bar.close()
-        tracker.finish()
-        await pool.close()
-        if server is not None:
-            server.stop()
-        engine.shutdown()
-        if planner is not None:
-            planner.store.close()
 
 
 async def _train(

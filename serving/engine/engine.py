@@ -80,6 +80,8 @@ class Engine:
             loaded.config,
         )
         self.dtype = next(self.model.parameters()).dtype
+        if self.device.type == "cuda":
+            self.model.fuse_projections()
         cfg = self.model_config
         self.context_length = self.config.context_length or cfg.max_position_embeddings
         self.eos_ids = tuple(cfg.eos_token_ids)

@@ -109,6 +109,8 @@ class WeightUpdater:
             self._offloaded.clear()
             if self.engine.model_config.tie_word_embeddings:
                 self.engine.model.lm_head.weight = self.engine.model.model.embed_tokens.weight
+            if self.engine.device.type == "cuda":
+                self.engine.model.fuse_projections()
         if "kv_cache" in tags and self.engine.kv_cache.released:
             self.engine.kv_cache.reallocate()
         return True, f"resumed {tags}"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollout_accel.kernels.fused_ops import add_rms_norm, qk_norm_rope, rms_norm, silu_and_mul
 from rollout_accel.serving.models.config import ModelConfig
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache, paged_attention
 
@@ -100,6 +101,27 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One [q; k; v] weight whose slices *are* q_proj/k_proj/v_proj's parameters (views), so
+        the paged path runs one matmul while updates by name keep writing the same storage."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight for p in projs]).contiguous()
+        offset = 0
+        for proj in projs:
+            rows = proj.weight.shape[0]
+            proj.weight.data = self.qkv_weight[offset : offset + rows]
+            offset += rows
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias for p in projs]).contiguous()
+            offset = 0
+            for proj in projs:
+                rows = proj.bias.shape[0]
+                proj.bias.data = self.qkv_bias[offset : offset + rows]
+                offset += rows
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         shape = x.shape[:-1]
@@ -132,8 +154,24 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         cache: PagedKVCache,
     ) -> torch.Tensor:
-        """x: [total_q, hidden] packed tokens."""
-        q, k, v = self._project(x, cos, sin)
+        """x: [total_q, hidden] packed tokens. q/k norm and rotary run as one fused op."""
+        t = x.shape[0]
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, nq : nq + nk].view(t, self.num_kv_heads, self.head_dim)
+            v = qkv[:, nq + nk :].view(t, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = qk_norm_rope(
+                q, k, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            )
+        else:
+            q, k = qk_norm_rope(q, k, cos, sin)
         out = paged_attention(self.layer_idx, q, k, v, meta, cache, self.scale)
         return self.o_proj(out.flatten(-2))
 
@@ -144,9 +182,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate_up = F.linear(x, self.gate_up_weight)
+            half = gate_up.shape[-1] // 2
+            return self.down_proj(silu_and_mul(gate_up[..., :half], gate_up[..., half:]))
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """[gate; up] as one weight whose halves are the two parameters (views)."""
+        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight]).contiguous()
+        rows = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight.data = self.gate_up_weight[:rows]
+        self.up_proj.weight.data = self.gate_up_weight[rows:]
 
 
 class DecoderLayer(nn.Module):
@@ -161,9 +215,26 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_paged(self, x, cos, sin, meta, cache) -> torch.Tensor:
-        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward_paged(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: PagedKVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual-stream form: returns (this layer's output, the running residual); their sum
+        is the layer's hidden state. Each residual add is fused into the next RMSNorm."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = hidden
+            normed = rms_norm(hidden, norm1.weight, norm1.eps)
+        else:
+            normed, residual = add_rms_norm(hidden, residual, norm1.weight, norm1.eps)
+        attn = self.self_attn.forward_paged(normed, cos, sin, meta, cache)
+        normed, residual = add_rms_norm(attn, residual, norm2.weight, norm2.eps)
+        return self.mlp.forward_fused(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -187,6 +258,13 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Fused qkv and gate_up weights for the paged (inference) path; call again after
+        parameters were re-pointed (memory release/resume)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def parameter_by_name(self, name: str) -> torch.Tensor:
         """The parameter a checkpoint or trainer calls `name` (tied lm_head included)."""
@@ -222,11 +300,25 @@ class CausalLM(nn.Module):
         end: int | None = None,
         max_position: int | None = None,
     ) -> torch.Tensor:
-        """Runs layers [start, end) on packed hidden states [total_q, hidden]."""
+        """Runs layers [start, end) on packed hidden states [total_q, hidden] -> hidden states."""
+        out, residual = self._run_layers(hidden, positions, meta, cache, start, end, max_position)
+        return out if residual is None else out + residual
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: PagedKVCache,
+        start: int,
+        end: int | None,
+        max_position: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cos, sin = self.model.rotary(positions, max_position=max_position)
+        residual: torch.Tensor | None = None
         for layer in self.model.layers[start:end]:
-            hidden = layer.forward_paged(hidden, cos, sin, meta, cache)
-        return hidden
+            hidden, residual = layer.forward_paged(hidden, residual, cos, sin, meta, cache)
+        return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden)).float()
@@ -241,9 +333,15 @@ class CausalLM(nn.Module):
         max_position: int | None = None,
     ) -> torch.Tensor:
         """Packed tokens through every layer; logits only for `logit_rows` (e.g. last tokens)."""
-        hidden = self.forward_layers(
-            self.embed(input_ids), positions, meta, cache, max_position=max_position
+        hidden, residual = self._run_layers(
+            self.embed(input_ids), positions, meta, cache, 0, None, max_position
         )
         if logit_rows is not None:
             hidden = hidden[logit_rows]
-        return self.logits(hidden)
+            residual = None if residual is None else residual[logit_rows]
+        norm = self.model.norm
+        if residual is None:
+            normed = rms_norm(hidden, norm.weight, norm.eps)
+        else:
+            normed, _ = add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        return self.lm_head(normed).float()
