@@ -40,10 +40,13 @@ class CudaGraphModelRunner(ModelRunner):
         width = table.req_to_token.shape[1]
         dev = self.device
         self.width = width
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        # One [5, max_bs] staging block (ids, positions, rows, seq_lens, slots): a single host-to-
+        # device copy per step from a persistent pinned buffer.
+        self.static = torch.zeros((5, max_bs), dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.rows, seq_lens64, self.slot_mapping = self.static
+        self._seq_lens64 = seq_lens64
+        self.host = torch.zeros((5, max_bs), dtype=torch.int64).pin_memory()
+        self.host_np = self.host.numpy()
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros((max_bs, width), dtype=torch.int32, device=dev)
         self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
@@ -81,7 +84,7 @@ class CudaGraphModelRunner(ModelRunner):
         self.model.model.rotary.tables(self.width, self.device)
         # Padding rows: seq_len 0, K/V written to the reserved slot 0.
         self.seq_lens.zero_()
-        self.slot_mapping.zero_()
+        self.static.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -102,29 +105,23 @@ class CudaGraphModelRunner(ModelRunner):
         if num_decode != bs or bs > self.max_bs or self.kv_cache.released:
             return super().forward(items, num_decode)
         bucket = next(b for b in self.buckets if b >= bs)
-        ids, positions, rows, seq_lens = [], [], [], []
-        for item in items:
+        host = self.host_np
+        for i, item in enumerate(items):
             req = item.request
-            ids.append(req.token_slice(item.start, item.start + 1)[0])
-            positions.append(item.start)
-            assert req.row is not None
-            rows.append(req.row)
-            seq_lens.append(item.start + 1)
-        pad = bucket - bs
-        host = torch.tensor(
-            [ids + [0] * pad, positions + [0] * pad, rows + [0] * pad, seq_lens + [0] * pad],
-            dtype=torch.int64,
-        ).pin_memory()
-        staged = host.to(self.device, non_blocking=True)
-        slots = torch.cat([item.slots for item in items]).to(self.device, non_blocking=True)
-        self.input_ids[:bucket].copy_(staged[0])
-        self.positions[:bucket].copy_(staged[1])
-        self.rows[:bucket].copy_(staged[2])
-        self.seq_lens[:bucket].copy_(staged[3])
-        self.slot_mapping[:bs].copy_(slots)
-        self.slot_mapping[bs:bucket].zero_()
+            host[0, i] = req.token_slice(item.start, item.start + 1)[0]
+            host[1, i] = item.start
+            host[2, i] = req.row
+            host[3, i] = item.start + 1
+        host[4, :bs] = torch.cat([item.slots for item in items]).numpy()
+        host[:, bs:] = 0  # padding rows: seq_len 0, K/V into the reserved slot 0
+        # Whole (contiguous, 40 bytes per row) block: one plain async copy from pinned memory.
+        # Safe to refill next step: sampling below synchronizes before we return.
+        self.static.copy_(self.host, non_blocking=True)
+        self.seq_lens[:bucket].copy_(self._seq_lens64[:bucket])
         # The new tokens' slots into the request table, then this step's block table.
-        self.table.req_to_token[self.rows[:bs], self.positions[:bs]] = slots.to(torch.int32)
+        self.table.req_to_token[self.rows[:bs], self.positions[:bs]] = self.slot_mapping[:bs].to(
+            torch.int32
+        )
         torch.index_select(
             self.table.req_to_token, 0, self.rows[:bucket], out=self.block_table[:bucket]
         )
