@@ -184,6 +184,7 @@ async def _make_pool(args: argparse.Namespace):
     engine = Engine(
         args.model_path,
         max_running_requests=min(args.concurrency, 512),
+        cuda_graph_max_bs=min(args.concurrency, 512),
         # Long enough for any prompt of the workload plus max_len; a tighter context keeps the
         # request table (and the GPU's per-step block-table copy) small.
         context_length=args.max_len + 2048,
