@@ -20,7 +20,8 @@ class ControllerConfig:
     sample, drop zero-variance groups, refill, discard the surplus), `partial` (APRIL: over-
     provision, abort the rest at target, resume the partials first next step), `history` (ours:
     history-informed selection + longest-first dispatch + partial rollout, resumed oldest-first).
-    dynamic_filter: None = the policy's default (on for dynamic and history, off otherwise).
+    dynamic_filter: None = the policy's default (on for dynamic only; history already steers
+    away from zero-variance prompts before generating, so it returns groups unfiltered unless asked).
     over_sampling: groups in flight = ceil(rollout_batch_size * over_sampling) (1.0 for sync).
     """
 
@@ -75,7 +76,7 @@ class ControllerConfig:
     def filter_enabled(self) -> bool:
         if self.dynamic_filter is not None:
             return self.dynamic_filter
-        return self.policy in ("dynamic", "history")
+        return self.policy == "dynamic"
 
     @property
     def keeps_partials(self) -> bool:

@@ -143,7 +143,7 @@ ACCEL_KEYS: tuple[AccelKey, ...] = (
     AccelKey(
         "accel_dynamic_filter",
         "bool",
-        "on for dynamic/history or when --dynamic-sampling-filter-path is set, else off",
+        "on for dynamic or when --dynamic-sampling-filter-path is set, else off",
         "Drop groups the filter rejects (the --dynamic-sampling-filter-path function, or "
         "non-zero reward std) and refill. false turns it off even if the slime flag is set.",
         _bool,

@@ -94,9 +94,10 @@ def build_parser() -> OneLineParser:
         help="rollout steps a partial sample may span (default 1)",
     )
     w.add_argument(
-        "--history-no-filter",
+        "--history-filter",
         action="store_true",
-        help="run history without the dynamic (non-zero-variance) filter",
+        help="run history with the dynamic (non-zero-variance) filter too (default: off, as for "
+        "partial; dynamic is the filtering policy)",
     )
     w.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)"
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         max_staleness=args.max_staleness,
         temperature=args.temperature,
         seed=args.seed,
-        history_filter=not args.history_no_filter,
+        history_filter=args.history_filter,
     )
     out = Path(args.out)
 

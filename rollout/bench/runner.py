@@ -33,7 +33,7 @@ class BenchSettings:
     max_staleness: int = 1
     temperature: float = 1.0
     seed: int = 0
-    history_filter: bool = True
+    history_filter: bool = False
 
 
 @dataclass
