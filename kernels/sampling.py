@@ -9,11 +9,27 @@ Sampling uses the Gumbel-max trick: argmax(logprob + Gumbel noise) over the kept
 the renormalised filtered distribution. The reported logprob is the unfiltered
 log_softmax(logits / temperature) of the chosen token (raw log_softmax for greedy rows), which is
 what RL trainers recompute on their side.
+
+`sample_tokens_fast` is the engine's entry point: on CUDA, batches that need no top-k/top-p/min-p
+filtering go to a one-pass Triton kernel (`sampling_triton`) that draws from the same noise; the
+rest, and every CPU batch, go to `sample_tokens`. `ROLLOUT_ACCEL_SAMPLING=reference|triton` forces a
+backend (read on every call).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 import torch
+
+try:
+    from . import sampling_triton as _triton_impl
+except ImportError:  # no triton on this machine: the reference serves every call
+    _triton_impl = None
+
+ENV_VAR = "ROLLOUT_ACCEL_SAMPLING"
+Backend = Literal["reference", "triton"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -100,3 +116,52 @@ def sample_tokens(
     tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
     logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+
+
+def sampling_backend(device: torch.device) -> Backend:
+    """Backend for tensors on `device`: the env override, else Triton on CUDA if importable."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced == "reference":
+        return "reference"
+    if forced == "triton":
+        if _triton_impl is None:
+            raise RuntimeError(f"{ENV_VAR}=triton but triton could not be imported")
+        return "triton"
+    if forced:
+        raise ValueError(f"{ENV_VAR} must be 'reference' or 'triton', got {forced!r}")
+    return "triton" if device.type == "cuda" and _triton_impl is not None else "reference"
+
+
+def sample_tokens_fast(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    need_filter: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` with the same arguments and draws, one Triton kernel where it applies.
+
+    The kernel serves `need_filter=False` batches of float32 logits contiguous in V (the caller
+    vouches that no row filters: top_ks/top_ps/min_ps are then ignored, as `sample_tokens` does);
+    anything else falls back to `sample_tokens`. Both paths are CUDA-graph capturable.
+    Tokens match the reference except at float32 near-ties of the Gumbel scores (see
+    `sampling_triton`); logprobs agree to ~1e-6 relative.
+    """
+    if (
+        not need_filter
+        and logits.dim() == 2
+        and logits.dtype == torch.float32
+        and logits.stride(-1) == 1
+        and sampling_backend(logits.device) == "triton"
+    ):
+        assert _triton_impl is not None
+        return _triton_impl.sample(logits, temperatures, seeds, steps)
+    return sample_tokens(
+        logits, temperatures, top_ks, top_ps, min_ps, seeds, steps, need_filter=need_filter
+    )

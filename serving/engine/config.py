@@ -27,6 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
+    overlap_schedule: bool = True  # GPU: queue decode step N+1 before processing step N
     weight_version: str = "default"
 
     @classmethod

@@ -45,8 +45,14 @@ class CudaGraphModelRunner(ModelRunner):
         self.static = torch.zeros((5, max_bs), dtype=torch.int64, device=dev)
         self.input_ids, self.positions, self.rows, seq_lens64, self.slot_mapping = self.static
         self._seq_lens64 = seq_lens64
-        self.host = torch.zeros((5, max_bs), dtype=torch.int64).pin_memory()
-        self.host_np = self.host.numpy()
+        # Two pinned staging blocks and two pinned result blocks, alternated: with overlap the CPU
+        # stages step N+1 while step N's copies may still be queued on the GPU.
+        self._hosts = [torch.zeros((5, max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._results = [
+            (torch.zeros(max_bs, dtype=torch.int64).pin_memory(), torch.zeros(max_bs).pin_memory())
+            for _ in range(2)
+        ]
+        self._flip = 0
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros((max_bs, width), dtype=torch.int32, device=dev)
         self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
@@ -99,24 +105,43 @@ class CudaGraphModelRunner(ModelRunner):
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], num_decode: int) -> StepResult:
+    def can_overlap(self, items: list[ForwardItem]) -> bool:
+        """Whether `items` may run as an overlapped decode step: a graph fits, and sampling needs
+        nothing that the not-yet-known previous token would change (penalties, min_new_tokens)."""
+        if not items or len(items) > self.max_bs or self.kv_cache.released:
+            return False
+        for item in items:
+            params = item.request.params
+            if params.has_penalties or len(item.request.output_ids) + 2 < params.min_new_tokens:
+                return False
+        return True
+
+    def _stage(self, items: list[ForwardItem], prev: PendingDecode | None) -> int:
+        """Fills the static inputs for a decode batch; returns its bucket. With `prev`, each
+        request's input token is the one `prev` sampled for it (still on the device)."""
         bs = len(items)
-        if num_decode != bs or bs > self.max_bs or self.kv_cache.released:
-            return super().forward(items, num_decode)
         bucket = next(b for b in self.buckets if b >= bs)
-        host = self.host_np
+        self._flip ^= 1
+        host_t = self._hosts[self._flip]
+        host = host_t.numpy()
         for i, item in enumerate(items):
             req = item.request
-            host[0, i] = req.token_slice(item.start, item.start + 1)[0]
+            if prev is None:
+                host[0, i] = req.token_slice(item.start, item.start + 1)[0]
             host[1, i] = item.start
             host[2, i] = req.row
             host[3, i] = item.start + 1
         host[4, :bs] = torch.cat([item.slots for item in items]).numpy()
         host[:, bs:] = 0  # padding rows: seq_len 0, K/V into the reserved slot 0
-        # Whole (contiguous, 40 bytes per row) block: one plain async copy from pinned memory.
-        # Safe to refill next step: sampling below synchronizes before we return.
-        self.static.copy_(self.host, non_blocking=True)
+        self.static.copy_(host_t, non_blocking=True)
+        if prev is not None:
+            if prev.index_map is None:
+                self.input_ids[:bs].copy_(prev.tokens[:bs])
+            else:
+                index = torch.tensor(prev.index_map, dtype=torch.int64).to(
+                    self.device, non_blocking=True
+                )
+                self.input_ids[:bs].copy_(prev.tokens.index_select(0, index))
         self.seq_lens[:bucket].copy_(self._seq_lens64[:bucket])
         # The new tokens' slots into the request table, then this step's block table.
         self.table.req_to_token[self.rows[:bs], self.positions[:bs]] = self.slot_mapping[:bs].to(
@@ -126,8 +151,62 @@ class CudaGraphModelRunner(ModelRunner):
             self.table.req_to_token, 0, self.rows[:bucket], out=self.block_table[:bucket]
         )
         self.block_table[bs:bucket].zero_()
+        return bucket
+
+    @torch.inference_mode()
+    def launch(self, items: list[ForwardItem], prev: PendingDecode | None = None) -> PendingDecode:
+        """Queues one decode step (graph replay + sampling + copy of the results to pinned host
+        memory) and returns without waiting for the GPU."""
+        bucket = self._stage(items, prev)
+        self.graphs[bucket].replay()
+        self.graph_steps += 1
+        logits = self.outputs[bucket][: len(items)]
+        tokens, logprobs = self.sample_device(
+            [item.request for item in items], logits, step_offset=1 if prev is not None else 0
+        )
+        host_tokens, host_logprobs = self._results[self._flip]
+        host_tokens[: len(items)].copy_(tokens, non_blocking=True)
+        host_logprobs[: len(items)].copy_(logprobs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingDecode(items, tokens, host_tokens, host_logprobs, event)
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem], num_decode: int) -> StepResult:
+        bs = len(items)
+        if num_decode != bs or bs > self.max_bs or self.kv_cache.released:
+            return super().forward(items, num_decode)
+        bucket = self._stage(items, None)
         self.graphs[bucket].replay()
         self.graph_steps += 1
         logits = self.outputs[bucket][:bs]
         tokens, logprobs = self.sample([item.request for item in items], logits)
         return StepResult(tokens, logprobs, {})
+
+
+class PendingDecode:
+    """A decode step queued on the GPU; `wait()` gives its tokens and logprobs.
+
+    `index_map` (set by the scheduler for the step that follows) says which of this step's rows
+    each request of the next step continues; None means the same rows in the same order.
+    """
+
+    def __init__(
+        self,
+        items: list[ForwardItem],
+        tokens: torch.Tensor,
+        host_tokens: torch.Tensor,
+        host_logprobs: torch.Tensor,
+        event: torch.cuda.Event,
+    ) -> None:
+        self.items = items
+        self.tokens = tokens
+        self._host_tokens = host_tokens
+        self._host_logprobs = host_logprobs
+        self._event = event
+        self.index_map: list[int] | None = None
+
+    def wait(self) -> tuple[list[int], list[float]]:
+        self._event.synchronize()
+        count = len(self.items)
+        return self._host_tokens[:count].tolist(), self._host_logprobs[:count].tolist()

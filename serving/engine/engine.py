@@ -114,6 +114,7 @@ class Engine:
             ),
             self.eos_ids,
             lambda: self._weight_version,
+            overlap=self.config.overlap_schedule,
         )
         self.weights = WeightUpdater(self)
         self.receiver = DistributedWeightReceiver(self.device)
@@ -161,12 +162,15 @@ class Engine:
         while not self._closed:
             idle = self._paused or not self.scheduler.has_work
             self._drain_commands(block=idle)
+            if self._paused and self.scheduler.overlapping:
+                self.scheduler.drain()
             if self._closed or self._paused or not self.scheduler.has_work:
                 continue
             try:
                 self.scheduler.step()
             except Exception as exc:  # keep serving: fail what was in flight, not the engine
                 log.exception("engine step failed; aborting in-flight requests")
+                self.scheduler._pending = None
                 for req in list(self.scheduler.by_rid.values()):
                     self.scheduler._finish(
                         req, {"type": "abort", "message": f"engine error: {exc}"}
@@ -178,6 +182,8 @@ class Engine:
             command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
         except queue.Empty:
             return
+        # Commands see a settled state: no decode step left queued on the GPU.
+        self.scheduler.drain()
         while True:
             command()
             try:

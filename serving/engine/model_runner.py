@@ -179,6 +179,14 @@ class ModelRunner:
     def sample(
         self, requests: list[Request], logits: torch.Tensor
     ) -> tuple[list[int], list[float]]:
+        tokens, logprobs = self.sample_device(requests, logits)
+        return tokens.tolist(), logprobs.tolist()
+
+    def sample_device(
+        self, requests: list[Request], logits: torch.Tensor, step_offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and logprobs as device tensors (no host sync). `step_offset` shifts each
+        request's output position (an overlapped step samples one token ahead)."""
         dev = logits.device
         params = [r.params for r in requests]
         if any(p.has_penalties for p in params):
@@ -215,7 +223,11 @@ class ModelRunner:
                 torch.tensor([p.top_p for p in params], device=dev),
                 torch.tensor([p.min_p for p in params], device=dev),
                 torch.tensor([r.seed for r in requests], device=dev, dtype=torch.int64),
-                torch.tensor([len(r.output_ids) for r in requests], device=dev, dtype=torch.int64),
+                torch.tensor(
+                    [len(r.output_ids) + step_offset for r in requests],
+                    device=dev,
+                    dtype=torch.int64,
+                ),
                 need_filter=need_filter,
             )
-        return tokens.tolist(), logprobs.tolist()
+        return tokens, logprobs

@@ -52,6 +52,7 @@ class Scheduler:
         limits: SchedulerLimits,
         eos_ids: tuple[int, ...],
         weight_version: Callable[[], str],
+        overlap: bool = True,
     ) -> None:
         self.runner = runner
         self.allocator = allocator
@@ -66,6 +67,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.by_rid: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        self.overlap = overlap
+        self._pending: Any = None
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -74,7 +77,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._pending is not None)
 
     def abort(self, rid: str) -> bool:
         req = self.by_rid.get(rid)
@@ -116,15 +119,83 @@ class Scheduler:
         }
 
     # -- one step ---------------------------------------------------------------------------
+    @property
+    def overlapping(self) -> bool:
+        """A decode step is queued on the GPU and its results are not processed yet."""
+        return self._pending is not None
+
+    def drain(self) -> None:
+        """Processes the queued decode step, if any (before commands change the state)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finish_pending(pending)
+
+    def _finish_pending(self, pending: Any) -> None:
+        tokens, logprobs = pending.wait()
+        for item, token, logprob in zip(pending.items, tokens, logprobs, strict=True):
+            req = item.request
+            if req.finished or req.row is None:
+                # It finished at the step before; this token was computed ahead for nothing.
+                self.allocator.free(item.slots)
+                continue
+            req.num_computed = item.start + 1
+            self.stats.decode_tokens += 1
+            self._append_token(req, token, logprob)
+        self._release_finished()
+
+    def _step_overlapped(self) -> bool:
+        """Steady-state decode with the CPU one step ahead: queue step N+1 (its input tokens are
+        step N's samples, still on the GPU) before waiting for step N, so finishing checks and
+        scheduling overlap the GPU's work. A request that finishes at N wastes one token of N+1."""
+        pending = self._pending
+        assert pending is not None
+        following = None
+        if not self.waiting:
+            live = [
+                (index, item)
+                for index, item in enumerate(pending.items)
+                if not item.request.finished
+                and len(item.request.output_ids) + 1 < item.request.params.max_new_tokens
+            ]
+            slots = self._alloc(len(live)) if live else None
+            if slots is not None:
+                items = [
+                    ForwardItem(item.request, item.start + 1, 1, slots[i : i + 1], is_prefill=False)
+                    for i, (_, item) in enumerate(live)
+                ]
+                if self.runner.can_overlap(items):
+                    pending.index_map = (
+                        None if len(live) == len(pending.items) else [index for index, _ in live]
+                    )
+                    following = self.runner.launch(items, prev=pending)
+                    self.stats.steps += 1
+                else:
+                    self.allocator.free(slots)
+        self._pending = None
+        self._finish_pending(pending)
+        self._pending = following
+        return True
+
     def step(self) -> bool:
         """Runs one forward: every decoding request advances one token, and waiting requests are
         prefilled (in chunks) in the same batch up to the token budget. Returns False when there
         was nothing to do."""
+        if self._pending is not None:
+            return self._step_overlapped()
         decode_items = self._schedule_decode()
         prefill_items = self._schedule_prefill()
         items = decode_items + prefill_items
         if not items:
             return False
+        if (
+            self.overlap
+            and not prefill_items
+            and hasattr(self.runner, "launch")
+            and self.runner.can_overlap(decode_items)
+        ):
+            self._pending = self.runner.launch(decode_items)
+            self.stats.steps += 1
+            return True
         result = self.runner.forward(items, num_decode=len(decode_items))
         self.stats.steps += 1
         sampled = 0

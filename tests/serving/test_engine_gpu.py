@@ -95,3 +95,28 @@ def test_gpu_preemption_and_prefix_cache_keep_outputs(cpu_reference) -> None:
         )
         assert eng.scheduler.stats.retractions > 0
     assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in cpu_reference]
+
+
+def test_overlap_schedule_matches_synchronous() -> None:
+    """The overlapped decode loop (CPU one step ahead) gives the same tokens as the synchronous
+    one, with requests finishing at different steps (lengths, stop tokens) and seeded sampling."""
+    prompts = _prompts()
+    params = [
+        {
+            "temperature": 0.9,
+            "max_new_tokens": 8 + 9 * i,
+            "sampling_seed": i,
+            "stop_token_ids": [7, 300],
+        }
+        for i in range(len(prompts))
+    ]
+    results = []
+    for overlap in (False, True):
+        with Engine("tiny-qwen3", device="cuda", dtype="float32", overlap_schedule=overlap) as eng:
+            outs = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            results.append([(o["output_ids"], o["meta_info"]["finish_reason"]) for o in outs])
+            loads = eng.get_loads()
+            assert loads["num_running_reqs"] == 0
+            # Every slot computed ahead for a finished request came back.
+            assert loads["num_used_tokens"] == loads["num_cached_tokens"]
+    assert results[0] == results[1]
