@@ -62,7 +62,9 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     x = x ^ _shr(x, 27)
     x = x * _MIX2
     x = x ^ _shr(x, 31)
-    return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits so that bits + 0.5 is exact in float32: u stays strictly inside (0, 1) (with 24 bits
+    # the top value rounds to 1.0, whose Gumbel noise is +inf and overrides every logit and ban).
+    return (_shr(x, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_penalties(

@@ -53,15 +53,15 @@ def _splitmix_uniform(x):
     """Uniform(0, 1) float32 from the pre-mix hash x = seed*C_SEED + step*C_STEP + token*C_TOKEN.
 
     x is uint64 (products wrap mod 2^64, >> is logical). Same bits as `seeded_uniform`: its last
-    step x ^= x >> 31 leaves bits 40..63 unchanged, and only x >> 40 is used, so it is skipped. The
-    (bits + 0.5) sum rounds in float32 as torch's does (to 1.0 for bits == 2^24 - 1).
+    step x ^= x >> 31 leaves bits 41..63 unchanged, and only x >> 41 is used, so it is skipped. The
+    (bits + 0.5) sum is exact in float32 (23 bits), so u stays strictly inside (0, 1).
     """
     x = x ^ (x >> 30)
     x = x * MIX1
     x = x ^ (x >> 27)
     x = x * MIX2
-    bits = (x >> 40).to(tl.int32)
-    return (bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    bits = (x >> 41).to(tl.int32)
+    return (bits.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit

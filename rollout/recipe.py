@@ -114,6 +114,8 @@ class RunSpec:
     Outputs land in `out_dir/<name>-seed<seed>/`; the SFT checkpoint cache is shared under
     `out_dir/sft-cache/`. `wandb_mode` `auto` is offline unless WANDB_MODE or WANDB_API_KEY says
     otherwise (see `tracking.resolve_wandb_mode`). `name` empty means the recipe file's stem.
+    `torch_threads`: intra-op threads during the run; 1 by default, since the engine thread and
+    the trainer share the cores and tiny matmuls gain nothing from more.
     """
 
     name: str = ""

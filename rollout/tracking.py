@@ -72,6 +72,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _reinit_value(version: str) -> str | bool:
+    """`create_new` (wandb >= 0.19): our run must not finish a run the caller already has
+    open, e.g. slime's; older wandb only knows `reinit=True`."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return "create_new"
+    return "create_new" if (major, minor) >= (0, 19) else True
+
+
 class Tracker:
     """Logs metric dicts to `<out_dir>/metrics.jsonl` and (unless disabled) to a W&B run.
 
@@ -128,7 +138,7 @@ class Tracker:
             config=_jsonable(dict(config or {})),
             dir=str(self.out_dir),
             mode=self.mode,
-            reinit="create_new",
+            reinit=_reinit_value(wandb.__version__),
             settings=wandb.Settings(
                 silent=True,
                 console="off",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout_accel.kernels.sampling import apply_penalties, sample_tokens
+from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.models.decoder import CausalLM
@@ -209,14 +209,15 @@ class ModelRunner:
                     banned += list(self.eos_ids)
                 if banned:
                     logits[row, torch.tensor(banned, device=dev)] = float("-inf")
-        if all(p.greedy for p in params):
+        need_filter = any(
+            (0 < p.top_k < self.vocab_size) or p.top_p < 1.0 or p.min_p > 0.0 for p in params
+        )
+        if all(p.greedy for p in params) and logits.device.type != "cuda":
             tokens = torch.argmax(logits, dim=-1)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         else:
-            need_filter = any(
-                (0 < p.top_k < self.vocab_size) or p.top_p < 1.0 or p.min_p > 0.0 for p in params
-            )
-            tokens, logprobs = sample_tokens(
+            # One fused pass over the vocabulary on GPUs when no row filters (the RL default).
+            tokens, logprobs = sample_tokens_fast(
                 logits,
                 torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=dev),
                 torch.tensor([p.top_k for p in params], device=dev, dtype=torch.int64),

@@ -296,3 +296,76 @@ def test_short_run_raises_eval_accuracy_over_the_sft_start(
 
 def test_recipe_round_trips_through_its_dict(small_recipe) -> None:
     assert recipe_from_dict(small_recipe.to_dict()) == small_recipe
+
+
+# -- the frontier experiment's arithmetic -------------------------------------------------------
+
+
+def _summary(policy: str, seed: int, accs: list[float], wall_per_step: float) -> dict:
+    evals = [
+        {
+            "step": 10 * i,
+            "wall": 10 * i * wall_per_step,
+            "cpu": 10 * i * wall_per_step,
+            "accuracy": a,
+        }
+        for i, a in enumerate(accs)
+    ]
+    return {
+        "policy": policy,
+        "seed": seed,
+        "evals": evals,
+        "final_eval_accuracy": accs[-1],
+        "rl_wall_seconds": evals[-1]["wall"],
+        "rl_cpu_seconds": evals[-1]["cpu"],
+    }
+
+
+def test_frontier_time_to_accuracy_is_paired_by_seed() -> None:
+    from rollout_accel.rollout.frontier import analyse, table_markdown
+
+    summaries = [
+        _summary("sync", 0, [0.5, 0.6, 0.7, 0.8], 1.0),  # target 0.8, reached at 30 s of 30 s
+        _summary("history", 0, [0.5, 0.8, 0.8, 0.9], 1.5),  # 0.8 at 15 s
+        _summary("sync", 1, [0.2, 0.4, 0.3, 0.3], 1.0),  # target 0.3, first reached at 10 s
+        _summary("history", 1, [0.2, 0.2, 0.3, 0.4], 1.5),  # 0.3 at 30 s
+    ]
+    result = analyse(summaries, ["sync", "history"])
+    sync, history = result["rows"]
+    assert history["fractions_of_sync_wall"] == pytest.approx([15 / 30, 30 / 30])
+    assert history["fraction_of_sync_wall_mean"] == pytest.approx(0.75)
+    assert history["ratio_to_sync_reach_mean"] == pytest.approx((15 / 30 + 30 / 10) / 2)
+    assert sync["final_accuracy_mean"] == pytest.approx(0.55)
+    assert sync["final_accuracy_se"] == pytest.approx(0.25)  # stdev 0.354 / sqrt(2)
+    assert history["final_accuracy_mean"] == pytest.approx(0.65)
+    assert result["target"]["accuracy_ok"] and not result["target"]["time_ok"]
+    assert not result["target"]["met"]
+    smoothed = analyse(summaries, ["sync", "history"], final_window=2)
+    assert smoothed["rows"][0]["final_accuracies"] == pytest.approx([0.75, 0.3])
+    assert "| history |" in table_markdown(result)
+    never = _summary("history", 0, [0.5, 0.6, 0.6, 0.6], 1.0)
+    row = analyse([summaries[0], never], ["sync", "history"])["rows"][1]
+    assert row["reached"] == 0 and row["fraction_of_sync_wall_mean"] is None
+
+
+def test_frontier_runs_one_recipe_per_policy_and_seed(small_recipe, tmp_path) -> None:
+    from rollout_accel.rollout.frontier import plan_runs
+
+    runs = plan_runs(small_recipe, ["sync", "history"], [0, 1], tmp_path, "disabled")
+    assert [(r.rollout.policy, r.run.seed) for r in runs] == [
+        ("sync", 0),
+        ("history", 0),
+        ("history", 1),
+        ("sync", 1),
+    ]
+    for r in runs:  # only the policy, seed and output place differ from the base recipe
+        same = r.with_updates(
+            {
+                "rollout.policy": small_recipe.rollout.policy,
+                "run.seed": small_recipe.run.seed,
+                "run.name": small_recipe.run.name,
+                "run.out_dir": small_recipe.run.out_dir,
+                "run.wandb_mode": small_recipe.run.wandb_mode,
+            }
+        )
+        assert same == small_recipe
