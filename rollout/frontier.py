@@ -214,6 +214,11 @@ def analyse(
             "time_fraction_target": TARGET_TIME_FRACTION,
             "history_reached_all_seeds": hist["reached"] == len(seeds),
             "history_fraction_of_sync_wall": fraction,
+            # sync's own first reach of its final accuracy, as a fraction of its wall time: a
+            # policy at this value is no faster than sync (an early plateau or a final dip of
+            # sync makes the fraction small for every policy)
+            "sync_fraction_of_own_wall": sync["fraction_of_sync_wall_mean"],
+            "history_ratio_to_sync_reach": hist["ratio_to_sync_reach_mean"],
             "time_ok": hist["reached"] == len(seeds)
             and fraction is not None
             and fraction <= TARGET_TIME_FRACTION,
@@ -259,7 +264,9 @@ def table_markdown(analysis: dict[str, Any]) -> str:
             f"{target['time_fraction_target']}, reached on every seed: "
             f"{target['history_reached_all_seeds']}); final accuracy floor (sync mean - se) "
             f"{_fmt(target['accuracy_floor'])}: {'ok' if target['accuracy_ok'] else 'below'}; "
-            f"target met: {target['met']}"
+            f"target met: {target['met']}. For scale: sync itself first reaches that accuracy at "
+            f"{_fmt(target['sync_fraction_of_own_wall'], 2)} of its wall time, so history's time "
+            f"relative to sync's own is {_fmt(target['history_ratio_to_sync_reach'], 2)}."
         )
     return "\n".join(lines) + "\n"
 

@@ -69,6 +69,7 @@ class RolloutSpec:
 
     `engine`: `inprocess` (the Engine in this process) or `http` (the same engine behind the
     SGLang-protocol server on loopback; weights go through /update_weights_from_tensor).
+    `dynamic_filter`: absent = the policy's own default (`ControllerConfig.filter_enabled`).
     """
 
     policy: str = "sync"
@@ -80,6 +81,7 @@ class RolloutSpec:
     over_sampling: float = 1.5
     max_staleness: int = 1
     mask_offpolicy: bool = False
+    dynamic_filter: bool | None = None
     max_running_requests: int = 256
 
 
@@ -260,7 +262,7 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
                 return _check_type(key, value, option)
             except RecipeError:
                 continue
-        names = " or ".join(_type_name(o) for o in options)
+        names = " or ".join(_type_name(o) for o in options if o is not type(None))
         raise RecipeError(f"{key}: expected {names}, got {_describe(value)}")
     if origin is dict or expected is dict:
         if not isinstance(value, Mapping):

@@ -169,6 +169,7 @@ def controller_config(recipe: Recipe) -> ControllerConfig:
         over_sampling=r.over_sampling,
         max_staleness=r.max_staleness,
         mask_offpolicy=r.mask_offpolicy,
+        dynamic_filter=r.dynamic_filter,
         sampling_params={
             "temperature": r.temperature,
             "top_p": 1.0,
