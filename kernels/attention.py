@@ -8,11 +8,9 @@ path does (it is the CPU path and the oracle, not meant for CUDA-graph capture).
 
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
 
+from .backend import Backend, choose_backend
 from .paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
@@ -24,7 +22,6 @@ except ImportError:  # no triton on this machine: the reference serves every cal
     _triton_impl = None
 
 ENV_VAR = "ROLLOUT_ACCEL_ATTENTION"
-Backend = Literal["reference", "triton"]
 
 
 def triton_available() -> bool:
@@ -34,16 +31,7 @@ def triton_available() -> bool:
 
 def attention_backend(device: torch.device) -> Backend:
     """Backend used for tensors on `device`: the env override, else Triton on CUDA if present."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced == "reference":
-        return "reference"
-    if forced == "triton":
-        if _triton_impl is None:
-            raise RuntimeError(f"{ENV_VAR}=triton but triton could not be imported")
-        return "triton"
-    if forced:
-        raise ValueError(f"{ENV_VAR} must be 'reference' or 'triton', got {forced!r}")
-    return "triton" if device.type == "cuda" and _triton_impl is not None else "reference"
+    return choose_backend(ENV_VAR, device, _triton_impl is not None)
 
 
 def decode_attention(

@@ -16,11 +16,10 @@ Invariants:
 
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
+
+from .backend import Backend, choose_backend
 
 try:
     from . import fused_ops_triton as _triton_impl
@@ -28,7 +27,6 @@ except ImportError:  # no triton on this machine: the reference serves every cal
     _triton_impl = None
 
 ENV_VAR = "ROLLOUT_ACCEL_FUSED"
-Backend = Literal["reference", "triton"]
 
 
 def triton_available() -> bool:
@@ -38,16 +36,7 @@ def triton_available() -> bool:
 
 def fused_backend(device: torch.device) -> Backend:
     """Backend used for tensors on `device`: the env override, else Triton on CUDA if present."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced == "reference":
-        return "reference"
-    if forced == "triton":
-        if _triton_impl is None:
-            raise RuntimeError(f"{ENV_VAR}=triton but triton could not be imported")
-        return "triton"
-    if forced:
-        raise ValueError(f"{ENV_VAR} must be 'reference' or 'triton', got {forced!r}")
-    return "triton" if device.type == "cuda" and _triton_impl is not None else "reference"
+    return choose_backend(ENV_VAR, device, _triton_impl is not None)
 
 
 # --- references (Hugging Face's formulas, verbatim) ----------------------------------------------

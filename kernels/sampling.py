@@ -18,10 +18,9 @@ backend (read on every call).
 
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
+
+from .backend import Backend, choose_backend
 
 try:
     from . import sampling_triton as _triton_impl
@@ -29,7 +28,6 @@ except ImportError:  # no triton on this machine: the reference serves every cal
     _triton_impl = None
 
 ENV_VAR = "ROLLOUT_ACCEL_SAMPLING"
-Backend = Literal["reference", "triton"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -125,16 +123,7 @@ def sample_tokens(
 
 def sampling_backend(device: torch.device) -> Backend:
     """Backend for tensors on `device`: the env override, else Triton on CUDA if importable."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced == "reference":
-        return "reference"
-    if forced == "triton":
-        if _triton_impl is None:
-            raise RuntimeError(f"{ENV_VAR}=triton but triton could not be imported")
-        return "triton"
-    if forced:
-        raise ValueError(f"{ENV_VAR} must be 'reference' or 'triton', got {forced!r}")
-    return "triton" if device.type == "cuda" and _triton_impl is not None else "reference"
+    return choose_backend(ENV_VAR, device, _triton_impl is not None)
 
 
 def sample_tokens_fast(
