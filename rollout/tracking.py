@@ -192,7 +192,8 @@ class Tracker:
             self._run.summary.update(_jsonable(dict(values)))
 
     def finish(self, exit_code: int = 0) -> None:
-        """Closes the JSONL file and the W&B run (offline: its files are complete after this)."""
+        """Closes the JSONL file and the W&B run. Offline run files are completed by W&B's
+        service process, which may lag this call by a moment on a busy machine."""
         if self._closed:
             return
         self._closed = True
