@@ -47,6 +47,10 @@ class GroupSizeError(ValueError):
     """A group does not have n_samples_per_prompt samples."""
 
 
+class FilterStarvedError(RuntimeError):
+    """The dynamic filter rejected so many groups that the step's bound on new groups ran out."""
+
+
 def nonzero_std(rewards: list[float]) -> bool:
     """DAPO's filter: keep a group only if its rewards are not all equal."""
     return len(rewards) > 1 and max(rewards) - min(rewards) > 1e-12
@@ -324,11 +328,17 @@ class RolloutController:
         counters["resumed_tokens"] = float(sum(w.resumed_tokens for w in queue if w.aborted))
         running: dict[asyncio.Task, GroupWork] = {}
         exhausted = False
+        # A filter that rejects (almost) everything would refill forever: bound the new groups one
+        # step may start, and fail clearly instead of hanging.
+        max_new = math.ceil(cfg.max_candidates_factor * provision)
+        started_new = 0
         try:
             while len(accepted) < target:
                 need = provision - len(accepted) - len(running)
                 if need > 0 and len(queue) < need and not exhausted:
-                    fresh = self._fresh(need - len(queue), rollout_id, counters)
+                    want = min(need - len(queue), max_new - started_new)
+                    fresh = self._fresh(want, rollout_id, counters) if want > 0 else []
+                    started_new += len(fresh)
                     exhausted = not fresh
                     queue.extend(fresh)
                 while need > 0 and queue:
@@ -336,6 +346,12 @@ class RolloutController:
                     running[asyncio.create_task(self._run_group(work, rollout_id))] = work
                     need -= 1
                 if not running:
+                    if len(accepted) < target and started_new >= max_new:
+                        raise FilterStarvedError(
+                            f"rollout step {rollout_id}: the group filter kept {len(accepted)} of "
+                            f"{target} groups after {started_new} new groups (max_candidates_factor="
+                            f"{cfg.max_candidates_factor}); too few prompts give mixed rewards"
+                        )
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

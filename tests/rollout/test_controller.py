@@ -253,3 +253,20 @@ def test_bad_settings_and_group_sizes(tiny_engine) -> None:
     )
     with pytest.raises(GroupSizeError, match="n_samples_per_prompt"):
         asyncio.run(ctl.step(0))
+
+
+def test_filter_that_rejects_everything_fails_clearly(tiny_engine) -> None:
+    from rollout_accel.rollout.controller import FilterStarvedError
+
+    async def constant(sample: Sample) -> float:
+        return 1.0  # every group is zero-variance: DAPO's filter keeps none
+
+    ctl = RolloutController(
+        EnginePool([InProcessEngine(tiny_engine)]),
+        ListPromptSource(_items(), seed=1),
+        constant,
+        _config("dynamic", max_candidates_factor=1.0),
+        payload_hook=_long_tail_hook,
+    )
+    with pytest.raises(FilterStarvedError, match="kept 0 of 6"):
+        asyncio.run(ctl.step(0))
