@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import fused_ops
+from tests.kernels.interpreter import run_interpreter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -161,16 +160,7 @@ def test_triton_kernels_under_interpreter() -> None:
 
     One process for all parts (rows, qk, silu, dispatch) to pay the torch/triton import once.
     """
-    env = {k: v for k, v in os.environ.items() if k != fused_ops.ENV_VAR}
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.fused_ops_interpret"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_interpreter("tests.kernels.fused_ops_interpret", drop_env=fused_ops.ENV_VAR)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert "0 failure(s)" in proc.stdout
 

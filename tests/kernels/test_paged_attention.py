@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from rollout_accel.kernels.paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
+from tests.kernels.interpreter import run_interpreter
 from tests.kernels.paged_attention_cases import (
     PagedAttentionCase,
     dense_attention,
@@ -182,15 +181,8 @@ def test_dispatch_reference_writes_out(
 @pytest.mark.parametrize("part", ["decode", "prefill", "dispatch"])
 def test_triton_kernels_under_interpreter(part: str) -> None:
     """The interpreter must be switched on before triton is imported, so it runs in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != attention.ENV_VAR}
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.paged_attention_interpret", part],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc = run_interpreter(
+        "tests.kernels.paged_attention_interpret", part, drop_env=attention.ENV_VAR
     )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert "0 failure(s)" in proc.stdout

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import sampling
+from tests.kernels.interpreter import run_interpreter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -130,16 +129,7 @@ def test_wrapper_rejects_bad_inputs(gen: torch.Generator) -> None:
 @needs_triton
 def test_triton_kernel_under_interpreter() -> None:
     """The interpreter must be on before triton is imported, so it runs in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != sampling.ENV_VAR}
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.sampling_interpret"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_interpreter("tests.kernels.sampling_interpret", drop_env=sampling.ENV_VAR)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert "0 failure(s)" in proc.stdout
 
