@@ -113,19 +113,6 @@ def test_reference_rope_is_a_rotation(gen: torch.Generator) -> None:
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_dispatch_defaults_to_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(fused_ops.ENV_VAR, raising=False)
-    assert fused_ops.fused_backend(torch.device("cpu")) == "reference"
-    monkeypatch.setenv(fused_ops.ENV_VAR, "reference")
-    assert fused_ops.fused_backend(torch.device("cuda")) == "reference"
-
-
-def test_dispatch_rejects_unknown_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(fused_ops.ENV_VAR, "liger")
-    with pytest.raises(ValueError, match="liger"):
-        fused_ops.fused_backend(torch.device("cpu"))
-
-
 def test_dispatch_reference_path_on_cpu(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -132,19 +132,6 @@ def test_reference_decode_equals_prefill_with_one_token(gen: torch.Generator) ->
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_dispatch_defaults_to_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    assert attention.attention_backend(torch.device("cpu")) == "reference"
-    monkeypatch.setenv(attention.ENV_VAR, "reference")
-    assert attention.attention_backend(torch.device("cuda")) == "reference"
-
-
-def test_dispatch_rejects_unknown_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(attention.ENV_VAR, "flashinfer")
-    with pytest.raises(ValueError, match="flashinfer"):
-        attention.attention_backend(torch.device("cpu"))
-
-
 def test_dispatch_reference_writes_out(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

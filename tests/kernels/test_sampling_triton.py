@@ -53,19 +53,6 @@ def _filters(batch: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tenso
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_dispatch_defaults_to_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sampling.ENV_VAR, raising=False)
-    assert sampling.sampling_backend(torch.device("cpu")) == "reference"
-    monkeypatch.setenv(sampling.ENV_VAR, "reference")
-    assert sampling.sampling_backend(torch.device("cuda")) == "reference"
-
-
-def test_dispatch_rejects_unknown_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sampling.ENV_VAR, "flashinfer")
-    with pytest.raises(ValueError, match="flashinfer"):
-        sampling.sampling_backend(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("need_filter", [False, True])
 def test_fast_equals_reference_on_cpu(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, need_filter: bool
