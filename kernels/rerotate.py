@@ -2,8 +2,9 @@
 
 A key cached after rotary at position p_old is moved to p_new without the pre-rotary key: rotary
 embeddings are per-frequency 2-D rotations, so R(a_new) = R(a_new - a_old) R(a_old). The angle
-difference is taken between the two fp32 angles the model's own tables use (fl(p * inv_freq)),
-so the result matches a key rotated at p_new up to the rounding of one extra rotation.
+difference is taken (in float64) between the two fp32 angles the model's own tables use
+(fl(p * inv_freq)), so the result matches a key rotated at p_new up to the rounding of one extra
+float32 rotation, at any position.
 
 Layout: `k_cache` [num_slots, num_kv_heads, head_dim] (one layer of the paged cache, see
 `paged_attention_reference`); rotary in Hugging Face's rotate_half form (the first and second
@@ -42,9 +43,13 @@ def rerotate_backend(device: torch.device) -> Backend:
 def rotation_angles(
     old_pos: torch.Tensor, new_pos: torch.Tensor, inv_freq: torch.Tensor
 ) -> torch.Tensor:
-    """[N, head_dim // 2] float32: fl(new * f) - fl(old * f), the tables' own angles."""
+    """[N, head_dim // 2] float64: fl32(new * f) - fl32(old * f), the difference of the tables'
+    own float32 angles, taken in float64 (in float32 it would lose up to half an ulp of the
+    angle, 2e-4 rad at position 8000)."""
     f = inv_freq.float()[None, :]
-    return new_pos.float()[:, None] * f - old_pos.float()[:, None] * f
+    a_new = (new_pos.float()[:, None] * f).double()
+    a_old = (old_pos.float()[:, None] * f).double()
+    return a_new - a_old
 
 
 def rerotate_reference(
@@ -53,7 +58,7 @@ def rerotate_reference(
     """k [N, H, D] rotated at old_pos -> the same keys rotated at new_pos (k's dtype)."""
     half = k.shape[-1] // 2
     angle = rotation_angles(old_pos.to(k.device), new_pos.to(k.device), inv_freq.to(k.device))
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    cos, sin = angle.cos().float()[:, None, :], angle.sin().float()[:, None, :]
     x = k.float()
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,8 +1,9 @@
 """Triton re-rotation of cached rotary keys (same math and layout as `rerotate`'s reference).
 
 One program per token moves every kv head of that token: it reads both halves of each head
-before writing, so src == dst (in place) is safe per token. Angles are fl(new * f) - fl(old * f)
-in float32 as in the reference; cos/sin in float32; one rounding to the cache dtype.
+before writing, so src == dst (in place) is safe per token. Angles are fl32(new * f) -
+fl32(old * f) taken in float64 as in the reference, cos/sin in float64, the rotation in float32;
+one rounding to the cache dtype.
 No host syncs: the grid is the token count.
 """
 
@@ -37,9 +38,10 @@ def _rerotate_kernel(
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
     f = tl.load(freq_ptr + offs_d, mask=d_mask, other=0.0)
-    angle = new * f - old * f
-    c = tl.cos(angle)[None, :]
-    s = tl.sin(angle)[None, :]
+    # float32 angles as the tables round them, their difference and cos/sin in float64
+    angle = (new * f).to(tl.float64) - (old * f).to(tl.float64)
+    c = tl.cos(angle).to(tl.float32)[None, :]
+    s = tl.sin(angle).to(tl.float32)[None, :]
     mask = (offs_h < NUM_HEADS)[:, None] & d_mask[None, :]
     offs = offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(k_ptr + src * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
