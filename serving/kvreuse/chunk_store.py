@@ -126,8 +126,8 @@ class ChunkStore:
         chunk.lock_ref += 1
 
     def unlock(self, chunk: Chunk) -> None:
+        assert chunk.lock_ref > 0, "chunk unlocked more often than locked"
         chunk.lock_ref -= 1
-        assert chunk.lock_ref >= 0, "chunk unlocked more often than locked"
 
     # -- insert -----------------------------------------------------------------------------
     def store(self, tokens: Sequence[int], src_slots: torch.Tensor, position: int) -> Chunk | None:
