@@ -85,7 +85,9 @@ def _check(
     inv_freq: torch.Tensor,
 ) -> None:
     if k_cache.dim() != 3 or k_cache.shape[-1] % 2:
-        raise ValueError(f"k_cache must be [slots, heads, even head_dim], got {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must be [slots, heads, even head_dim], got {tuple(k_cache.shape)}"
+        )
     n = src_slots.shape[0]
     for name, t in (("dst_slots", dst_slots), ("old_pos", old_pos), ("new_pos", new_pos)):
         if t.shape != (n,):

@@ -91,7 +91,13 @@ def place_spans(
     freqs = inv_freq(model, cache.k[0].device)
     for span in spans:
         place_chunk(
-            cache, span.chunk, span.chunk_start, slots[span.start : span.end], span.start, layers, freqs
+            cache,
+            span.chunk,
+            span.chunk_start,
+            slots[span.start : span.end],
+            span.start,
+            layers,
+            freqs,
         )
 
 
@@ -165,7 +171,7 @@ def blend_prefill(
         prev_end = span.end
     n_reused = int(reused.sum())
     check = settings.check_layer
-    selecting = 0 < n_reused and settings.recompute_ratio < 1.0 and check < num_layers
+    selecting = n_reused > 0 and settings.recompute_ratio < 1.0 and check < num_layers
     if selecting:
         place_spans(model, cache, slots, spans, range(check, num_layers))
     n_keep = math.ceil(settings.recompute_ratio * n_reused - 1e-9)
@@ -214,7 +220,9 @@ def blend_prefill(
             out = selective_attention(
                 q, k_cache, v_cache, block_table, cu, seq_lens, q_pos, 1, attn.scale, rows
             )
-        normed, residual = add_rms_norm(attn.o_proj(out.flatten(-2)), residual, norm2.weight, norm2.eps)
+        normed, residual = add_rms_norm(
+            attn.o_proj(out.flatten(-2)), residual, norm2.weight, norm2.eps
+        )
         hidden = layer.mlp.forward_fused(normed)
     assert residual is not None
     norm = model.model.norm

@@ -98,6 +98,36 @@ class ReusePrefiller:
         self.metrics = ReuseMetrics()
         self.device = cache.k[0].device
 
+    @classmethod
+    def create(
+        cls,
+        model: CausalLM,
+        num_slots: int,
+        settings: BlendSettings | None = None,
+        min_tokens: int = 16,
+        max_chunk_slots: int | None = None,
+    ) -> ReusePrefiller:
+        """A private pool (cache, allocator, radix cache, and a chunk store when `settings` is
+        given) in the model's dtype and device, for benches and tests."""
+        cfg = model.config
+        param = next(model.parameters())
+        cache = PagedKVCache(
+            cfg.num_hidden_layers,
+            num_slots,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
+        allocator = SlotAllocator(num_slots)
+        radix = RadixCache(allocator.free)
+        store = (
+            ChunkStore(allocator, cache, min_tokens=min_tokens, max_slots=max_chunk_slots)
+            if settings is not None
+            else None
+        )
+        return cls(model, cache, allocator, radix, store, settings)
+
     def alloc(self, count: int) -> torch.Tensor:
         """`count` free slots, evicting unlocked radix leaves, then unlocked chunks, if needed."""
         short = count - self.allocator.num_free

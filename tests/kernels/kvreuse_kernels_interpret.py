@@ -50,7 +50,9 @@ def check_rerotate(gen: torch.Generator) -> None:
             rt.rerotate_keys(out, src, dst, old, new, inv_freq)
             err = rel_err(out, ref)
             untouched = torch.equal(out[perm[2 * n :]], cache[perm[2 * n :]])
-            report(f"rerotate {dtype} h{heads} d{dim}", err <= tol and untouched, f"rel_err {err:.2e}")
+            report(
+                f"rerotate {dtype} h{heads} d{dim}", err <= tol and untouched, f"rel_err {err:.2e}"
+            )
             inplace = cache.clone()
             rt.rerotate_keys(inplace, src, src, old, new, inv_freq)
             ref2 = cache.clone()
@@ -91,7 +93,11 @@ def check_selective(gen: torch.Generator) -> None:
             )
             out = st.selective_attention(q, k, v, table, cu_t, lens_t, q_pos, page, dim**-0.5)
             err = rel_err(out, ref)
-            report(f"selective {dtype} hq{hq} hkv{hkv} d{dim} page{page}", err <= tol, f"rel_err {err:.2e}")
+            report(
+                f"selective {dtype} hq{hq} hkv{hkv} d{dim} page{page}",
+                err <= tol,
+                f"rel_err {err:.2e}",
+            )
 
 
 def main(argv: list[str]) -> int:

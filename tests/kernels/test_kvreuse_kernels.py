@@ -63,7 +63,10 @@ def test_rerotation_round_trip_and_in_place() -> None:
     cache = torch.randn(20, 2, 32, generator=gen)
     orig = cache.clone()
     src = torch.arange(1, 11)
-    old, new = torch.randint(0, 3000, (10,), generator=gen), torch.randint(0, 3000, (10,), generator=gen)
+    old, new = (
+        torch.randint(0, 3000, (10,), generator=gen),
+        torch.randint(0, 3000, (10,), generator=gen),
+    )
     rerotate.rerotate_keys(cache, src, src, old, new, inv_freq)
     assert not torch.allclose(cache[src], orig[src])
     assert torch.equal(cache[11:], orig[11:])
@@ -75,7 +78,9 @@ def test_rerotation_round_trip_and_in_place() -> None:
 
 @pytest.mark.parametrize("module", [rerotate, selective_attention])
 def test_dispatch_defaults_and_env(module, monkeypatch) -> None:
-    backend = rerotate.rerotate_backend if module is rerotate else selective_attention.selective_backend
+    backend = (
+        rerotate.rerotate_backend if module is rerotate else selective_attention.selective_backend
+    )
     monkeypatch.delenv(module.ENV_VAR, raising=False)
     assert backend(torch.device("cpu")) == "reference"
     monkeypatch.setenv(module.ENV_VAR, "reference")
@@ -120,7 +125,9 @@ def test_triton_kernels_on_gpu(dtype: torch.dtype) -> None:
     k, v, table = _case(gen, seq_lens, hq=16, hkv=8, dim=128, dtype=dtype, device=dev)
     pos, cu = [], [0]
     for s in seq_lens:
-        p = torch.cat([torch.randperm(s - 64, generator=gen)[: s // 7].sort().values, torch.arange(s - 64, s)])
+        p = torch.cat(
+            [torch.randperm(s - 64, generator=gen)[: s // 7].sort().values, torch.arange(s - 64, s)]
+        )
         pos.append(p)
         cu.append(cu[-1] + p.numel())
     q_pos = torch.cat(pos).to(dev)
@@ -130,6 +137,8 @@ def test_triton_kernels_on_gpu(dtype: torch.dtype) -> None:
     ref = selective_attention.selective_attention_reference(
         q.float(), k.float(), v.float(), table, cu_t, lens, q_pos, 1, 128**-0.5
     )
-    got = selective_attention_triton.selective_attention(q, k, v, table, cu_t, lens, q_pos, 1, 128**-0.5)
+    got = selective_attention_triton.selective_attention(
+        q, k, v, table, cu_t, lens, q_pos, 1, 128**-0.5
+    )
     err = float((got.double() - ref.double()).norm() / ref.double().norm())
     assert err <= (1e-5 if dtype == torch.float32 else 1e-2), err

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rollout_accel.serving.engine.kv_pool import SlotAllocator
-from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.kvreuse.blend import BlendSettings
-from rollout_accel.serving.kvreuse.chunk_store import ChunkStore
 from rollout_accel.serving.kvreuse.prefiller import ReusePrefiller
 from rollout_accel.serving.models import load_model
 from rollout_accel.serving.models.decoder import CausalLM
-from rollout_accel.serving.models.paged_kv import PagedKVCache
 
 
 def tiny_model(name: str = "tiny-qwen3") -> CausalLM:
@@ -27,14 +23,9 @@ def make_prefiller(
     min_tokens: int = 8,
     reuse: bool = True,
 ) -> ReusePrefiller:
-    cfg = model.config
-    cache = PagedKVCache(
-        cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
-    )
-    allocator = SlotAllocator(num_slots)
-    radix = RadixCache(allocator.free)
-    store = ChunkStore(allocator, cache, min_tokens=min_tokens) if reuse else None
-    return ReusePrefiller(model, cache, allocator, radix, store, settings if reuse else None)
+    if reuse and settings is None:
+        settings = BlendSettings()
+    return ReusePrefiller.create(model, num_slots, settings if reuse else None, min_tokens)
 
 
 def audit_slots(prefiller: ReusePrefiller, request_slots: list[torch.Tensor] = ()) -> None:

@@ -44,8 +44,13 @@ def _run(prefiller, prompts, steps: int = 12):
     for ids, segs in prompts:
         res = prefiller.prefill(ids, segs)
         toks = greedy_decode(
-            prefiller.model, prefiller.cache, res.slots, res.logits, steps,
-            prefiller.alloc, prefiller.allocator.free,
+            prefiller.model,
+            prefiller.cache,
+            res.slots,
+            res.logits,
+            steps,
+            prefiller.alloc,
+            prefiller.allocator.free,
         )
         kv = [
             (prefiller.cache.k[i][res.slots].clone(), prefiller.cache.v[i][res.slots].clone())
@@ -79,7 +84,9 @@ def test_partial_ratio_recomputes_the_share_it_claims(model) -> None:
     assert pf.metrics.stored_tokens == 72
     second = pf.prefill(*prompts[1])
     b = second.blend
-    assert b is not None and b.reused_tokens == 72 and b.new_tokens == 89 + 6 - 72 - second.prefix_len
+    assert (
+        b is not None and b.reused_tokens == 72 and b.new_tokens == 89 + 6 - 72 - second.prefix_len
+    )
     assert b.recomputed_reused == 18  # ceil(0.25 * 72)
     n = 95 - second.prefix_len
     selected = b.new_tokens + b.recomputed_reused
@@ -138,7 +145,11 @@ def test_rerotation_matches_rotary_at_new_positions(model, dtype) -> None:
 def test_refused_rope_variant_falls_back_to_full_prefill(model) -> None:
     prompts = _workload(3)
     scaled = tiny_model()
-    object.__setattr__(scaled, "config", scaled.config.with_updates(extra={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    object.__setattr__(
+        scaled,
+        "config",
+        scaled.config.with_updates(extra={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+    )
     assert "yarn" in (rope_refusal(scaled) or "")
     assert rope_refusal(model) is None
     pf = make_prefiller(scaled, settings=BlendSettings(recompute_ratio=0.15))

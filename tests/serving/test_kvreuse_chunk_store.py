@@ -48,7 +48,7 @@ def test_lru_eviction_skips_locked_chunks_and_respects_max_slots() -> None:
     src = alloc.alloc(10)
     a = store.store(list(range(10)), src, 0)
     b = store.store(list(range(10, 20)), src, 0)
-    c = store.store(list(range(20, 30)), src, 0)
+    assert store.store(list(range(20, 30)), src, 0) is not None
     assert store.cached_slots == 30
     store.lookup(list(range(10)))  # a is now the most recent
     store.lock(b)
@@ -74,7 +74,9 @@ def test_accounting_exact_under_eviction_and_abort() -> None:
     room, some requests abort after planning (locks released, slots freed) — after every step
     each slot has exactly one owner, and at the end everything drains back to the free list."""
     model = tiny_model()
-    pf = make_prefiller(model, num_slots=700, settings=BlendSettings(recompute_ratio=0.2), min_tokens=8)
+    pf = make_prefiller(
+        model, num_slots=700, settings=BlendSettings(recompute_ratio=0.2), min_tokens=8
+    )
     rng = random.Random(0)
     docs = [[rng.randrange(3, 500) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
     for step in range(24):
