@@ -17,7 +17,9 @@ models on a random-token stream. Results: `<out>/kvreuse.json`; a table is print
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -70,21 +72,78 @@ class StreamRun:
 # -- the toy policy and its text ------------------------------------------------------------------
 
 
-def toy_policy(device: str, cache_root: str | None) -> tuple[CausalLM, Any]:
-    """The SFT warm-start checkpoint of recipes/local/arithmetic-sync.toml (built on a miss)."""
+def toy_policy(layers: int, device: str, cache_root: str) -> tuple[CausalLM, Any]:
+    """The local loop's SFT warm start (recipes/local/arithmetic-sync.toml: same task, shape,
+    init, SFT data and schedule) with `layers` decoder layers, trained on `device` and cached as a
+    state dict under `cache_root`. Built here rather than through `rollout.local` so it runs on
+    bare GPU images (no aiohttp / HTTP stack): the steps are those of
+    `rollout.local.checkpoint.ensure_sft_checkpoint`. With 2 layers (the recipe's) and check
+    layer 1 every K/V is recomputed, so the default here is deeper."""
     from rollout_accel.rollout.frontier import find_default_recipe
-    from rollout_accel.rollout.local import ensure_sft_checkpoint
-    from rollout_accel.rollout.local.loop import SFT_CACHE
     from rollout_accel.rollout.recipe import load_recipe
     from rollout_accel.rollout.tasks import get_task
-    from rollout_accel.serving.models import load_model
+    from rollout_accel.rollout.trainer.sft import SFTConfig, build_sft_examples, sft_train
+    from rollout_accel.serving.models import ModelConfig
+    from rollout_accel.serving.models.presets import init_random_weights
 
-    recipe = load_recipe(find_default_recipe())
-    root = Path(cache_root) if cache_root else Path(recipe.run.out_dir) / SFT_CACHE
-    path, _ = ensure_sft_checkpoint(recipe, root)
-    model = load_model(str(path), dtype="float32", device=device).model
+    recipe = load_recipe(find_default_recipe(), [f"model.layers={layers}"])
     task = get_task(recipe.task.name, **recipe.task.options)
-    return model, task
+    spec, tok = recipe.model, task.tokenizer
+    config = ModelConfig(
+        architecture="qwen3",
+        vocab_size=tok.vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.hidden // spec.heads,
+        rope_theta=10_000.0,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        eos_token_ids=(tok.eos_id,),
+        bos_token_id=tok.bos_id,
+    )
+    key = json.dumps(
+        [
+            asdict(spec),
+            asdict(recipe.train),
+            recipe.task.options,
+            recipe.task.sft_size,
+            recipe.run.seed,
+            list(tok.vocab),
+        ],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    path = (
+        Path(cache_root)
+        / f"toy-{recipe.task.name}-l{layers}-sft{recipe.train.sft_steps}-{digest}.pt"
+    )
+    model = CausalLM(config)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.to(device).eval(), task
+    init_random_weights(model, 0.02, recipe.run.seed)  # checkpoint.INIT_STD
+    model.to(device)
+    problems = task.train_prompts(recipe.task.sft_size, seed=recipe.run.seed + 1_000_003)
+    with torch.enable_grad():
+        sft_train(
+            model,
+            build_sft_examples(task, problems),
+            SFTConfig(
+                steps=recipe.train.sft_steps,
+                batch_size=recipe.train.sft_batch_size,
+                lr=recipe.train.sft_lr,
+                pad_id=tok.pad_id,
+                seed=recipe.run.seed,
+            ),
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return model.eval(), task
 
 
 def arithmetic_text(task: Any) -> TextSource:
@@ -304,7 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads (default 1: steadier timings on a shared machine)",
     )
-    p.add_argument("--sft-cache", default=None, help="SFT checkpoint cache (default: the recipe's)")
+    p.add_argument(
+        "--toy-layers",
+        type=int,
+        default=6,
+        help="decoder layers of the toy policy (default 6; the recipe's 2 leave nothing to reuse past check layer 1)",
+    )
+    p.add_argument(
+        "--sft-cache",
+        default="bench-out/kvreuse-sft-cache",
+        help="where the toy policy's SFT weights are cached (default bench-out/kvreuse-sft-cache)",
+    )
     p.add_argument(
         "--out", default="bench-out", help="directory for kvreuse.json (default bench-out)"
     )
@@ -331,7 +400,7 @@ def load(label: str, args: argparse.Namespace) -> tuple[CausalLM, list[AgentProm
 
     config = workload_for(label, args)
     if label == "toy":
-        model, task = toy_policy(args.device, args.sft_cache)
+        model, task = toy_policy(args.toy_layers, args.device, args.sft_cache)
         prompts = multi_agent_stream(config, arithmetic_text(task), prefix=[task.tokenizer.bos_id])
     else:
         model = load_model(label, dtype=args.dtype, device=args.device).model

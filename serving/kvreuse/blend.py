@@ -26,7 +26,7 @@ from rollout_accel.kernels.attention import prefill_attention
 from rollout_accel.kernels.fused_ops import add_rms_norm, qk_norm_rope, rms_norm
 from rollout_accel.kernels.selective_attention import selective_attention
 from rollout_accel.serving.kvreuse.chunk_store import Chunk
-from rollout_accel.serving.kvreuse.rerotate import inv_freq, place_chunk
+from rollout_accel.serving.kvreuse.rerotate import inv_freq, place_chunks
 from rollout_accel.serving.models.decoder import Attention, CausalLM
 from rollout_accel.serving.models.paged_kv import PagedKVCache
 
@@ -89,16 +89,8 @@ def place_spans(
 ) -> None:
     """Copies each span's chunk KV into the request's `slots`, K re-rotated to the span's start."""
     freqs = inv_freq(model, cache.k[0].device)
-    for span in spans:
-        place_chunk(
-            cache,
-            span.chunk,
-            span.chunk_start,
-            slots[span.start : span.end],
-            span.start,
-            layers,
-            freqs,
-        )
+    pieces = [(sp.chunk, sp.chunk_start, slots[sp.start : sp.end], sp.start) for sp in spans]
+    place_chunks(cache, pieces, layers, freqs)
 
 
 def _qkv(

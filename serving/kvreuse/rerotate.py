@@ -8,6 +8,8 @@ back to full prefill and counts it, instead of producing wrong KV.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from rollout_accel.kernels.rerotate import rerotate_keys
@@ -43,25 +45,25 @@ def inv_freq(model: CausalLM, device: torch.device) -> torch.Tensor:
     return model.model.rotary.inv_freq.to(device, torch.float32)
 
 
-def place_chunk(
+def place_chunks(
     cache: PagedKVCache,
-    chunk: Chunk,
-    chunk_start: int,
-    dst_slots: torch.Tensor,
-    new_position: int,
+    pieces: Sequence[tuple[Chunk, int, torch.Tensor, int]],
     layers: range,
     freqs: torch.Tensor,
 ) -> None:
-    """Copies tokens [chunk_start, chunk_start + len(dst_slots)) of `chunk` into `dst_slots`,
-    their K re-rotated so token i sits at `new_position + i`, for `layers`."""
-    n = dst_slots.numel()
-    if n == 0:
+    """For each (chunk, chunk_start, dst_slots, new_position): copies tokens [chunk_start,
+    chunk_start + len(dst_slots)) of the chunk into `dst_slots`, K re-rotated so token i sits at
+    `new_position + i`, for `layers`. One V copy and one re-rotation launch per layer for all."""
+    pieces = [p for p in pieces if p[2].numel()]
+    if not pieces:
         return
     dev = cache.k[0].device
-    src = chunk.slots[chunk_start : chunk_start + n].to(dev)
-    dst = dst_slots.to(dev)
-    old_pos = chunk.positions(chunk_start, chunk_start + n).to(dev)
-    new_pos = torch.arange(new_position, new_position + n, dtype=torch.int64, device=dev)
+    src = torch.cat([c.slots[s : s + d.numel()] for c, s, d, _ in pieces]).to(dev)
+    dst = torch.cat([d for _, _, d, _ in pieces]).to(dev)
+    old_pos = torch.cat([c.positions(s, s + d.numel()) for c, s, d, _ in pieces]).to(dev)
+    new_pos = torch.cat(
+        [torch.arange(p, p + d.numel(), dtype=torch.int64) for _, _, d, p in pieces]
+    ).to(dev)
     for layer in layers:
         cache.v[layer][dst] = cache.v[layer][src]
         rerotate_keys(cache.k[layer], src, dst, old_pos, new_pos, freqs)
