@@ -2,8 +2,8 @@
 
 One program per token moves every kv head of that token: it reads both halves of each head
 before writing, so src == dst (in place) is safe per token. Angles are fl32(new * f) -
-fl32(old * f) taken in float64 as in the reference, cos/sin in float64, the rotation in float32;
-one rounding to the cache dtype.
+fl32(old * f) taken exactly as in the reference; cos/sin from its float32 hi/lo split; the
+rotation in float32; one rounding to the cache dtype.
 No host syncs: the grid is the token count.
 """
 
@@ -38,10 +38,16 @@ def _rerotate_kernel(
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
     f = tl.load(freq_ptr + offs_d, mask=d_mask, other=0.0)
-    # float32 angles as the tables round them, their difference and cos/sin in float64
+    # float32 angles as the tables round them; their difference exactly (float64), split into
+    # float32 hi + lo; cos/sin(hi + lo) to first order in lo (|lo| <= ulp(hi) / 2), so no float64
+    # transcendental (whose slow path spills) is needed.
     angle = (new * f).to(tl.float64) - (old * f).to(tl.float64)
-    c = tl.cos(angle).to(tl.float32)[None, :]
-    s = tl.sin(angle).to(tl.float32)[None, :]
+    hi = angle.to(tl.float32)
+    lo = (angle - hi.to(tl.float64)).to(tl.float32)
+    c_hi = tl.cos(hi)
+    s_hi = tl.sin(hi)
+    c = (c_hi - s_hi * lo)[None, :]
+    s = (s_hi + c_hi * lo)[None, :]
     mask = (offs_h < NUM_HEADS)[:, None] & d_mask[None, :]
     offs = offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(k_ptr + src * stride_t + offs, mask=mask, other=0.0).to(tl.float32)

@@ -185,9 +185,10 @@ def arithmetic_text(task: Any) -> TextSource:
 
 
 def pool_slots(prompts: Sequence[AgentPrompt], steps: int) -> int:
-    """Enough slots that nothing is evicted: every prompt (radix), every segment (chunks), decode."""
-    segment_tokens = sum(e - s for p in prompts for s, e in p.segments)
-    return sum(len(p.input_ids) for p in prompts) + segment_tokens + steps + 64
+    """Enough slots that nothing is evicted: every prompt (radix), every distinct segment
+    (chunks), one decode."""
+    distinct = {tuple(p.input_ids[s:e]) for p in prompts for s, e in p.segments}
+    return sum(len(p.input_ids) for p in prompts) + sum(map(len, distinct)) + steps + 64
 
 
 def run_streams(

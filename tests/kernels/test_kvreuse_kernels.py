@@ -119,7 +119,7 @@ def test_triton_kernels_on_gpu(dtype: torch.dtype) -> None:
     out = cache.clone()
     rerotate_triton.rerotate_keys(out, src, dst, old, new, inv_freq)
     err = float((out.double() - ref.double()).norm() / ref.double().norm())
-    assert err <= (1e-6 if dtype == torch.float32 else 4e-3), err
+    assert err <= (2e-6 if dtype == torch.float32 else 4e-3), err
     # selective attention: 2 sequences, 15% + a tail of queries
     seq_lens = [3000, 1200]
     k, v, table = _case(gen, seq_lens, hq=16, hkv=8, dim=128, dtype=dtype, device=dev)
