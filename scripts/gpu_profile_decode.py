@@ -46,7 +46,7 @@ def main() -> None:
     prompts = torch.randint(300, 150_000, (args.num_seqs, args.ctx), generator=gen).tolist()
     done = threading.Event()
     counter = {"steps": 0}
-    step = engine.scheduler.step
+    step = engine.loop._step
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
     def wrapped() -> bool:
@@ -60,7 +60,7 @@ def main() -> None:
             done.set()
         return result
 
-    engine.scheduler.step = wrapped
+    engine.loop._step = wrapped
     engine.generate(
         input_ids=prompts,
         sampling_params={"temperature": 0, "max_new_tokens": 60, "ignore_eos": True},
