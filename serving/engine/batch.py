@@ -45,14 +45,11 @@ class Batch:
     slots: torch.Tensor
     num_decode: int
     num_tokens: int = 0
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def is_decode_only(self) -> bool:
         return self.num_decode == len(self.items)
-
-    @property
-    def rows(self) -> np.ndarray:
-        return np.fromiter((it.request.row for it in self.items), np.int64, len(self.items))
 
 
 @dataclass(slots=True)
@@ -85,28 +82,26 @@ class CompletedStep:
 
 
 class QueuedStep:
-    """A step queued on the GPU: results land in pinned host buffers, then an event fires."""
+    """A step queued on the GPU: results land in a pinned host buffer ([2, n] float64: tokens,
+    logprobs), then an event fires."""
 
     def __init__(
         self,
         batch: Batch,
-        host_tokens: torch.Tensor,
-        host_logprobs: torch.Tensor,
+        host: torch.Tensor,
         event: torch.cuda.Event,
         count: int,
         input_logprobs: dict[int, list[float]] | None = None,
     ) -> None:
         self.batch = batch
-        self._host_tokens = host_tokens
-        self._host_logprobs = host_logprobs
+        self._host = host
         self._event = event
         self._count = count
         self._input_logprobs = input_logprobs or {}
 
     def wait(self) -> StepResult:
         self._event.synchronize()
+        values = self._host[:, : self._count].numpy()
         return StepResult(
-            self._host_tokens[: self._count].tolist(),
-            self._host_logprobs[: self._count].tolist(),
-            self._input_logprobs,
+            values[0].astype(np.int64).tolist(), values[1].tolist(), self._input_logprobs
         )

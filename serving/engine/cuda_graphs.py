@@ -2,7 +2,9 @@
 
 Decode-only batches of up to `max_bs` sequences replay graphs captured for a set of batch-size
 buckets; a batch is padded up to its bucket with rows of seq_len 0 (the Triton decode kernel
-writes zeros for them) whose K/V go to the reserved slot 0. All graphs share one memory pool.
+writes zeros for them) on the table's spare row, whose K/V go to the reserved slot 0. A graph
+covers the whole step but sampling: the slot-table update, the input-id and block-table gathers,
+the forward. All graphs share one memory pool.
 Why: a decode step of a small model is a few hundred small kernels; launching them one by one
 from Python costs more than the GPU work itself.
 
@@ -52,35 +54,34 @@ class DecodeGraphs:
 
     def _allocate_inputs(self) -> None:
         dev, bs = self.device, self.max_bs
-        # One [4, max_bs] block (positions, rows, seq_lens, slots): one host-to-device copy per
-        # step from one of two pinned buffers (alternated: with overlap the CPU stages step N+1
-        # while step N's copy may still be queued).
+        # One [4, max_bs] block (positions, rows, slots, seq_lens) is all a step sends: one
+        # host-to-device copy from one of two pinned buffers (alternated: with overlap the CPU
+        # stages step N+1 while step N's copy may still be queued). Everything else a step needs
+        # (input ids, block table, the new slots in the table) is gathered inside the graph.
         self.static = torch.zeros((4, bs), dtype=torch.int64, device=dev)
-        self.positions, self.rows, self._seq_lens64, self.slot_mapping = self.static
+        self.positions, self.rows, self.slot_mapping, self._seq_lens64 = self.static
         self._hosts = [torch.zeros((4, bs), dtype=torch.int64).pin_memory() for _ in range(2)]
         self._flip = 0
-        self.input_ids = torch.zeros(bs, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(bs, dtype=torch.int32, device=dev)
-        self.block_table = torch.zeros((bs, self.width), dtype=torch.int32, device=dev)
         self.cu_q_lens = torch.arange(bs + 1, dtype=torch.int32, device=dev)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            block_table=self.block_table[:bs],
-            seq_lens=self.seq_lens[:bs],
+    def _body(self, bs: int) -> torch.Tensor:
+        rows, positions, slots = self.rows[:bs], self.positions[:bs], self.slot_mapping[:bs]
+        table = self.table
+        table.req_to_token[rows, positions] = slots.to(torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_table=table.req_to_token.index_select(0, rows),
+            seq_lens=self._seq_lens64[:bs].to(torch.int32),
             cu_q_lens=self.cu_q_lens[: bs + 1],
             page_size=1,
             is_decode=True,
             max_q_len=1,
             num_decode=bs,
         )
-
-    def _body(self, bs: int) -> torch.Tensor:
         return self.model.forward_paged(
-            self.input_ids[:bs],
-            self.positions[:bs],
-            self._meta(bs),
+            table.token_ids[rows, positions],
+            positions,
+            meta,
             self.kv_cache,
             logit_rows=None,
             max_position=self.width - 1,
@@ -92,9 +93,7 @@ class DecodeGraphs:
         self.release()
         # Rotary tables must exist for every position before capture (no growth inside a graph).
         self.model.model.rotary.tables(self.width, self.device)
-        self.static.zero_()
-        self.seq_lens.zero_()
-        self.input_ids.zero_()
+        self._stage_padding(0, self.max_bs)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -123,10 +122,15 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return self.captured and 0 < batch_size <= self.max_bs
 
+    def _stage_padding(self, start: int, end: int) -> None:
+        """Padding rows: the table's spare row, slot 0 (reserved), seq_len 0 (no attention)."""
+        self.static[:, start:end] = 0
+        self.static[1, start:end] = self.table.pad_row
+
     @torch.inference_mode()
     def run(self, positions: np.ndarray, rows: np.ndarray, slots: torch.Tensor) -> torch.Tensor:
-        """Stages one decode batch (inputs read from the device token table) and replays its
-        bucket's graph; returns the logits [bs, vocab] (a view of the graph's output)."""
+        """Stages one decode batch and replays its bucket's graph; returns the logits
+        [bs, vocab] (a view of the graph's output, valid until the next replay)."""
         bs = len(positions)
         bucket = next(b for b in self.buckets if b >= bs)
         self._flip ^= 1
@@ -134,14 +138,11 @@ class DecodeGraphs:
         host = host_t.numpy()
         host[0, :bs] = positions
         host[1, :bs] = rows
-        host[2, :bs] = positions + 1
-        host[3, :bs] = slots.numpy()
-        host[:, bs:bucket] = 0  # padding rows: seq_len 0, K/V into the reserved slot 0
+        host[2, :bs] = slots.numpy()
+        host[3, :bs] = positions + 1
+        host[:, bs:bucket] = 0
+        host[1, bs:bucket] = self.table.pad_row
         self.static[:, :bucket].copy_(host_t[:, :bucket], non_blocking=True)
-        rows_t, pos_t = self.rows[:bucket], self.positions[:bucket]
-        self.input_ids[:bucket] = self.table.token_ids[rows_t, pos_t]
-        self.seq_lens[:bucket].copy_(self._seq_lens64[:bucket])
-        torch.index_select(self.table.req_to_token, 0, rows_t, out=self.block_table[:bucket])
         self.graphs[bucket].replay()
         self.replays += 1
         return self.outputs[bucket][:bs]

@@ -505,6 +505,8 @@ class Engine:
             except Exception:  # a wedged or dead engine still shuts down
                 log.warning("abort on shutdown did not complete", exc_info=True)
         self.loop.stop(timeout)
+        if not self.loop.thread.is_alive():
+            self.runner.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -71,22 +71,34 @@ class SlotAllocator:
 
 
 class RequestTable:
-    """Per-row slot table (host mirror + device copy) and device token ids; rows are recycled.
+    """Per-row state on the device: the slot table (with a host mirror), token ids, and each
+    row's sampling parameters; rows are recycled.
 
-    Invariant: after `flush()`, `device_slots[r, :n] == host_slots[r, :n]` for every row r and
-    every position n written through `write`.
+    Row `pad_row` (the last) is never handed out: padded batch rows point at it, so anything a
+    padding row writes lands there. Invariant: after `flush()`, `req_to_token[r, :n] ==
+    host_slots[r, :n]` for every position written through `write`; positions a batch computes
+    are written on the device by the runner from the batch itself (`note` keeps the mirror).
     """
 
     def __init__(self, max_rows: int, max_context: int, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.max_rows = max_rows
+        self.pad_row = max_rows
         self.max_context = max_context
-        self.host_slots = np.zeros((max_rows, max_context), dtype=np.int32)
-        self.req_to_token = torch.zeros((max_rows, max_context), dtype=torch.int32, device=device)
+        rows = max_rows + 1
+        self.host_slots = np.zeros((rows, max_context), dtype=np.int32)
+        self.req_to_token = torch.zeros((rows, max_context), dtype=torch.int32, device=device)
         # One spare column: a step may sample the token after a full context (then discarded).
-        self.token_ids = torch.zeros((max_rows, max_context + 1), dtype=torch.int64, device=device)
+        self.token_ids = torch.zeros((rows, max_context + 1), dtype=torch.int64, device=device)
+        # Sampling parameters by row: (temperature or 0 for greedy, top_p, min_p) and
+        # (top_k, seed, prompt length); set when a request takes the row.
+        self.row_floats = torch.zeros((rows, 3), dtype=torch.float32, device=device)
+        self.row_ints = torch.zeros((rows, 3), dtype=torch.int64, device=device)
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._pending: list[tuple[int, int, np.ndarray]] = []
+        self._pending_params: dict[
+            int, tuple[tuple[float, float, float], tuple[int, int, int]]
+        ] = {}
 
     @property
     def num_free(self) -> int:
@@ -100,46 +112,60 @@ class RequestTable:
     def free(self, row: int) -> None:
         self._free_rows.append(row)
 
+    def set_row_params(
+        self, row: int, floats: tuple[float, float, float], ints: tuple[int, int, int]
+    ) -> None:
+        """A request's sampling parameters for `row`; reach the device at `flush`."""
+        self._pending_params[row] = (floats, ints)
+
     def write(self, row: int, start: int, slots: torch.Tensor | np.ndarray) -> None:
-        """Slots of tokens [start, start + len(slots)) of `row`; reaches the device at `flush`."""
+        """Slots of tokens [start, start + len(slots)) of `row`; reach the device at `flush`."""
         values = slots.numpy() if isinstance(slots, torch.Tensor) else slots
         if values.size == 0:
             return
         self.host_slots[row, start : start + values.size] = values
         self._pending.append((row, start, values))
 
-    def write_positions(self, rows: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> None:
-        """One slot per (row, position) pair, e.g. a decode step's new tokens."""
+    def note(self, row: int, start: int, slots: torch.Tensor | np.ndarray) -> None:
+        """Host mirror only: the runner writes these slots on the device with its batch."""
+        values = slots.numpy() if isinstance(slots, torch.Tensor) else slots
+        self.host_slots[row, start : start + values.size] = values
+
+    def note_positions(self, rows: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> None:
+        """Host mirror only, one slot per (row, position) pair (a decode step's new tokens)."""
         self.host_slots[rows, positions] = slots
-        self._pending.append((-1, 0, np.stack([rows, positions, slots.astype(np.int64)])))
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
         """Slots of tokens [start, end) of `row`, as an int64 CPU tensor (from the host mirror)."""
         return torch.from_numpy(self.host_slots[row, start:end].astype(np.int64))
 
     def flush(self) -> None:
-        """Applies queued host writes to the device table with one scatter (non-blocking)."""
-        if not self._pending:
-            return
-        rows_l, pos_l, val_l = [], [], []
-        for row, start, values in self._pending:
-            if row < 0:
-                rows_l.append(values[0])
-                pos_l.append(values[1])
-                val_l.append(values[2])
-            else:
+        """Applies queued host writes (slots written outside a batch, new rows' sampling
+        parameters) to the device; non-blocking, in stream order."""
+        if self._pending:
+            rows_l, pos_l, val_l = [], [], []
+            for row, start, values in self._pending:
                 rows_l.append(np.full(values.size, row, dtype=np.int64))
                 pos_l.append(np.arange(start, start + values.size, dtype=np.int64))
                 val_l.append(values.astype(np.int64, copy=False))
-        self._pending.clear()
-        packed = torch.from_numpy(
-            np.stack([np.concatenate(rows_l), np.concatenate(pos_l), np.concatenate(val_l)])
-        )
-        if self.device.type == "cuda":
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
-        self.req_to_token[packed[0], packed[1]] = packed[2].to(torch.int32)
+            self._pending.clear()
+            packed = self._to_device(
+                np.stack([np.concatenate(rows_l), np.concatenate(pos_l), np.concatenate(val_l)])
+            )
+            self.req_to_token[packed[0], packed[1]] = packed[2].to(torch.int32)
+        if self._pending_params:
+            rows = np.fromiter(self._pending_params, np.int64, len(self._pending_params))
+            values = list(self._pending_params.values())
+            self._pending_params.clear()
+            ints = np.array([v[1] for v in values], dtype=np.int64)
+            floats = np.array([v[0] for v in values], dtype=np.float32)
+            packed = self._to_device(np.concatenate([rows[:, None], ints], axis=1))
+            rows_t = packed[:, 0]
+            self.row_ints[rows_t] = packed[:, 1:]
+            self.row_floats[rows_t] = self._to_device(floats)
 
-    def reallocate(self) -> None:
-        """New device buffers (memory resume); the host mirror is re-sent on the next flush."""
-        self.req_to_token = torch.zeros_like(self.req_to_token)
-        self.token_ids = torch.zeros_like(self.token_ids)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor

@@ -54,7 +54,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.is_cuda = self.device.type == "cuda"
         self.vocab_size = model.config.vocab_size
-        self.sampler = BatchSampler(self.vocab_size, eos_ids, self.device)
+        self.sampler = BatchSampler(table, self.vocab_size, eos_ids)
         self.graphs = None
         if self.is_cuda and cuda_graph_max_bs > 0:
             from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
@@ -65,14 +65,10 @@ class ModelRunner:
         self.released: set[str] = set()
         if self.is_cuda:
             # Two pinned result buffers, alternated: step N's results may still be copying while
-            # step N+1 is launched.
-            cap = table.max_rows
+            # step N+1 is launched. Tokens and logprobs travel together as float64 (token ids
+            # are exact in it): one device-to-host copy per step.
             self._results = [
-                (
-                    torch.zeros(cap, dtype=torch.int64).pin_memory(),
-                    torch.zeros(cap, dtype=torch.float32).pin_memory(),
-                )
-                for _ in range(2)
+                torch.zeros((2, table.max_rows), dtype=torch.float64).pin_memory() for _ in range(2)
             ]
             self._flip = 0
 
@@ -100,25 +96,26 @@ class ModelRunner:
         if not emitting:
             return CompletedStep(batch, StepResult([], [], input_logprobs))
         requests = [items[i].request for i in emitting]
-        output_positions = np.fromiter(
+        host_positions = np.fromiter(
             (items[i].start + items[i].count - len(items[i].request.input_ids) for i in emitting),
             np.int64,
             len(emitting),
         )
-        tokens, logprobs = self.sampler.sample(requests, sample_logits, output_positions)
+        tokens, logprobs = self.sampler.sample(
+            requests, sample_logits, emit_rows, emit_next, host_positions
+        )
         # Sampled tokens go into the device token table, where the next decode step reads them.
         self.table.token_ids[emit_rows, emit_next] = tokens
         if not self.is_cuda:
             result = StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
             return CompletedStep(batch, result)
         self._flip ^= 1
-        host_tokens, host_logprobs = self._results[self._flip]
+        host = self._results[self._flip]
         count = len(emitting)
-        host_tokens[:count].copy_(tokens, non_blocking=True)
-        host_logprobs[:count].copy_(logprobs, non_blocking=True)
+        host[:, :count].copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return QueuedStep(batch, host_tokens, host_logprobs, event, count, input_logprobs)
+        return QueuedStep(batch, host, event, count, input_logprobs)
 
     def _forward_eager(
         self, batch: Batch, emitting: list[int]
@@ -159,13 +156,16 @@ class ModelRunner:
         else:
             logit_np = (cu[1:] - 1)[emitting]
         emit = np.asarray(emitting, dtype=np.int64)
+        token_rows = np.repeat(batch.rows, counts)
         parts = [ids, positions, batch.rows, ends, cu, batch.slots.numpy(), logit_np]
-        parts += [batch.rows[emit], ends[emit]]
+        parts += [batch.rows[emit], ends[emit], token_rows]
         packed = torch.from_numpy(np.concatenate(parts))
         if self.is_cuda:
             packed = packed.pin_memory().to(dev, non_blocking=True)
         views = torch.split(packed, [p.size for p in parts])
-        ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, logit_rows_t, emit_rows, emit_next = views
+        ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, logit_rows_t, emit_rows, emit_next = views[:9]
+        # The batch's new slots into the device table (the scheduler kept the host mirror).
+        self.table.req_to_token[views[9], pos_t] = slots_t.to(torch.int32)
         if nd:
             ids_t = ids_t.clone()
             ids_t[:nd] = self.table.token_ids[rows_t[:nd], pos_t[:nd]]
@@ -237,6 +237,21 @@ class ModelRunner:
             self.kv_cache.reallocate()
         self.released -= set(tags)
         self.recapture_if_needed()
+
+    def close(self) -> None:
+        """Frees all device memory the runner holds (engine shutdown): the engine and the
+        scheduler reference each other, so waiting for the garbage collector could keep tens of
+        GB of KV alive after `shutdown()`."""
+        if self.graphs is not None:
+            self.graphs.release()
+        if not self.kv_cache.released:
+            self.kv_cache.release()
+        for param in self.model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.released |= {"weights", "kv_cache", "cuda_graph"}
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def recapture_if_needed(self, force: bool = False) -> None:
         """(Re)captures the decode graphs when they are missing (or `force`) and memory is in."""

@@ -259,7 +259,7 @@ class Scheduler:
             req = item.request
             assert req.row is not None
             if item.is_prefill:
-                self.table.write(req.row, item.start, batch.slots[offset : offset + item.count])
+                self.table.note(req.row, item.start, batch.slots[offset : offset + item.count])
             else:
                 decode_rows.append(req.row)
                 decode_pos.append(item.start)
@@ -275,12 +275,13 @@ class Scheduler:
                     self._prefilling[key] = self._prefilling.get(key, 0) + 1
         if decode_rows:
             nd = batch.num_decode
-            self.table.write_positions(
+            self.table.note_positions(
                 np.asarray(decode_rows, dtype=np.int64),
                 np.asarray(decode_pos, dtype=np.int64),
                 batch.slots[:nd].numpy(),
             )
         batch.num_tokens = offset
+        batch.rows = np.fromiter((it.request.row for it in batch.items), np.int64, len(batch.items))
         self.stats.steps += 1
         return batch
 
@@ -369,6 +370,12 @@ class Scheduler:
     def _attach(self, req: Request) -> None:
         """Gives a waiting request a table row and its cached prefix (locked)."""
         req.row = self.table.alloc()
+        params = req.params
+        self.table.set_row_params(
+            req.row,
+            (0.0 if params.greedy else params.temperature, params.top_p, params.min_p),
+            (params.top_k, req.seed, len(req.input_ids)),
+        )
         slots, node = self.cache.match_prefix(req.fill_ids[:-1])
         self.cache.lock(node)
         req.prefix_node = node
