@@ -72,13 +72,22 @@ class StreamRun:
 # -- the toy policy and its text ------------------------------------------------------------------
 
 
-def toy_policy(layers: int, device: str, cache_root: str) -> tuple[CausalLM, Any]:
+def toy_policy(
+    layers: int, device: str, cache_root: str, context: MultiAgentConfig | None = TOY_WORKLOAD
+) -> tuple[CausalLM, Any]:
     """The local loop's SFT warm start (recipes/local/arithmetic-sync.toml: same task, shape,
     init, SFT data and schedule) with `layers` decoder layers, trained on `device` and cached as a
     state dict under `cache_root`. Built here rather than through `rollout.local` so it runs on
     bare GPU images (no aiohttp / HTTP stack): the steps are those of
     `rollout.local.checkpoint.ensure_sft_checkpoint`. With 2 layers (the recipe's) and check
-    layer 1 every K/V is recomputed, so the default here is deeper."""
+    layer 1 every K/V is recomputed, so the default here is deeper.
+
+    `context`: the recipe's policy only ever saw `<bos>problem=` and answers garbage after any
+    other text, so by default each SFT prompt is preceded by a multi-agent context drawn like the
+    stream's (system words, instructions, worked-arithmetic documents and outputs, of random
+    size up to the stream's): the policy then answers the final question in such contexts, and
+    its next-token distribution there is something reuse can keep or break. None: the recipe's
+    SFT data unchanged."""
     from rollout_accel.rollout.frontier import find_default_recipe
     from rollout_accel.rollout.recipe import load_recipe
     from rollout_accel.rollout.tasks import get_task
@@ -127,10 +136,13 @@ def toy_policy(layers: int, device: str, cache_root: str) -> tuple[CausalLM, Any
     init_random_weights(model, 0.02, recipe.run.seed)  # checkpoint.INIT_STD
     model.to(device)
     problems = task.train_prompts(recipe.task.sft_size, seed=recipe.run.seed + 1_000_003)
+    examples = build_sft_examples(task, problems)
+    if context is not None:
+        examples = with_contexts(examples, task, context, recipe.run.seed)
     with torch.enable_grad():
         sft_train(
             model,
-            build_sft_examples(task, problems),
+            examples,
             SFTConfig(
                 steps=recipe.train.sft_steps,
                 batch_size=recipe.train.sft_batch_size,
@@ -144,6 +156,29 @@ def toy_policy(layers: int, device: str, cache_root: str) -> tuple[CausalLM, Any
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     return model.eval(), task
+
+
+def with_contexts(
+    examples: list[Any], task: Any, context: MultiAgentConfig, seed: int
+) -> list[Any]:
+    """Each SFT example's prompt (`<bos>problem=`) becomes `<bos>` + a random multi-agent
+    context + `\n` + problem + `=`, the stream's prompt shape; targets unchanged."""
+    from rollout_accel.rollout.trainer.sft import SFTExample
+
+    rng = random.Random(seed + 7)
+    source = arithmetic_text(task)
+    nl = task.tokenizer.encode("\n")
+    out = []
+    for ex in examples:
+        ctx = source(rng, "system", rng.randint(0, context.system_tokens))
+        ctx += source(rng, "instruction", rng.randint(0, context.instruction_tokens))
+        for _ in range(rng.randint(0, context.documents + context.agents - 1)):
+            kind = rng.choice(("document", "output"))
+            size = context.document_tokens if kind == "document" else context.output_tokens
+            ctx += source(rng, kind, rng.randint(1, size))
+        prompt = [ex.prompt_ids[0], *ctx, *nl, *ex.prompt_ids[1:]]
+        out.append(SFTExample(prompt_ids=prompt, target_ids=ex.target_ids))
+    return out
 
 
 def arithmetic_text(task: Any) -> TextSource:
@@ -163,6 +198,8 @@ def arithmetic_text(task: Any) -> TextSource:
     def source(rng: random.Random, kind: str, length: int) -> list[int]:
         if kind == "question":
             return tok.encode("\n" + problem(rng).prompt)
+        if length <= 0:
+            return []
         if kind in ("system", "instruction"):
             words = []
             while sum(len(w) + 1 for w in words) < length:
@@ -215,7 +252,14 @@ def run_streams(
             run.reused.append(out.blend.reused_tokens if out.blend is not None else 0)
             run.tokens.append(
                 greedy_decode(
-                    model, pf.cache, out.slots, out.logits, steps, pf.alloc, pf.allocator.free
+                    model,
+                    pf.cache,
+                    out.slots,
+                    out.logits,
+                    steps,
+                    pf.alloc,
+                    pf.allocator.free,
+                    stop_ids=model.config.eos_token_ids,
                 )
                 if steps
                 else []

@@ -31,6 +31,13 @@ class EngineConfig:
     # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
     overlap_schedule: bool | None = None
     weight_version: str = "default"
+    # KV reuse (serving/kvreuse): prompts with segments reuse stored chunk KV and recompute this
+    # share of the reused tokens (1.0 = full prefill); chunks may take this share of the KV slots.
+    kv_reuse: bool = True
+    kv_reuse_recompute_ratio: float = 0.15
+    kv_reuse_check_layer: int = 1
+    kv_reuse_max_chunk_fraction: float = 0.5
+    kv_reuse_separator: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -51,6 +58,12 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens: must be >= 16, got {self.max_total_tokens}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
+        if not 0.0 <= self.kv_reuse_recompute_ratio <= 1.0:
+            raise ValueError("kv_reuse_recompute_ratio: must be in [0, 1]")
+        if not 0.0 < self.kv_reuse_max_chunk_fraction <= 1.0:
+            raise ValueError("kv_reuse_max_chunk_fraction: must be in (0, 1]")
+        if self.kv_reuse_check_layer < 1:
+            raise ValueError("kv_reuse_check_layer: must be >= 1")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
 

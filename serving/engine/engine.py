@@ -128,6 +128,8 @@ class Engine:
             StopRules(self.tokenizer, self.eos_ids, self.context_length),
             self._emit,
         )
+        self.kvreuse = self._make_kvreuse()
+        self.scheduler.kvreuse = self.runner.kvreuse = self.kvreuse
         self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
         overlap = self.config.overlap_schedule
@@ -137,6 +139,25 @@ class Engine:
         self.loop.start()
 
     # -- construction helpers ---------------------------------------------------------------
+    def _make_kvreuse(self) -> Any:
+        """The KV-reuse hook (serving/kvreuse/engine_hook.py), or None when turned off."""
+        if not self.config.kv_reuse:
+            return None
+        from rollout_accel.serving.kvreuse.blend import BlendSettings
+        from rollout_accel.serving.kvreuse.engine_hook import KVReuse
+
+        cfg = self.config
+        separator = self.tokenizer.encode(cfg.kv_reuse_separator) if cfg.kv_reuse_separator else []
+        return KVReuse(
+            self.model,
+            self.kv_cache,
+            self.allocator,
+            self.table,
+            BlendSettings(cfg.kv_reuse_recompute_ratio, cfg.kv_reuse_check_layer),
+            max_chunk_slots=int(self.allocator.capacity * cfg.kv_reuse_max_chunk_fraction),
+            separator=separator,
+        )
+
     def _default_slots(self) -> int:
         cfg = self.model_config
         if self.device.type != "cuda":

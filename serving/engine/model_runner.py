@@ -12,6 +12,7 @@ captures them again once weights and KV are both back.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.sampler = BatchSampler(table, self.vocab_size, eos_ids)
         self.graphs = None
+        self.kvreuse: Any = None  # serving.kvreuse.engine_hook.KVReuse when enabled
         if self.is_cuda and cuda_graph_max_bs > 0:
             from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
 
@@ -89,6 +91,8 @@ class ModelRunner:
             bs = len(items)
             emit_rows, emit_next = self.graphs.rows[:bs], self.graphs.positions[:bs] + 1
             input_logprobs: dict[int, list[float]] = {}
+        elif self.kvreuse is not None and self.kvreuse.handles(batch):
+            sample_logits, emit_rows, emit_next, input_logprobs = self.kvreuse.forward(batch)
         else:
             sample_logits, emit_rows, emit_next, input_logprobs = self._forward_eager(
                 batch, emitting

@@ -36,6 +36,8 @@ def build_output(
         "weight_version": weight_version,
         "e2e_latency": end - req.arrival_time,
     }
+    if req.reuse_info is not None:
+        meta["kvreuse"] = req.reuse_info
     if req.return_logprob:
         with_text = req.return_text_in_logprobs
         meta["output_token_logprobs"] = [

@@ -42,6 +42,9 @@ class Request:
     stream: bool = False
     sink: Callable[[dict[str, Any], bool], None] | None = None
     priority: int = 0
+    # KV reuse (serving/kvreuse): [start, end) prompt ranges to reuse, and what the prefill did.
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    reuse_info: dict[str, Any] | None = None
 
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)

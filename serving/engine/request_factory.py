@@ -42,6 +42,7 @@ class RequestFactory:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         priority: int | None = None,
+        segments: Any = None,
     ) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
@@ -69,6 +70,7 @@ class RequestFactory:
         rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
         if not isinstance(rid, list) and rid is not None and count > 1:
             raise InvalidRequestError("rid: a batched request needs a list of rids")
+        segment_lists = self._segments(segments, id_lists, batched)
         requests: list[Request] = []
         for index, ids in enumerate(id_lists):
             self._check_ids(ids, f"input_ids[{index}]" if batched else "input_ids")
@@ -98,11 +100,22 @@ class RequestFactory:
                         return_text_in_logprobs=return_text_in_logprobs,
                         stream=stream,
                         priority=priority or 0,
+                        segments=list(segment_lists[index]),
                     )
                 )
         if len({r.rid for r in requests}) != len(requests):
             raise InvalidRequestError("rid: duplicate rids in one request")
         return requests, batched or len(requests) > 1
+
+    @staticmethod
+    def _segments(value: Any, id_lists: list[Any], batched: bool) -> list[list[tuple[int, int]]]:
+        """The `segments` field (KV reuse, see serving/kvreuse/segments.py), one list per prompt."""
+        from rollout_accel.serving.kvreuse.segments import parse_segments, parse_segments_batch
+
+        lens = [len(ids) if isinstance(ids, list) else 0 for ids in id_lists]
+        if batched:
+            return parse_segments_batch(value, lens)
+        return [parse_segments(value, lens[0])]
 
     @staticmethod
     def _per_item(value: Any, count: int, name: str) -> list[Any]:

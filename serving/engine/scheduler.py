@@ -78,6 +78,7 @@ class Scheduler:
         self.suspects: list[Request] = []
         self._finished: list[Request] = []
         self._prefilling: dict[int, int] = {}  # prompt hash -> last chunks in flight
+        self.kvreuse: Any = None  # serving.kvreuse.engine_hook.KVReuse when enabled
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -116,10 +117,14 @@ class Scheduler:
         if self.running or any(r.row is not None for r in self.waiting):
             return False
         self.cache.flush()
+        if self.kvreuse is not None:
+            self.kvreuse.flush()
         return True
 
-    def loads(self) -> dict[str, int]:
+    def loads(self) -> dict[str, Any]:
+        extra = {} if self.kvreuse is None else {"kvreuse": self.kvreuse.loads()}
         return {
+            **extra,
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
             "num_used_tokens": self.allocator.num_used,
@@ -134,6 +139,8 @@ class Scheduler:
         its history on the host, or KV must be reclaimed by retraction)."""
         if self.suspects:
             return self._schedule_suspect(in_flight)
+        if self.kvreuse is not None and (batch := self.kvreuse.schedule(self, in_flight)):
+            return self._commit(batch)
         decode = self._decode_candidates(in_flight)
         if decode is None:
             return None
@@ -164,7 +171,7 @@ class Scheduler:
         decode = list(decode)
         while decode:
             if len(decode) > self.allocator.num_free:
-                self.cache.evict(len(decode) - self.allocator.num_free)
+                self._evict(len(decode) - self.allocator.num_free)
             if len(decode) <= self.allocator.num_free:
                 return decode
             if len(decode) == 1:
@@ -188,6 +195,8 @@ class Scheduler:
         for req in self.policy.order(self.waiting, self.cache):
             if budget <= 0:
                 break
+            if self.kvreuse is not None and self.kvreuse.claims(req):
+                continue  # prefilled whole by the KV-reuse path
             if req.row is None:
                 if active >= self.limits.max_running_requests or self.table.num_free == 0:
                     continue
@@ -360,9 +369,15 @@ class Scheduler:
             self.emit(req, False)
 
     # -- KV ownership -----------------------------------------------------------------------
+    def _evict(self, needed: int) -> None:
+        """Unlocked radix leaves first, then unlocked reuse chunks (one allocator for both)."""
+        needed -= self.cache.evict(needed)
+        if needed > 0 and self.kvreuse is not None:
+            self.kvreuse.evict(needed)
+
     def _alloc(self, count: int) -> torch.Tensor | None:
         if count > self.allocator.num_free:
-            self.cache.evict(count - self.allocator.num_free)
+            self._evict(count - self.allocator.num_free)
         if count > self.allocator.num_free:
             return None
         return self.allocator.alloc(count)

@@ -3,9 +3,10 @@
 Three measures per prompt (the reference is full prefill, radix cache on, no chunk reuse):
   * KL(full || reuse) of the next-token distribution at the last prompt position (nats);
   * top-1 agreement at that position;
-  * greedy continuation agreement: both KVs decode `steps` greedy tokens; the score is the length
-    of their common prefix / steps (1.0: identical continuations; a position-wise match rate
-    would keep counting after the continuations diverged, which says nothing).
+  * greedy continuation agreement: both KVs decode up to `steps` greedy tokens (stopping after an
+    end-of-sequence token); the score is the length of their common prefix / the longer one's
+    length (1.0: identical continuations; a position-wise match rate would keep counting after
+    the continuations diverged, which says nothing).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def compare(
     logits: torch.Tensor,
     tokens: Sequence[int],
 ) -> QualityRecord:
-    steps = max(len(ref_tokens), 1)
+    steps = max(len(ref_tokens), len(tokens), 1)
     agree = common_prefix(ref_tokens, tokens)
     return QualityRecord(
         kl=kl_divergence(ref_logits, logits),
@@ -85,16 +86,20 @@ def greedy_decode(
     steps: int,
     alloc: Callable[[int], torch.Tensor],
     free: Callable[[torch.Tensor], None],
+    stop_ids: Sequence[int] = (),
 ) -> list[int]:
-    """`steps` greedy tokens continuing a prompt whose KV is in `slots`; the decode slots are
-    taken from `alloc` and given back to `free` before returning."""
+    """Up to `steps` greedy tokens continuing a prompt whose KV is in `slots` (ending after the
+    first of `stop_ids`); the decode slots are taken from `alloc` and given back to `free`."""
     dev = cache.k[0].device
     token = int(first_logits.argmax())
     out = [token]
     own: list[torch.Tensor] = []
     table = slots.to(dev, torch.int32)
+    stops = set(stop_ids)
     try:
         for _ in range(steps - 1):
+            if token in stops:
+                break
             slot = alloc(1)
             own.append(slot)
             table = torch.cat([table, slot.to(dev, torch.int32)])

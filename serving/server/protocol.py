@@ -29,6 +29,8 @@ GENERATE_FIELDS = {
     "return_text_in_logprobs",
     "stream",
     "priority",
+    # Our extension (KV reuse; ignored by SGLang): [[start, end], ...] over input_ids.
+    "segments",
 }
 # SGLang fields we accept when they carry their default (absent, null or false) and refuse
 # otherwise, since we would silently drop what they ask for.
@@ -104,6 +106,7 @@ def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
         "stream": stream,
         "return_text_in_logprobs": text_flag,
         "priority": body.get("priority"),
+        "segments": body.get("segments"),
     }
 
 

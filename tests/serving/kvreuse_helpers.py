@@ -31,7 +31,7 @@ def make_prefiller(
 def audit_slots(prefiller: ReusePrefiller, request_slots: list[torch.Tensor] = ()) -> None:
     """Every slot but 0 is owned exactly once: free list, radix node, chunk, or a request."""
     alloc = prefiller.allocator
-    owners = [alloc._free[: alloc.num_free]]
+    owners = [torch.as_tensor(alloc._free[: alloc.num_free])]
     owners += [node.value for node in prefiller.radix._all_nodes()]
     if prefiller.store is not None:
         owners.append(prefiller.store.owned_slots())
