@@ -121,6 +121,7 @@ def toy_policy(
             recipe.task.sft_size,
             recipe.run.seed,
             list(tok.vocab),
+            None if context is None else asdict(context),
         ],
         sort_keys=True,
     )

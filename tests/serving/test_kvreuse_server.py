@@ -19,7 +19,10 @@ def _prompts(seed: int = 0):
     rng = random.Random(seed)
     doc_a = [rng.randrange(3, 500) for _ in range(48)]
     doc_b = [rng.randrange(3, 500) for _ in range(40)]
-    head1, head2 = [rng.randrange(3, 500) for _ in range(9)], [rng.randrange(3, 500) for _ in range(5)]
+    head1, head2 = (
+        [rng.randrange(3, 500) for _ in range(9)],
+        [rng.randrange(3, 500) for _ in range(5)],
+    )
     q1, q2 = [rng.randrange(3, 500) for _ in range(6)], [rng.randrange(3, 500) for _ in range(7)]
     first = (head1 + doc_a + doc_b + q1, [[9, 57], [57, 97]])
     second = (head2 + doc_b + doc_a + q2, [[5, 45], [45, 93]])
@@ -40,11 +43,15 @@ def http(server):
 
 def test_segments_over_http_reuse_chunks(http) -> None:
     (ids1, seg1), (ids2, seg2) = _prompts()
-    r1 = http.post("/generate", json={"input_ids": ids1, "segments": seg1, "sampling_params": GREEDY})
+    r1 = http.post(
+        "/generate", json={"input_ids": ids1, "segments": seg1, "sampling_params": GREEDY}
+    )
     assert r1.status_code == 200, r1.text
     info1 = r1.json()["meta_info"]["kvreuse"]
     assert info1["reused_tokens"] == 0 and len(r1.json()["output_ids"]) == 12
-    r2 = http.post("/generate", json={"input_ids": ids2, "segments": seg2, "sampling_params": GREEDY})
+    r2 = http.post(
+        "/generate", json={"input_ids": ids2, "segments": seg2, "sampling_params": GREEDY}
+    )
     assert r2.status_code == 200, r2.text
     info2 = r2.json()["meta_info"]["kvreuse"]
     assert info2["reused_tokens"] == 88  # both documents, at new positions and order
@@ -84,9 +91,10 @@ def test_bad_segments_get_400_naming_the_field(http, segments, needle) -> None:
 
 def test_ratio_one_in_the_engine_is_token_identical_to_plain_prefill() -> None:
     (ids1, seg1), (ids2, seg2) = _prompts(1)
-    with Engine("tiny-qwen3", kv_reuse_recompute_ratio=1.0) as eng, Engine(
-        "tiny-qwen3", kv_reuse=False
-    ) as plain:
+    with (
+        Engine("tiny-qwen3", kv_reuse_recompute_ratio=1.0) as eng,
+        Engine("tiny-qwen3", kv_reuse=False) as plain,
+    ):
         for ids, seg in ((ids1, seg1), (ids2, seg2)):
             out = eng.generate(input_ids=ids, segments=seg, sampling_params=GREEDY)
             ref = plain.generate(input_ids=ids, sampling_params=GREEDY)
@@ -94,6 +102,24 @@ def test_ratio_one_in_the_engine_is_token_identical_to_plain_prefill() -> None:
         assert out["meta_info"]["kvreuse"]["reused_tokens"] == 88
         loads = eng.get_loads()
         # every slot owned once: used = radix + chunks (nothing running)
-        assert loads["num_used_tokens"] == loads["num_cached_tokens"] + loads["kvreuse"]["chunk_tokens"]
+        assert (
+            loads["num_used_tokens"]
+            == loads["num_cached_tokens"] + loads["kvreuse"]["chunk_tokens"]
+        )
         assert eng.flush_cache()
         assert eng.get_loads()["num_used_tokens"] == 0
+
+
+def test_separator_marks_segments_of_text_prompts() -> None:
+    doc_a = "the first shared document, long enough to be stored as a chunk."
+    doc_b = "a second document that every agent reads again in another order."
+    greedy = {"temperature": 0, "max_new_tokens": 4}
+    with Engine("tiny-qwen3", kv_reuse_separator=" ### ") as eng:
+        first = eng.generate(
+            prompt=f"agent one ### {doc_a} ### {doc_b} ### go", sampling_params=greedy
+        )
+        second = eng.generate(
+            prompt=f"agent two! ### {doc_b} ### {doc_a} ### go", sampling_params=greedy
+        )
+        assert first["meta_info"]["kvreuse"]["reused_tokens"] == 0
+        assert second["meta_info"]["kvreuse"]["reused_tokens"] == len(doc_a) + len(doc_b)
