@@ -179,6 +179,8 @@ def blend_prefill(
     q_pos: torch.Tensor | None = None  # None: every token of [prefix_len, L) is a query
     token_layers = 0
     recomputed_reused = n_reused
+    cu: torch.Tensor | None = None
+    cu_rows = -1
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -203,7 +205,8 @@ def blend_prefill(
             v_cache[slot_map] = v.to(v_cache.dtype)
         rows = q.shape[0]
         token_layers += rows
-        cu = torch.tensor([0, rows], dtype=torch.int32, device=dev)
+        if cu is None or rows != cu_rows:  # built once per phase: a host->device copy syncs
+            cu, cu_rows = torch.tensor([0, rows], dtype=torch.int32, device=dev), rows
         if q_pos is None:
             out = prefill_attention(
                 q, k_cache, v_cache, block_table, cu, seq_lens, 1, attn.scale, max_q_len=rows

@@ -168,6 +168,10 @@ class KVReuse:
             result = blend_prefill(
                 self.model, self.kv_cache, ids, slots, item.start, plan.spans, self.settings
             )
+        except Exception as exc:
+            # The engine rolls the step back and retries the request alone: by the normal path.
+            self._give_up(req, f"reuse prefill failed ({type(exc).__name__})")
+            raise
         finally:
             plan.release(self.store)
         stored = store_segments(self.store, ids, slots, plan)

@@ -123,3 +123,23 @@ def test_separator_marks_segments_of_text_prompts() -> None:
         )
         assert first["meta_info"]["kvreuse"]["reused_tokens"] == 0
         assert second["meta_info"]["kvreuse"]["reused_tokens"] == len(doc_a) + len(doc_b)
+
+
+def test_a_failing_reuse_prefill_falls_back_to_the_normal_path(monkeypatch) -> None:
+    """The engine isolates the failed step; the request is retried alone by full prefill."""
+    from rollout_accel.serving.kvreuse import engine_hook
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected blend failure")
+
+    (ids1, seg1), _ = _prompts(2)
+    greedy = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+    with Engine("tiny-qwen3", kv_reuse=False) as plain:
+        ref = plain.generate(input_ids=ids1, sampling_params=greedy)
+    monkeypatch.setattr(engine_hook, "blend_prefill", boom)
+    with Engine("tiny-qwen3") as eng:
+        out = eng.generate(input_ids=ids1, segments=seg1, sampling_params=greedy)
+        assert out["output_ids"] == ref["output_ids"] and "kvreuse" not in out["meta_info"]
+        fallbacks = eng.get_loads()["kvreuse"]["fallback_reasons"]
+        assert fallbacks == {"reuse prefill failed (RuntimeError)": 1}
+        assert eng.generate(input_ids=[5, 6, 7], sampling_params=greedy)["output_ids"]
