@@ -465,8 +465,16 @@ def main(argv: list[str] | None = None) -> int:
     if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
         print("rollout bench: error: --ratios: every ratio must be in [0, 1]")
         return 2
+    threads = torch.get_num_threads()
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))
+    try:
+        return _run(args, ratios)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, ratios: list[float]) -> int:
     results = []
     start = time.perf_counter()
     for label in [m.strip() for m in args.models.split(",") if m.strip()]:
