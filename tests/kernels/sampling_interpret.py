@@ -32,6 +32,7 @@ import torch
 
 from rollout_accel.kernels import sampling
 from rollout_accel.kernels import sampling_triton as st
+from rollout_accel.kernels.backend import reload_overrides
 
 # -inf - -inf in the online logsumexp is computed, then discarded by a select; numpy warns.
 warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -213,6 +214,7 @@ def run_dispatch(gen: torch.Generator) -> None:
     top_ps, min_ps = torch.full((batch,), 0.5), torch.full((batch,), 0.1)
     args = (logits, temps, top_ks, top_ps, min_ps, seeds, steps)
     os.environ[sampling.ENV_VAR] = "triton"
+    reload_overrides()
     backend = sampling.sampling_backend(torch.device("cpu"))
     report("dispatch forced triton", backend == "triton", f"backend={backend}")
     fast = sampling.sample_tokens_fast(*args, need_filter=False)
@@ -228,6 +230,7 @@ def run_dispatch(gen: torch.Generator) -> None:
     same = all(torch.equal(a, b) for a, b in zip(fast, ref, strict=True))
     report("dispatch float64 logits -> reference", same, "")
     del os.environ[sampling.ENV_VAR]
+    reload_overrides()
 
 
 def main(argv: list[str]) -> int:
