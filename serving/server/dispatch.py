@@ -68,6 +68,8 @@ async def run_requests(
             watcher.cancel()
     if gathered not in done:
         gathered.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gathered
         await abort_requests(engine, [r.rid for r in requests])
         return None
     outs = gathered.result()
