@@ -119,7 +119,8 @@ def test_big_text_is_tokenised_off_the_event_loop(http, server) -> None:
     took = time.perf_counter() - start
     assert status == [400]  # longer than the context: refused after tokenising
     assert took > 1.0, "the text tokenised too fast to show anything; make it longer"
-    assert worst < 0.5, f"/health waited {worst:.2f} s while tokenising ({took:.1f} s)"
+    # On the event loop, one /health call would wait for the whole tokenisation.
+    assert worst < took / 3, f"/health waited {worst:.2f} s while tokenising ({took:.1f} s)"
 
 
 def test_request_schemas_are_published(http) -> None:
