@@ -63,10 +63,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _serve(args: argparse.Namespace) -> int:
     from rollout_accel.serving.engine import Engine
     from rollout_accel.serving.server import serve
+    from rollout_accel.serving.server.settings import ServerSettings
 
+    settings = ServerSettings.from_args(args)
     engine = Engine(**engine_kwargs(args))
     print(f"rollout-accel serving {args.model_path} on http://{args.host}:{args.port}", flush=True)
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        settings=settings,
+    )
     return 0
 
 
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--log-level", default="warning")
+    from rollout_accel.serving.server.settings import add_server_args
+
+    add_server_args(serve)
     serve.set_defaults(handler=_serve)
     gen = sub.add_parser("generate", help="generate from a prompt on the embedded engine (a demo)")
     _add_engine_args(gen)
