@@ -26,6 +26,7 @@ from rollout_accel.serving.server.protocol import (
     parse_json_object,
     require,
 )
+from rollout_accel.serving.server.slime_routes import slime_router
 
 _UNAUTHENTICATED_PREFIXES = ("/health", "/metrics")
 
@@ -147,13 +148,6 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except (TimeoutError, Exception):
             return Response(status_code=503)
         return Response(status_code=200)
-
-    async def server_info() -> JSONResponse:
-        loads = await asyncio.to_thread(engine.get_loads)
-        return JSONResponse({**engine.server_info(), "internal_states": [loads]})
-
-    app.add_api_route("/server_info", server_info, methods=["GET"])
-    app.add_api_route("/get_server_info", server_info, methods=["GET"])
 
     async def model_info() -> JSONResponse:
         return JSONResponse(
@@ -327,7 +321,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         ok, message = await asyncio.to_thread(call, tags)
         if not ok:
             return error_response(message, 400)
-        return Response(status_code=200)
+        return JSONResponse(None)  # SGLang answers `null`; slime parses the body as JSON
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
     async def release_memory_occupation(request: Request) -> Response:
@@ -338,4 +332,5 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return await _memory(request, False)
 
     register_openai_routes(app, engine)
+    app.include_router(slime_router(engine))  # /server_info, weights checker, profiler, ...
     return app

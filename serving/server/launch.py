@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
 
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.server.app import build_app
+from rollout_accel.serving.server.server_args import ServerArgs
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,11 +28,17 @@ def serve(
     port: int = 30000,
     api_key: str | None = None,
     log_level: str = "warning",
+    server_args: ServerArgs | None = None,
 ) -> None:
-    """Runs until interrupted; shuts the engine down on exit."""
+    """Runs until interrupted; shuts the engine down on exit. `server_args` is what
+    `/server_info` reports beyond the engine config (default: host, port and key as given)."""
+    app = build_app(engine, api_key)
+    app.state.server_args = replace(
+        server_args or ServerArgs(), host=host, port=port, api_key=api_key
+    )
     try:
         uvicorn.run(
-            build_app(engine, api_key),
+            app,
             host=host,
             port=port,
             log_level=log_level,
@@ -49,13 +57,18 @@ class ServerThread:
         host: str = "127.0.0.1",
         port: int | None = None,
         api_key: str | None = None,
+        server_args: ServerArgs | None = None,
         **engine_args: Any,
     ) -> None:
         self.engine = engine or Engine(**engine_args)
         self._owns_engine = engine is None
         self.host, self.port = host, port or free_port(host)
+        app = build_app(self.engine, api_key)
+        app.state.server_args = replace(
+            server_args or ServerArgs(), host=self.host, port=self.port, api_key=api_key
+        )
         config = uvicorn.Config(
-            build_app(self.engine, api_key),
+            app,
             host=self.host,
             port=self.port,
             log_level="warning",
