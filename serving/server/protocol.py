@@ -47,14 +47,18 @@ GENERATE_DEFAULT_ONLY = {
     "bootstrap_port",
     "bootstrap_room",
     "data_parallel_rank",
-    "log_metrics",
     "background",
+    "return_bytes",
     "extra_key",
     "no_logs",
     "custom_labels",
     "return_routed_experts",
     "return_entropy",
 }
+
+# Fields with no effect on the output that sglang-router fills in when it forwards a /generate
+# (the model id it routed on, SGLang's default `log_metrics: true`); accepted at any value.
+ROUTER_ADDED_FIELDS = {"model", "log_metrics"}
 
 
 def parse_json_object(raw: bytes, endpoint: str) -> dict[str, Any]:
@@ -78,6 +82,8 @@ def check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None
 def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
     """Validates a /generate body; returns Engine.make_requests keyword arguments."""
     for key, value in body.items():
+        if key in ROUTER_ADDED_FIELDS:
+            continue
         if key in GENERATE_DEFAULT_ONLY:
             if value not in (None, False, [], {}):
                 raise InvalidRequestError(f"{key}: not supported by this server")
