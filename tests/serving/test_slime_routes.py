@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -105,6 +106,26 @@ def test_post_process_pull_weights_and_profiler(http, tmp_path) -> None:
     assert any("aten::" in e.get("name", "") for e in events)
     assert http.post("/stop_profile", json={}).status_code == 400
     assert http.post("/start_profile", json={**start, "num_steps": 3}).status_code == 400
+
+
+def test_flush_cache_refused_while_busy(server, http) -> None:
+    """SGLang's semantics, which slime's flush_cache loop relies on: 400 while requests run or
+    wait, 200 once paused (abort mode) or idle."""
+    body = {"input_ids": [4, 5], "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    done: list[dict] = []
+    worker = threading.Thread(
+        target=lambda: done.append(httpx.post(f"{server.url}/generate", json=body, timeout=120))
+    )
+    worker.start()
+    while server.engine.get_loads()["num_running_reqs"] == 0:
+        time.sleep(0.01)
+    assert http.get("/flush_cache").status_code == 400
+    assert http.post("/pause_generation", json={}).json()["status"] == "ok"
+    worker.join(timeout=60)
+    assert done[0].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert http.get("/flush_cache").status_code == 200
+    assert server.engine.get_loads()["num_cached_tokens"] == 0
+    assert http.post("/continue_generation", json={}).status_code == 200
 
 
 def test_control_routes_take_slime_bodies(http) -> None:
