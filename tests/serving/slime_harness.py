@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tarfile
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -174,11 +174,10 @@ def inline_ray() -> types.SimpleNamespace:
     )
 
 
-@pytest.fixture(scope="module")
-def slime_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """slime on sys.path with the SGLang stubs and a CPU accelerator installed; undone after."""
-    root = locate_slime(tmp_path_factory.getbasetemp().parent / "slime-src")
-    saved = dict(sys.modules)
+def install_slime(root: Path, cpu_accelerator: bool) -> Callable[[], None]:
+    """Puts slime (at `root`) on sys.path with the SGLang stubs, and a CPU accelerator when there
+    is no GPU; returns the function that undoes it."""
+    saved = set(sys.modules)
     sys.path.insert(0, str(root))
     stubs = {
         "sglang": types.ModuleType("sglang"),
@@ -192,12 +191,25 @@ def slime_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         sys.modules.setdefault(name, module)
     from slime.utils import accelerator
 
-    accelerator.set_accelerator(_cpu_accelerator_class()())
-    try:
-        yield root
-    finally:
+    if cpu_accelerator:
+        accelerator.set_accelerator(_cpu_accelerator_class()())
+
+    def undo() -> None:
         accelerator.reset_accelerator()
         sys.path.remove(str(root))
         for name in list(sys.modules):
             if name.split(".")[0] in ("slime", "sglang") and name not in saved:
                 del sys.modules[name]
+
+    return undo
+
+
+@pytest.fixture(scope="module")
+def slime_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """slime on sys.path with the SGLang stubs and a CPU accelerator installed; undone after."""
+    root = locate_slime(tmp_path_factory.getbasetemp().parent / "slime-src")
+    undo = install_slime(root, cpu_accelerator=True)
+    try:
+        yield root
+    finally:
+        undo()
