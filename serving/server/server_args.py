@@ -77,8 +77,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=30000)
     server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     server.add_argument("--log-level", default="warning")
-    server.add_argument("--served-model-name", default=None)
-    server.add_argument("--tokenizer-path", default=None, help="reported only; ours is built in")
+    server.add_argument("--served-model-name", default=None, help="reported in /server_info")
+    server.add_argument(
+        "--tokenizer-path",
+        default=None,
+        help="reported in /server_info; the tokenizer is read from --model-path",
+    )
     server.add_argument(
         "--enable-memory-saver",
         action="store_true",
