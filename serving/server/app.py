@@ -44,6 +44,7 @@ from rollout_accel.serving.server.protocol import (
 from rollout_accel.serving.server.security import RequestGuard
 from rollout_accel.serving.server.settings import ServerSettings
 from rollout_accel.serving.server.weight_payload import deserialize_named_tensors
+from rollout_accel.serving.server.slime_routes import slime_router
 
 # The health probe jumps the waiting queue: it measures whether the engine makes progress, not
 # how long the queue is.
@@ -198,13 +199,6 @@ def build_app(
         if reason.get("type") not in ("length", "stop") or not outs[0].get("output_ids"):
             return error_response(f"health probe did not generate: {reason}", 503)
         return Response(status_code=200)
-
-    async def server_info() -> JSONResponse:
-        loads = await asyncio.to_thread(engine.get_loads)
-        return JSONResponse({**engine.server_info(), "internal_states": [loads]})
-
-    app.add_api_route("/server_info", server_info, methods=["GET"])
-    app.add_api_route("/get_server_info", server_info, methods=["GET"])
 
     async def model_info() -> JSONResponse:
         return JSONResponse(
@@ -378,7 +372,7 @@ def build_app(
         ok, message = await asyncio.to_thread(call, tags)
         if not ok:
             return error_response(message, 400)
-        return Response(status_code=200)
+        return JSONResponse(None)  # SGLang answers `null`; slime parses the body as JSON
 
     # POST only: a GET is what any web page can send (an <img> tag) and must not change state.
     @app.post("/release_memory_occupation")
@@ -390,4 +384,5 @@ def build_app(
         return await _memory(request, False)
 
     register_openai_routes(app, engine)
+    app.include_router(slime_router(engine))  # /server_info, weights checker, profiler, ...
     return app

@@ -14,12 +14,14 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
 
 from rollout_accel.serving.engine import Engine
 from rollout_accel.serving.server.app import build_app
+from rollout_accel.serving.server.server_args import ServerArgs
 from rollout_accel.serving.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -71,12 +73,18 @@ def serve(
     api_key: str | None = None,
     log_level: str = "warning",
     settings: ServerSettings | None = None,
+    server_args: ServerArgs | None = None,
 ) -> None:
-    """Runs until interrupted; shuts the engine down on exit, within the bounds above."""
+    """Runs until interrupted; shuts the engine down on exit, within the bounds above.
+    `server_args` is what `/server_info` reports beyond the engine config."""
     settings = settings or ServerSettings()
     grace = settings.shutdown_grace_s
+    app = build_app(engine, api_key, settings, bound_host=host)
+    app.state.server_args = replace(
+        server_args or ServerArgs(), host=host, port=port, api_key=api_key
+    )
     config = uvicorn.Config(
-        build_app(engine, api_key, settings, bound_host=host),
+        app,
         host=host,
         port=port,
         log_level=log_level,
@@ -100,13 +108,18 @@ class ServerThread:
         port: int | None = None,
         api_key: str | None = None,
         settings: ServerSettings | None = None,
+        server_args: ServerArgs | None = None,
         **engine_args: Any,
     ) -> None:
         self.engine = engine or Engine(**engine_args)
         self._owns_engine = engine is None
         self.host, self.port = host, port or free_port(host)
+        app = build_app(self.engine, api_key, settings, bound_host=self.host)
+        app.state.server_args = replace(
+            server_args or ServerArgs(), host=self.host, port=self.port, api_key=api_key
+        )
         config = uvicorn.Config(
-            build_app(self.engine, api_key, settings, bound_host=self.host),
+            app,
             host=self.host,
             port=self.port,
             log_level="warning",

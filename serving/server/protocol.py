@@ -46,14 +46,18 @@ GENERATE_DEFAULT_ONLY = {
     "bootstrap_port",
     "bootstrap_room",
     "data_parallel_rank",
-    "log_metrics",
     "background",
+    "return_bytes",
     "extra_key",
     "no_logs",
     "custom_labels",
     "return_routed_experts",
     "return_entropy",
 }
+
+# Fields with no effect on the output that sglang-router fills in when it forwards a /generate
+# (the model id it routed on, SGLang's default `log_metrics: true`); accepted at any value.
+ROUTER_ADDED_FIELDS = {"model", "log_metrics"}
 
 
 # Bounds of integer fields handed to torch as int64 (seeds) or compared by the scheduler
@@ -133,6 +137,8 @@ def parse_generate(
     inside a step, like a non-integer `priority`) and the server's own limits (`max_n`,
     `max_text_chars`); the engine validates token ids and sampling parameters."""
     for key, value in body.items():
+        if key in ROUTER_ADDED_FIELDS:
+            continue
         if key in GENERATE_DEFAULT_ONLY:
             if value not in (None, False, [], {}):
                 raise InvalidRequestError(f"{key}: not supported by this server")
