@@ -43,8 +43,8 @@ from rollout_accel.serving.server.protocol import (
 )
 from rollout_accel.serving.server.security import RequestGuard
 from rollout_accel.serving.server.settings import ServerSettings
-from rollout_accel.serving.server.weight_payload import deserialize_named_tensors
 from rollout_accel.serving.server.slime_routes import slime_router
+from rollout_accel.serving.server.weight_payload import deserialize_named_tensors
 
 # The health probe jumps the waiting queue: it measures whether the engine makes progress, not
 # how long the queue is.

@@ -164,7 +164,7 @@ class Profiler:
                 record_shapes=bool(body.get("record_shapes")),
                 with_stack=bool(body.get("with_stack")),
             )
-            self.engine.run_on_engine_thread(session.start)
+            self.engine.loop.call(session.start)
             self.session, self.path = session, output_dir / f"{time.time():.0f}-TP-0.trace.json.gz"
         return str(self.path)
 
@@ -176,7 +176,7 @@ class Profiler:
                 )
             session, path = self.session, self.path
             self.session = self.path = None
-        self.engine.run_on_engine_thread(session.stop)
+        self.engine.loop.call(session.stop)
         session.export_chrome_trace(str(path))
         return str(path)
 
@@ -219,7 +219,7 @@ def slime_router(engine: Engine) -> APIRouter:
             )
         try:
             message, payload = await asyncio.to_thread(
-                engine.run_on_engine_thread, lambda: checker.handle(action)
+                engine.loop.call, lambda: checker.handle(action)
             )
         except ValueError as exc:
             return _result(False, str(exc))
