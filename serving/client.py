@@ -327,22 +327,3 @@ class EngineClient:
 
     async def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
         await self.request("POST", "/resume_memory_occupation", {"tags": tags} if tags else {})
-
-
-class MultiEngineClient:
-    """Many servers: control calls go to every server; generate goes where the caller says
-    (the rollout pool decides placement)."""
-
-    def __init__(self, urls: Sequence[str], **client_args: Any) -> None:
-        if not urls:
-            raise ValueError("urls: at least one server URL is needed")
-        self.clients = [EngineClient(url, **client_args) for url in urls]
-
-    async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.clients))
-
-    async def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return await asyncio.gather(*(getattr(c, method)(*args, **kwargs) for c in self.clients))
-
-    async def abort_all(self) -> None:
-        await self.broadcast("abort", abort_all=True)
