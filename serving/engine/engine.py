@@ -27,6 +27,7 @@ from rollout_accel.serving.engine.errors import (
     RequestNotFoundError,
 )
 from rollout_accel.serving.engine.kv_pool import RequestTable, SlotAllocator
+from rollout_accel.serving.engine.logprob_options import make_extra_logprobs, parse_logprob_options
 from rollout_accel.serving.engine.model_runner import ModelRunner
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request
@@ -223,6 +224,8 @@ class Engine:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         priority: int | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        token_ids_logprob: list[int] | list[list[int]] | None = None,
     ) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
@@ -245,6 +248,9 @@ class Engine:
         params_list = self._per_item(sampling_params, count, "sampling_params")
         logprob_list = self._per_item(return_logprob, count, "return_logprob")
         start_list = self._per_item(logprob_start_len, count, "logprob_start_len")
+        extras = parse_logprob_options(
+            top_logprobs_num, token_ids_logprob, count, self.model_config.vocab_size
+        )
         rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
         if not isinstance(rid, list) and rid is not None and count > 1:
             raise InvalidRequestError("rid: a batched request needs a list of rids")
@@ -277,6 +283,7 @@ class Engine:
                         return_text_in_logprobs=return_text_in_logprobs,
                         stream=stream,
                         priority=priority or 0,
+                        extra_logprobs=make_extra_logprobs(logprob_list[index], extras[index]),
                     )
                 )
         if len({r.rid for r in requests}) != len(requests):

@@ -13,6 +13,7 @@ import torch
 
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
 from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.logprob_options import record_input, record_output
 from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -158,6 +159,7 @@ class ModelRunner:
                 lp = torch.log_softmax(rows[:usable], dim=-1)
                 gathered = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
                 input_logprobs[index] = gathered.squeeze(1).tolist()
+                record_input(item.request, lp, item.start + 1)
                 if item.samples:
                     sample_rows.append(cursor + item.count - 1)
                     sampling.append(item.request)
@@ -209,6 +211,7 @@ class ModelRunner:
                     banned += list(self.eos_ids)
                 if banned:
                     logits[row, torch.tensor(banned, device=dev)] = float("-inf")
+        record_output(requests, logits, step_offset)
         need_filter = any(
             (0 < p.top_k < self.vocab_size) or p.top_p < 1.0 or p.min_p > 0.0 for p in params
         )

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout_accel.serving.engine.errors import InvalidRequestError
+from rollout_accel.serving.engine.logprob_options import ExtraLogprobs
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 
 
@@ -28,7 +30,10 @@ class Request:
 
     Invariants: `num_computed` tokens of `fill_ids` have their KV in slots
     `req_to_token[row, :num_computed]`; the first `prefix_len` of those belong to the radix cache
-    (locked through `prefix_node`), the rest to this request.
+    (locked through `prefix_node`), the rest to this request. `logprob_start_len` is -1 unless
+    return_logprob asks for prompt logprobs; `input_logprobs[p]` is prompt token p's logprob
+    (None where nothing predicted it); `extra_logprobs` is set only with return_logprob and
+    SGLang's top_logprobs_num / token_ids_logprob.
     """
 
     rid: str
@@ -41,6 +46,7 @@ class Request:
     stream: bool = False
     sink: Callable[[dict[str, Any], bool], None] | None = None
     priority: int = 0
+    extra_logprobs: ExtraLogprobs | None = None
 
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -61,6 +67,31 @@ class Request:
     finish_time: float | None = None
     weight_version: str = "default"
     text_sent: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.return_logprob:
+            self.logprob_start_len = -1  # SGLang ignores it without return_logprob
+            self.extra_logprobs = None
+        elif self.logprob_start_len > len(self.input_ids):
+            raise InvalidRequestError(
+                f"logprob_start_len: {self.logprob_start_len} is past the prompt's "
+                f"{len(self.input_ids)} tokens"
+            )
+
+    @property
+    def prefix_match_limit(self) -> int:
+        """How many leading tokens the prefix cache may supply: all but the newest, and none from
+        logprob_start_len on (their prompt logprobs must be computed, SGLang's rule too)."""
+        if self.logprob_start_len >= 0:
+            return min(self.fill_len - 1, self.logprob_start_len)
+        return self.fill_len - 1
+
+    def record_input_logprobs(self, first_position: int, values: list[float]) -> None:
+        """Stores prompt logprobs by position (a recomputation after retraction overwrites)."""
+        end = first_position + len(values)
+        if len(self.input_logprobs) < end:
+            self.input_logprobs.extend([None] * (end - len(self.input_logprobs)))
+        self.input_logprobs[first_position:end] = values
 
     @property
     def fill_ids(self) -> list[int]:

@@ -203,9 +203,7 @@ class Scheduler:
             req = item.request
             req.num_computed = item.start + item.count
             if index in result.input_logprobs:
-                if not req.input_logprobs:
-                    req.input_logprobs.append(None)  # the first prompt token has no logprob
-                req.input_logprobs.extend(result.input_logprobs[index])
+                req.record_input_logprobs(item.start + 1, result.input_logprobs[index])
             if item.is_prefill:
                 self.stats.prefill_tokens += item.count
             else:
@@ -263,7 +261,7 @@ class Scheduler:
     def _attach(self, req: Request) -> None:
         """Gives a waiting request a table row and its cached prefix (locked)."""
         req.row = self.table.alloc()
-        slots, node = self.cache.match_prefix(req.fill_ids[:-1])
+        slots, node = self.cache.match_prefix(req.fill_ids[: req.prefix_match_limit])
         self.cache.lock(node)
         req.prefix_node = node
         req.prefix_len = req.num_computed = int(slots.numel())
