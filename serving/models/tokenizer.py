@@ -6,7 +6,9 @@ The engine only needs encode, decode, special-token ids and the chat template, s
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +44,41 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+def _filler_pieces(count: int) -> list[str]:
+    """`count` lowercase letter strings, shortest first, those with a leading space ("Ġ" in the
+    byte alphabet) before the bare ones, as in GPT-style vocabularies: " aa", " ab", ..., "aa",
+    ... Letters and one leading space stay in one ByteLevel pre-token, so a whole piece reaches
+    the model and can match as one token."""
+    pieces: list[str] = []
+    for length in itertools.count(2):
+        words = [
+            "".join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=length)
+        ]
+        for piece in ["Ġ" + word for word in words] + words:
+            pieces.append(piece)
+            if len(pieces) == count:
+                return pieces
+    raise AssertionError("unreachable")
+
+
 def build_byte_level_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE tokenizer with exactly `vocab_size` ids: 256 bytes, the ChatML specials,
-    then filler tokens `<N>` (never produced by encoding; they decode to their name)."""
+    """A byte-level tokenizer with exactly `vocab_size` ids: 256 bytes (ids 0-255), the ChatML
+    specials (256-258), then multi-letter pieces (`_filler_pieces`).
+
+    It is a Unigram model with one score for every piece, so encoding picks the segmentation with
+    the fewest tokens: a piece's own text encodes back to that one piece, i.e. every id from 256
+    up round-trips through decode and encode (clients that re-tokenise outputs count right).
+    Bytes above 127 alone are not valid UTF-8 and cannot round-trip on their own."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise TokenizerError(
             f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
         )
-    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
-    specials = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for i in range(256 + len(SPECIAL_TOKENS), vocab_size):
-        vocab[f"<{i}>"] = i
-    vocab.update(specials)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    pieces = (
+        _byte_alphabet()
+        + list(SPECIAL_TOKENS)
+        + _filler_pieces(vocab_size - 256 - len(SPECIAL_TOKENS))
+    )
+    tok = Tokenizer(models.Unigram([(piece, -1.0) for piece in pieces], None, False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
