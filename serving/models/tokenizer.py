@@ -6,6 +6,7 @@ The engine only needs encode, decode, special-token ids and the chat template, s
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import string
@@ -42,6 +43,11 @@ def _byte_alphabet() -> list[str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return [chars[b] for b in range(256)]
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    return {ch: b for b, ch in enumerate(_byte_alphabet())}
 
 
 def _filler_pieces(count: int) -> list[str]:
@@ -92,6 +98,8 @@ class TextTokenizer:
         self._tok = tokenizer
         self.config = config or {}
         self.chat_template: str | None = self.config.get("chat_template")
+        # Byte-level pieces (GPT-2 / Qwen style) spell raw bytes in a printable alphabet.
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self.special_ids = frozenset(
             idx for idx, added in tokenizer.get_added_tokens_decoder().items() if added.special
         )
@@ -128,6 +136,17 @@ class TextTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's raw bytes (OpenAI's `bytes` field). Byte-level pieces map back exactly,
+        so a lone byte of a multi-byte character keeps its value where `token_text` shows
+        U+FFFD; other tokens fall back to the UTF-8 of their text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and self._byte_level and token_id not in self.special_ids:
+            decoder = _byte_decoder()
+            if all(ch in decoder for ch in piece):
+                return [decoder[ch] for ch in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
