@@ -80,6 +80,16 @@ def test_completions_streaming_with_usage(client) -> None:
     offsets = [o for c in body for o in c.choices[0].logprobs.text_offset]
     assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
     assert body[-1].choices[0].finish_reason == "length"
+    # continuous_usage_stats: every chunk carries the usage so far.
+    running = list(
+        client.completions.create(
+            **args,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in running if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 6
     # Without include_usage there is no usage chunk.
     plain = list(client.completions.create(**args, stream=True))
     assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
