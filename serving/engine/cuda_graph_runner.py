@@ -114,6 +114,8 @@ class CudaGraphModelRunner(ModelRunner):
             params = item.request.params
             if params.has_penalties or len(item.request.output_ids) + 2 < params.min_new_tokens:
                 return False
+            if item.request.grammar is not None:  # its mask needs the previous token first
+                return False
         return True
 
     def _stage(self, items: list[ForwardItem], prev: PendingDecode | None) -> int:

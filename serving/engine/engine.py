@@ -26,6 +26,7 @@ from rollout_accel.serving.engine.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
+from rollout_accel.serving.engine.grammar import make_grammar
 from rollout_accel.serving.engine.kv_pool import RequestTable, SlotAllocator
 from rollout_accel.serving.engine.logprob_options import make_extra_logprobs, parse_logprob_options
 from rollout_accel.serving.engine.model_runner import ModelRunner
@@ -248,9 +249,8 @@ class Engine:
         params_list = self._per_item(sampling_params, count, "sampling_params")
         logprob_list = self._per_item(return_logprob, count, "return_logprob")
         start_list = self._per_item(logprob_start_len, count, "logprob_start_len")
-        extras = parse_logprob_options(
-            top_logprobs_num, token_ids_logprob, count, self.model_config.vocab_size
-        )
+        vocab = self.model_config.vocab_size
+        extras = parse_logprob_options(top_logprobs_num, token_ids_logprob, count, vocab)
         rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
         if not isinstance(rid, list) and rid is not None and count > 1:
             raise InvalidRequestError("rid: a batched request needs a list of rids")
@@ -284,6 +284,7 @@ class Engine:
                         stream=stream,
                         priority=priority or 0,
                         extra_logprobs=make_extra_logprobs(logprob_list[index], extras[index]),
+                        grammar=make_grammar(params, self.tokenizer, vocab, self.eos_ids),
                     )
                 )
         if len({r.rid for r in requests}) != len(requests):

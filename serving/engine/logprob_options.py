@@ -158,17 +158,21 @@ def _compute(
     """Top-k values/ids (k = the largest asked) and the requested ids' logprobs (padded to the
     longest list), all moved to the host without blocking. `options[i]` belongs to row i."""
     top_vals = top_ids = id_vals = None
+    # Masked tokens (bans, grammars) have -inf; report the most negative float instead, as SGLang
+    # does, so every response stays valid JSON.
+    floor = torch.finfo(logprobs.dtype).min
     k = max(o.top_logprobs_num for o in options)
     if k > 0:
         vals, ids = torch.topk(logprobs, k, dim=-1)
-        top_vals, top_ids = vals.to("cpu", non_blocking=True), ids.to("cpu", non_blocking=True)
+        top_vals = vals.clamp_(min=floor).to("cpu", non_blocking=True)
+        top_ids = ids.to("cpu", non_blocking=True)
     width = max(len(o.token_ids or ()) for o in options)
     if width > 0:
         index = torch.tensor(
             [(o.token_ids or [])[:width] + [0] * (width - len(o.token_ids or ())) for o in options],
             dtype=torch.int64,
         ).to(logprobs.device, non_blocking=True)
-        id_vals = logprobs.gather(1, index).to("cpu", non_blocking=True)
+        id_vals = logprobs.gather(1, index).clamp_(min=floor).to("cpu", non_blocking=True)
     return top_vals, top_ids, id_vals
 
 

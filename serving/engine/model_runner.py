@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
+from rollout_accel.serving.engine.grammar import apply_grammars
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.logprob_options import record_input, record_output
 from rollout_accel.serving.engine.request import Request
@@ -211,6 +212,7 @@ class ModelRunner:
                     banned += list(self.eos_ids)
                 if banned:
                     logits[row, torch.tensor(banned, device=dev)] = float("-inf")
+        apply_grammars(requests, logits, step_offset)
         record_output(requests, logits, step_offset)
         need_filter = any(
             (0 < p.top_k < self.vocab_size) or p.top_p < 1.0 or p.min_p > 0.0 for p in params

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
+from rollout_accel.serving.engine.grammar import GrammarState
 from rollout_accel.serving.engine.logprob_options import ExtraLogprobs
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class Request:
     sink: Callable[[dict[str, Any], bool], None] | None = None
     priority: int = 0
     extra_logprobs: ExtraLogprobs | None = None
+    grammar: GrammarState | None = None
 
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)

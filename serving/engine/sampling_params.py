@@ -8,9 +8,9 @@ from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
 
-# Keys SGLang accepts that constrain decoding with a grammar; we refuse them explicitly rather than
-# silently ignoring a constraint the caller relies on.
-_UNSUPPORTED = {"json_schema", "regex", "ebnf", "structural_tag"}
+# SGLang's structural tags are refused explicitly rather than silently ignored (json_schema,
+# regex and ebnf are implemented by engine/grammar.py).
+_UNSUPPORTED = {"structural_tag"}
 # Accepted and ignored: they change nothing in our outputs.
 _IGNORED = {"spaces_between_special_tokens", "stream_interval", "logit_bias", "lora_path"}
 
@@ -39,6 +39,9 @@ class SamplingParams:
     n: int = 1
     sampling_seed: int | None = None
     custom_params: dict[str, Any] | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -69,14 +72,15 @@ class SamplingParams:
             if key in _UNSUPPORTED:
                 if value is None:
                     continue
-                raise InvalidRequestError(
-                    f"sampling_params.{key}: constrained decoding is not supported"
-                )
+                raise InvalidRequestError(f"sampling_params.{key}: not supported by this server")
             if key not in known:
                 raise InvalidRequestError(f"sampling_params.{key}: unknown key")
             if value is None and key not in (
                 "sampling_seed",
                 "custom_params",
+                "json_schema",
+                "regex",
+                "ebnf",
                 "stop",
                 "stop_token_ids",
             ):
@@ -152,5 +156,13 @@ class SamplingParams:
             isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)
         ):
             raise InvalidRequestError("sampling_params.sampling_seed: expected an integer")
+        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        for key in grammars:
+            if not isinstance(getattr(self, key), str):
+                raise InvalidRequestError(f"sampling_params.{key}: expected a string")
+        if len(grammars) > 1:
+            raise InvalidRequestError(
+                f"sampling_params.{grammars[1]}: give only one of json_schema, regex, ebnf"
+            )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise InvalidRequestError("sampling_params.custom_params: expected an object")

@@ -137,6 +137,15 @@ class TextTokenizer:
     def token_text(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
 
+    @property
+    def is_byte_level(self) -> bool:
+        """Whether pieces spell raw bytes in GPT-2's printable alphabet."""
+        return self._byte_level
+
+    def piece(self, token_id: int) -> str | None:
+        """The token's vocabulary entry as stored (byte-alphabet form for byte-level)."""
+        return self._tok.id_to_token(token_id)
+
     def token_bytes(self, token_id: int) -> list[int]:
         """The token's raw bytes (OpenAI's `bytes` field). Byte-level pieces map back exactly,
         so a lone byte of a multi-byte character keeps its value where `token_text` shows

@@ -2,9 +2,9 @@
 
 Agent rollouts and benchmark clients speak OpenAI; these map onto the same engine requests as
 `/generate`. Every field is either implemented to the OpenAI spec or refused with a 400 that names
-it; nothing is silently dropped. Refused: tool calling (`tools`), structured output
-(`response_format` other than text, `json_schema` / `regex` / `ebnf`), `logit_bias`, `suffix`,
-streaming with n > 1, and message parts other than text.
+it; nothing is silently dropped. Structured output (`response_format` json_object / json_schema,
+SGLang's `json_schema` / `regex` / `ebnf`) goes through engine/grammar.py. Refused: tool calling
+(`tools`), `logit_bias`, `suffix`, streaming with n > 1, and message parts other than text.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rollout_accel.serving.engine import Engine, InvalidRequestError
+from rollout_accel.serving.engine.grammar import ANY_JSON
 from rollout_accel.serving.models.tokenizer import TextTokenizer
 from rollout_accel.serving.server.protocol import check_fields, parse_json_object
 
@@ -46,12 +47,13 @@ _COMMON = {
     "logprobs",
     "min_tokens",
     "rid",
-    # Refused unless they carry their default (see _refuse_non_default).
-    "logit_bias",
+    # Structured output (see _grammar).
     "response_format",
     "json_schema",
     "regex",
     "ebnf",
+    # Refused unless they carry their default (see _refuse_non_default).
+    "logit_bias",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON | {
@@ -68,18 +70,41 @@ MESSAGE_FIELDS = {"role", "content"}
 MAX_CHAT_TOP_LOGPROBS = 20
 
 
+def _grammar(body: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(sampling_params key, grammar source, field it came from) for structured output:
+    OpenAI's response_format (json_object, json_schema) or SGLang's json_schema / regex / ebnf."""
+    found: list[tuple[str, str, str]] = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            found.append(("json_schema", ANY_JSON, "response_format"))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidRequestError(
+                    "response_format.json_schema.schema: expected a JSON schema object"
+                )
+            found.append(("json_schema", json.dumps(schema), "response_format"))
+        elif kind != "text":
+            raise InvalidRequestError(
+                f"response_format: type {kind!r} is not supported; "
+                "use text, json_object or json_schema"
+            )
+    for key in ("json_schema", "regex", "ebnf"):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidRequestError(f"{key}: expected a string")
+            found.append((key, value, key))
+    if len(found) > 1:
+        raise InvalidRequestError(f"{found[1][2]}: give only one structured-output constraint")
+    return found[0] if found else None
+
+
 def _refuse_non_default(body: dict[str, Any]) -> None:
     """Fields we accept only at their default: anything else would be silently ignored."""
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise InvalidRequestError(
-            f"response_format: structured output ({kind!r}) is not supported by this server; "
-            'only {"type": "text"}'
-        )
-    for key in ("json_schema", "regex", "ebnf"):
-        if body.get(key) is not None:
-            raise InvalidRequestError(f"{key}: constrained decoding is not supported")
     if body.get("logit_bias"):
         raise InvalidRequestError("logit_bias: not supported by this server")
     if body.get("suffix"):
@@ -140,6 +165,9 @@ def _sampling_params(body: dict[str, Any], kind: str) -> dict[str, Any]:
     for src, dst in mapping.items():
         if body.get(src) is not None:
             params[dst] = body[src]
+    grammar = _grammar(body)
+    if grammar is not None:
+        params[grammar[0]] = grammar[1]
     return params
 
 
@@ -160,6 +188,7 @@ class _Plan:
 
 def _plan(body: dict[str, Any], kind: str) -> _Plan:
     _refuse_non_default(body)
+    _grammar(body)
     n = _int(body, "n", 1) or 1
     stream = _flag(body, "stream", False)
     options = body.get("stream_options")
@@ -318,6 +347,16 @@ def register_openai_routes(app: FastAPI, engine: Engine) -> None:
         )
 
     async def run(body: dict[str, Any], prompt_kwargs: dict[str, Any], plan: _Plan) -> Response:
+        try:
+            return await _run(body, prompt_kwargs, plan)
+        except InvalidRequestError as exc:
+            grammar = _grammar(body)
+            prefix = f"sampling_params.{grammar[0]}: " if grammar else None
+            if prefix and str(exc).startswith(prefix):
+                raise InvalidRequestError(f"{grammar[2]}: {str(exc)[len(prefix) :]}") from exc
+            raise
+
+    async def _run(body: dict[str, Any], prompt_kwargs: dict[str, Any], plan: _Plan) -> Response:
         params = _sampling_params(body, plan.kind)
         params["n"] = plan.best_of
         ranked = plan.best_of > plan.n  # best_of needs every candidate's logprobs to rank them

@@ -1,5 +1,6 @@
 """The OpenAI routes driven by the official `openai` client over loopback: completions and chat,
-streaming and not, usage, logprobs in each route's shape; refused fields answer 400 naming them."""
+streaming and not, usage, logprobs in each route's shape, structured output; refused fields
+answer 400 naming them."""
 
 from __future__ import annotations
 
@@ -178,13 +179,15 @@ def test_n_and_best_of(client) -> None:
     [
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat", {"tool_choice": "required"}, "tool_choice"),
-        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"response_format": {"type": "structural_tag"}}, "response_format"),
         (
             "chat",
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
+            "response_format.json_schema.schema",
         ),
-        ("completion", {"regex": "a+"}, "regex"),
+        ("completion", {"regex": "(unclosed"}, "regex"),
+        ("completion", {"regex": "a+", "ebnf": 'root ::= "a"'}, "ebnf"),
+        ("chat", {"regex": "a+", "ignore_eos": True}, "ignore_eos"),
         ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
         ("completion", {"suffix": "end"}, "suffix"),
         ("chat", {"max_tokens": 0}, "max_tokens"),
@@ -227,11 +230,11 @@ def test_refused_fields_are_named(server, route: str, extra: dict, field: str) -
 
 
 def test_client_raises_bad_request_and_server_keeps_serving(client, server) -> None:
-    with pytest.raises(openai.BadRequestError, match="response_format"):
+    with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_object"},
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
     ok = client.chat.completions.create(
         model=MODEL,
@@ -249,3 +252,46 @@ def test_client_raises_bad_request_and_server_keeps_serving(client, server) -> N
     ).json()
     assert raw["choices"][0]["text"].startswith(server.engine.tokenizer.decode([5, 6, 7]))
     assert json.loads(json.dumps(raw))["usage"]["prompt_tokens"] == 3
+
+
+def test_structured_output_through_the_client(client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "enum": ["yes", "no"]},
+            "n": {"type": "integer"},
+        },
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "answer"}],
+        max_tokens=64,
+        n=3,
+        temperature=1.0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": schema, "strict": True},
+        },
+    )
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        value = json.loads(choice.message.content)
+        assert set(value) == {"answer", "n"} and value["answer"] in ("yes", "no")
+        assert isinstance(value["n"], int)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "json"}],
+            max_tokens=64,
+            stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert set(json.loads("".join(c.choices[0].delta.content for c in chunks))) == {"answer", "n"}
+    c = client.completions.create(
+        model=MODEL, prompt="pick", max_tokens=8, extra_body={"regex": "(red|green|blue)\\."}
+    )
+    assert c.choices[0].text in ("red.", "green.", "blue.")
