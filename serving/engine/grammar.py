@@ -32,12 +32,13 @@ GRAMMAR_KEYS = ("json_schema", "regex", "ebnf")
 ANY_JSON = "$$ANY$$"
 
 
-def _xgrammar() -> Any:
+def _xgrammar(field: str = "structured output") -> Any:
     try:
         import xgrammar
     except ImportError as exc:
         raise InvalidRequestError(
-            "structured output needs xgrammar on the server (pip install 'rollout-accel[structured]')"
+            f"{field}: structured output needs xgrammar on the server "
+            "(pip install 'rollout-accel[structured]')"
         ) from exc
     return xgrammar
 
@@ -88,6 +89,7 @@ def make_grammar(
         # The grammar ends by allowing only eos; ignoring it would run on unconstrained.
         raise InvalidRequestError(f"sampling_params.ignore_eos: cannot be combined with {key}")
     source = getattr(params, key)
+    _xgrammar(f"sampling_params.{key}")
     compiler = _compiler(tokenizer, vocab_size, tuple(stop_ids))
     try:
         if key == "json_schema" and source == ANY_JSON:

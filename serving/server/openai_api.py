@@ -237,6 +237,20 @@ def _usage(outs: list[dict[str, Any]], per_prompt: int) -> dict[str, int]:
     }
 
 
+def _legacy_token(tok: TextTokenizer, token_id: int) -> str:
+    """A token's string for the completions logprobs: its text, except that a fragment of a
+    multi-byte character (text U+FFFD) is spelled one latin-1 character per raw byte, so distinct
+    fragments stay distinct keys in top_logprobs (SGLang does the same)."""
+    text = tok.token_text(token_id)
+    if "\ufffd" in text:
+        raw = bytes(tok.token_bytes(token_id))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+    return text
+
+
 def _completion_logprobs(
     meta: dict[str, Any],
     tok: TextTokenizer,
@@ -252,7 +266,7 @@ def _completion_logprobs(
     tops = list(meta.get("input_top_logprobs", [])) if with_prompt else []
     triples += meta["output_token_logprobs"][first:]
     tops += meta.get("output_top_logprobs", [])[first:]
-    tokens = [tok.token_text(tid) for _, tid, _ in triples]
+    tokens = [_legacy_token(tok, tid) for _, tid, _ in triples]
     offsets = []
     for text in tokens:
         offsets.append(offset)
@@ -261,7 +275,10 @@ def _completion_logprobs(
         "tokens": tokens,
         "token_logprobs": [lp for lp, _, _ in triples],
         "top_logprobs": (
-            [None if row is None else {tok.token_text(t): lp for lp, t, _ in row} for row in tops]
+            [
+                None if row is None else {_legacy_token(tok, t): lp for lp, t, _ in row}
+                for row in tops
+            ]
             if plan.top_n > 0
             else None
         ),

@@ -28,6 +28,13 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
+def _joined(tokens: list[str]) -> str:
+    """The text the legacy tokens spell: a fragment of a multi-byte character comes as one latin-1
+    character per raw byte (the preset's other pieces are ASCII)."""
+    raw = b"".join(t.encode("utf-8") if t.isascii() else t.encode("latin-1") for t in tokens)
+    return raw.decode("utf-8", "replace")
+
+
 def _dense_top(server, ids: list[int]) -> torch.Tensor:
     engine = server.engine
     with torch.inference_mode():
@@ -44,7 +51,7 @@ def test_completions_logprobs_echo_and_usage(server, client) -> None:
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert "".join(lp.tokens) == choice.text
+    assert _joined(lp.tokens) == choice.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-5)
@@ -61,7 +68,7 @@ def test_completions_logprobs_echo_and_usage(server, client) -> None:
     assert e.text == prompt + choice.text
     n_prompt = len(tok.encode(prompt))
     assert e.logprobs.token_logprobs[0] is None and e.logprobs.top_logprobs[0] is None
-    assert len(e.logprobs.tokens) == n_prompt + 5 and "".join(e.logprobs.tokens) == e.text
+    assert len(e.logprobs.tokens) == n_prompt + 5 and _joined(e.logprobs.tokens) == e.text
     assert e.logprobs.token_logprobs[n_prompt:] == pytest.approx(lp.token_logprobs, abs=1e-5)
     assert e.logprobs.text_offset[n_prompt] == len(prompt)
 
@@ -295,3 +302,44 @@ def test_structured_output_through_the_client(client) -> None:
         model=MODEL, prompt="pick", max_tokens=8, extra_body={"regex": "(red|green|blue)\\."}
     )
     assert c.choices[0].text in ("red.", "green.", "blue.")
+
+
+def test_bench_serving_payloads(server) -> None:
+    """SGLang bench_serving's sglang-oai and sglang-oai-chat payloads (--return-logprob
+    --top-logprobs-num 3 for completions), streamed, as it sends and parses them."""
+    completion = {
+        "model": MODEL,
+        "prompt": "a big cat",
+        "best_of": 1,
+        "max_tokens": 8,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 3,
+    }
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a big cat"}],
+        "max_completion_tokens": 8,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    for path, payload in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+        events = []
+        with httpx.stream("POST", f"{server.url}{path}", json=payload, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+        assert events and all("error" not in e for e in events)
+        with_choices = [e for e in events if e["choices"]]
+        assert with_choices[-1]["choices"][0]["finish_reason"] == "length"
+        if path == "/v1/completions":
+            rows = [
+                row for e in with_choices for row in e["choices"][0]["logprobs"]["top_logprobs"]
+            ]
+            assert len(rows) == 8 and all(len(row) == 3 for row in rows)
+        else:
+            assert events[-1]["usage"]["completion_tokens"] == 8
