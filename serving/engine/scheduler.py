@@ -320,9 +320,7 @@ class Scheduler:
             else:
                 self.stats.decode_tokens += 1
             if index in result.input_logprobs:
-                if not req.input_logprobs:
-                    req.input_logprobs.append(None)  # the first prompt token has no logprob
-                req.input_logprobs.extend(result.input_logprobs[index])
+                req.record_input_logprobs(item.start + 1, result.input_logprobs[index])
             if not item.emits_token:
                 continue
             token, logprob = result.tokens[sampled], result.logprobs[sampled]
@@ -376,7 +374,7 @@ class Scheduler:
             (0.0 if params.greedy else params.temperature, params.top_p, params.min_p),
             (params.top_k, req.seed, len(req.input_ids)),
         )
-        slots, node = self.cache.match_prefix(req.fill_ids[:-1])
+        slots, node = self.cache.match_prefix(req.fill_ids[: req.prefix_match_limit])
         self.cache.lock(node)
         req.prefix_node = node
         req.prefix_len = req.num_computed = int(slots.numel())
