@@ -177,15 +177,19 @@ class Scheduler:
             decode.remove(victim)
         return decode
 
-    def _schedule_prefill(self, num_decode: int) -> tuple[list[ForwardItem], list[torch.Tensor]]:
+    def _schedule_prefill(
+        self, num_decode: int, candidates: list[Request] | None = None
+    ) -> tuple[list[ForwardItem], list[torch.Tensor]]:
         if not self.waiting:
             return [], []
+        if candidates is None:
+            candidates = self.policy.order(self.waiting, self.cache)
         budget = self.limits.max_prefill_tokens
         items: list[ForwardItem] = []
         slot_parts: list[torch.Tensor] = []
         in_batch: set[int] = set()
         active = len(self.running)
-        for req in self.policy.order(self.waiting, self.cache):
+        for req in candidates:
             if budget <= 0:
                 break
             if req.row is None:
@@ -241,11 +245,7 @@ class Scheduler:
             return self._commit(
                 Batch([ForwardItem(req, req.num_computed, 1, True, False)], slots, 1)
             )
-        waiting, self.waiting = self.waiting, [req] if req in self.waiting else []
-        try:
-            items, parts = self._schedule_prefill(0)
-        finally:
-            self.waiting = waiting
+        items, parts = self._schedule_prefill(0, [req] if req in self.waiting else [])
         if not items:
             self.suspects.pop(0)  # nothing to run for it now; it rejoins the normal schedule
             return self.schedule()
