@@ -45,7 +45,9 @@ from rollout_accel.serving.models.decoder import CausalLM
 DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0)
 MAIN_RATIO = 0.15
 # The toy policy's positions stop at 512 (recipe model.max_positions): a smaller stream.
-TOY_WORKLOAD = MultiAgentConfig(
+# TOY_CONTEXT shapes the contexts the toy policy's SFT sees (rounds play no part there; the SFT
+# cache key holds this exact value); the toy stream is the same shape over more rounds.
+TOY_CONTEXT = MultiAgentConfig(
     agents=4,
     rounds=3,
     documents=3,
@@ -55,6 +57,7 @@ TOY_WORKLOAD = MultiAgentConfig(
     output_tokens=32,
     question_tokens=8,
 )
+TOY_WORKLOAD = replace(TOY_CONTEXT, rounds=8)
 PRESET_WORKLOAD = MultiAgentConfig()
 
 
@@ -73,7 +76,7 @@ class StreamRun:
 
 
 def toy_policy(
-    layers: int, device: str, cache_root: str, context: MultiAgentConfig | None = TOY_WORKLOAD
+    layers: int, device: str, cache_root: str, context: MultiAgentConfig | None = TOY_CONTEXT
 ) -> tuple[CausalLM, Any]:
     """The local loop's SFT warm start (recipes/local/arithmetic-sync.toml: same task, shape,
     init, SFT data and schedule) with `layers` decoder layers, trained on `device` and cached as a

@@ -25,6 +25,7 @@ from rollout_accel.serving.engine.batch import (
     StepResult,
 )
 from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.logprob_options import record_input
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -198,9 +199,10 @@ class ModelRunner:
                 req = it.request
                 nxt = req.token_slice(it.start + 1, it.start + it.count + 1)
                 usable = min(len(nxt), it.count, len(req.input_ids) - it.start - 1)
-                lp = torch.log_softmax(block[:usable], dim=-1)
+                lp = torch.log_softmax(block[:usable].float(), dim=-1)
                 picked = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
                 input_logprobs[index] = picked.squeeze(1).tolist()
+                record_input(req, lp, it.start + 1)
                 if it.emits_token:
                     sample_index.append(cursor + it.count - 1)
                 cursor += it.count

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
+from rollout_accel.serving.engine.grammar import apply_grammars
 from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.logprob_options import record_output
 from rollout_accel.serving.engine.request import Request
 
 
@@ -44,7 +46,12 @@ class BatchSampler:
             logits = self._penalize(requests, logits)
         if any(p.min_new_tokens for p in params):
             self._ban_early_stops(requests, logits, host_output_positions)
+        if any(r.grammar is not None for r in requests):
+            logits = logits.float()
+            apply_grammars(requests, logits)
+        record_output(requests, logits, host_output_positions)
         if logits.device.type != "cuda" and all(p.greedy for p in params):
+            logits = logits.float()
             tokens = torch.argmax(logits, dim=-1)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
             return tokens, logprobs
@@ -65,6 +72,7 @@ class BatchSampler:
 
     def _penalize(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         dev = logits.device
+        logits = logits.float()
         counts = torch.zeros_like(logits)
         for row, req in enumerate(requests):
             if req.params.has_penalties and req.output_ids:

@@ -8,11 +8,16 @@ from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
 
-# Keys SGLang accepts that constrain decoding with a grammar; we refuse them explicitly rather than
-# silently ignoring a constraint the caller relies on.
-_UNSUPPORTED = {"json_schema", "regex", "ebnf", "structural_tag"}
+# SGLang's structural tags are refused explicitly rather than silently ignored (json_schema,
+# regex and ebnf are implemented by engine/grammar.py).
+_UNSUPPORTED = {"structural_tag"}
 # Accepted and ignored: they change nothing in our outputs.
 _IGNORED = {"spaces_between_special_tokens", "stream_interval", "logit_bias", "lora_path"}
+# Integer fields reach the sampler as int64 tensors: anything outside this range would fail inside
+# an engine step (hurting every request in it) instead of at the edge.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Engine-wide bound of `n` (one call's fan-out); the HTTP server's --max-n is usually lower.
+MAX_N = 1024
 
 
 @dataclass(slots=True)
@@ -39,6 +44,9 @@ class SamplingParams:
     n: int = 1
     sampling_seed: int | None = None
     custom_params: dict[str, Any] | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -69,14 +77,15 @@ class SamplingParams:
             if key in _UNSUPPORTED:
                 if value is None:
                     continue
-                raise InvalidRequestError(
-                    f"sampling_params.{key}: constrained decoding is not supported"
-                )
+                raise InvalidRequestError(f"sampling_params.{key}: not supported by this server")
             if key not in known:
                 raise InvalidRequestError(f"sampling_params.{key}: unknown key")
             if value is None and key not in (
                 "sampling_seed",
                 "custom_params",
+                "json_schema",
+                "regex",
+                "ebnf",
                 "stop",
                 "stop_token_ids",
             ):
@@ -95,6 +104,10 @@ class SamplingParams:
                 raise InvalidRequestError(f"sampling_params.{name}: expected {kind}, got {value!r}")
             if not integer and not math.isfinite(value):
                 raise InvalidRequestError(f"sampling_params.{name}: must be finite, got {value!r}")
+            if integer and not INT64_MIN <= value <= INT64_MAX:
+                raise InvalidRequestError(
+                    f"sampling_params.{name}: outside the signed 64-bit range, got {_short(value)}"
+                )
             return value
 
         if number("max_new_tokens", integer=True) < 0:
@@ -121,8 +134,8 @@ class SamplingParams:
                 raise InvalidRequestError(f"sampling_params.{name}: must be in [-2, 2]")
         if not 0.0 < number("repetition_penalty") <= 2.0:
             raise InvalidRequestError("sampling_params.repetition_penalty: must be in (0, 2]")
-        if number("n", integer=True) < 1:
-            raise InvalidRequestError(f"sampling_params.n: must be >= 1, got {self.n}")
+        if not 1 <= number("n", integer=True) <= MAX_N:
+            raise InvalidRequestError(f"sampling_params.n: must be in [1, {MAX_N}], got {self.n}")
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"sampling_params.{name}: expected true or false")
@@ -152,5 +165,26 @@ class SamplingParams:
             isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)
         ):
             raise InvalidRequestError("sampling_params.sampling_seed: expected an integer")
+        # Sample i of n uses seed + i, an int64 on the device: the whole range must fit.
+        if self.sampling_seed is not None and not (
+            INT64_MIN <= self.sampling_seed <= INT64_MAX - (self.n - 1)
+        ):
+            raise InvalidRequestError(
+                f"sampling_params.sampling_seed: must be in [-2**63, 2**63 - n], "
+                f"got {_short(self.sampling_seed)}"
+            )
+        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        for key in grammars:
+            if not isinstance(getattr(self, key), str):
+                raise InvalidRequestError(f"sampling_params.{key}: expected a string")
+        if len(grammars) > 1:
+            raise InvalidRequestError(
+                f"sampling_params.{grammars[1]}: give only one of json_schema, regex, ebnf"
+            )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise InvalidRequestError("sampling_params.custom_params: expected an object")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"
