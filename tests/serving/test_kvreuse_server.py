@@ -111,18 +111,20 @@ def test_ratio_one_in_the_engine_is_token_identical_to_plain_prefill() -> None:
 
 
 def test_separator_marks_segments_of_text_prompts() -> None:
+    from rollout_accel.serving.kvreuse.segments import split_on_separator
+
     doc_a = "the first shared document, long enough to be stored as a chunk."
     doc_b = "a second document that every agent reads again in another order."
     greedy = {"temperature": 0, "max_new_tokens": 4}
+    prompts = (f"agent one ### {doc_a} ### {doc_b}", f"agent two! ### {doc_b} ### {doc_a}")
     with Engine("tiny-qwen3", kv_reuse_separator=" ### ") as eng:
-        first = eng.generate(
-            prompt=f"agent one ### {doc_a} ### {doc_b} ### go", sampling_params=greedy
-        )
-        second = eng.generate(
-            prompt=f"agent two! ### {doc_b} ### {doc_a} ### go", sampling_params=greedy
-        )
+        first = eng.generate(prompt=prompts[0], sampling_params=greedy)
+        second = eng.generate(prompt=prompts[1], sampling_params=greedy)
         assert first["meta_info"]["kvreuse"]["reused_tokens"] == 0
-        assert second["meta_info"]["kvreuse"]["reused_tokens"] == len(doc_a) + len(doc_b)
+        ids = eng.tokenizer.encode(prompts[1])
+        docs = split_on_separator(ids, eng.tokenizer.encode(" ### "))[1:]
+        assert len(docs) == 2
+        assert second["meta_info"]["kvreuse"]["reused_tokens"] == sum(e - s for s, e in docs)
 
 
 def test_a_failing_reuse_prefill_falls_back_to_the_normal_path(monkeypatch) -> None:
