@@ -13,7 +13,8 @@ halves of head_dim pair up); `inv_freq` [head_dim // 2] float32.
 `rerotate_keys` writes k_cache[dst_slots[i]] = R(new_pos[i] - old_pos[i]) k_cache[src_slots[i]].
 In place (src == dst) is allowed per token; otherwise the src and dst sets must be disjoint.
 Arithmetic is float32; one rounding to the cache dtype at the end. `ROLLOUT_ACCEL_REROTATE=
-reference|triton` forces a backend (read on every call).
+reference|triton` forces a backend (read once per process; `backend.reload_overrides` reads it
+again).
 """
 
 from __future__ import annotations

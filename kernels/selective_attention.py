@@ -8,7 +8,8 @@ contiguous trailing positions this is exactly `prefill_attention`.
 Layout as in `paged_attention_reference`, plus q_positions [total_q] (int32/int64): the position
 of each query in its sequence, ascending within a sequence, each < seq_lens[b]. The reference
 below is the CPU path and the oracle; `ROLLOUT_ACCEL_SELECTIVE_ATTENTION=reference|triton`
-forces a backend (read on every call).
+forces a backend (read once
+per process; `backend.reload_overrides` reads it again).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import rerotate, selective_attention
+from rollout_accel.kernels.backend import reload_overrides
 from rollout_accel.kernels.paged_attention_reference import paged_prefill_attention_reference
 from tests.kernels.interpreter import run_interpreter
 
@@ -82,12 +83,17 @@ def test_dispatch_defaults_and_env(module, monkeypatch) -> None:
         rerotate.rerotate_backend if module is rerotate else selective_attention.selective_backend
     )
     monkeypatch.delenv(module.ENV_VAR, raising=False)
+    reload_overrides()
     assert backend(torch.device("cpu")) == "reference"
     monkeypatch.setenv(module.ENV_VAR, "reference")
+    reload_overrides()
     assert backend(torch.device("cuda")) == "reference"
     monkeypatch.setenv(module.ENV_VAR, "cutlass")
+    reload_overrides()
     with pytest.raises(ValueError, match="cutlass"):
         backend(torch.device("cpu"))
+    monkeypatch.delenv(module.ENV_VAR)
+    reload_overrides()
 
 
 @needs_triton

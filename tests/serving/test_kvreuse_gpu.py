@@ -69,9 +69,17 @@ def test_triton_paths_match_reference_paths_in_a_blend(model, monkeypatch) -> No
     settings = BlendSettings(recompute_ratio=0.15)
     tri, pf = _last_logits(model, settings, prompts)
     assert pf.metrics.reused_tokens > 0
+    from rollout_accel.kernels.backend import reload_overrides
+
     monkeypatch.setenv("ROLLOUT_ACCEL_REROTATE", "reference")
     monkeypatch.setenv("ROLLOUT_ACCEL_SELECTIVE_ATTENTION", "reference")
-    ref, _ = _last_logits(model, settings, prompts)
+    reload_overrides()
+    try:
+        ref, _ = _last_logits(model, settings, prompts)
+    finally:
+        monkeypatch.delenv("ROLLOUT_ACCEL_REROTATE")
+        monkeypatch.delenv("ROLLOUT_ACCEL_SELECTIVE_ATTENTION")
+        reload_overrides()
     assert kl_divergence(ref, tri) < 1e-3
 
 
