@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--sft-cache", default=str(ROOT / "bench-out" / "kvreuse-sft-cache"))
+    p.add_argument("--speed-model", default="qwen3-0.6b-shape", help="preset of the speed part")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a smoke run")
     args = p.parse_args(argv)
     _import_path()
     import torch
@@ -75,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from rollout_accel.serving.models import load_model
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_kvreuse_bench: needs a CUDA device")
         return 1
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     gpu_workload = MultiAgentConfig(
         agents=4,
         rounds=3,
@@ -91,22 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = []
     if not args.skip_speed:
-        model = load_model("qwen3-0.6b-shape", dtype="bfloat16", device="cuda").model
+        dtype = "bfloat16" if args.device == "cuda" else "float32"
+        model = load_model(args.speed_model, dtype=dtype, device=args.device).model
         model.fuse_projections()
         prompts = multi_agent_stream(gpu_workload, random_tokens(model.config.vocab_size))
         ratios = [float(r) for r in args.ratios.split(",")]
         with torch.inference_mode():
-            res = evaluate_model(
-                "qwen3-0.6b-shape", model, prompts, ratios, args.check_layer, 32, 16
-            )
+            res = evaluate_model(args.speed_model, model, prompts, ratios, args.check_layer, 32, 16)
         res["workload"] = asdict(gpu_workload)
-        res["dtype"] = "bfloat16"
+        res["dtype"] = dtype
         results.append(res)
         print(f"speed part done at {time.perf_counter() - start:.0f} s", flush=True)
         del model
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     if not args.skip_toy:
-        model, task = toy_policy(args.toy_layers, "cuda", args.sft_cache)
+        model, task = toy_policy(args.toy_layers, args.device, args.sft_cache)
         model.fuse_projections()
         prompts = multi_agent_stream(
             TOY_WORKLOAD, arithmetic_text(task), prefix=[task.tokenizer.bos_id]
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         point = next((c for c in res["curve"] if abs(c["ratio"] - 0.15) < 1e-9), None)
         if point is None:
             continue
-        if res["model"] == "qwen3-0.6b-shape":
+        if res["model"] == args.speed_model:
             verdict["ttft_speedup_p50_at_0.15"] = point["speedup_p50"]
             verdict["ttft_target_met"] = point["speedup_p50"] >= 3.0
         else:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     payload = {
         "schema": 1,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "seconds": time.perf_counter() - start,
         "results": results,
         "verdict": verdict,
