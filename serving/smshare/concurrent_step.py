@@ -104,6 +104,7 @@ class StepRecord:
     time: float
     preset: str
     decode_rows: int
+    context_tokens: int
     prefill_tokens: int
     predicted_s: float
 
@@ -276,6 +277,7 @@ class SmShareRunner(ModelRunner):
                 time.perf_counter(),
                 self.planner.name(choice.preset),
                 nd,
+                context,
                 batch.num_tokens - nd,
                 choice.predicted_s,
             )
