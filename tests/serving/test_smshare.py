@@ -204,3 +204,29 @@ def test_serve_flag_turns_sm_sharing_on() -> None:
     assert kwargs["sm_share"] is True and kwargs["sm_share_tpot_ms"] == 30.0
     kwargs, _ = parse_server_args(parser.parse_args([]), {})
     assert "sm_share" not in kwargs
+
+
+def test_bench_scenario_exits_clearly_without_green_contexts(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the scenario would run")
+    from rollout_accel.rollout.bench.cli import main
+
+    assert main(["--scenario", "smshare"]) == 2
+    assert "green contexts are unavailable" in capsys.readouterr().err
+
+
+def test_bench_workload_is_seeded_and_rollout_shaped() -> None:
+    from rollout_accel.rollout.bench.smshare_scenario import build_parser, make_workload
+
+    args = build_parser().parse_args(["--arrivals", "30", "--background", "8"])
+    one, two = make_workload(args, 151_936), make_workload(args, 151_936)
+    assert [a.input_ids for a in one.arrivals] == [a.input_ids for a in two.arrivals]
+    kinds = {a.kind for a in one.arrivals}
+    assert kinds == {"long", "resumed", "multiturn"}
+    offsets = [a.offset_s for a in one.arrivals]
+    assert offsets == sorted(offsets)
+    dense = np.diff(offsets[:20]).mean()
+    sparse = np.diff(offsets[20:]).mean()
+    assert sparse > dense  # the mix shifts from prefill-heavy to decode-heavy
+    resumed = next(a for a in one.arrivals if a.kind == "resumed")
+    assert any(resumed.input_ids[: len(b)] == b for b in one.background)
