@@ -203,7 +203,10 @@ class SmShareRunner(ModelRunner):
                 with self._join(main, preset):
                     for half, part in enumerate((preset.decode, preset.prefill)):
                         with torch.cuda.stream(part.stream):
-                            probe[half : half + 1].add_(1)
+                            # A pinned non-blocking copy, as eager steps make on these streams
+                            # (the host allocator records an event on the stream).
+                            one = torch.ones(1).pin_memory().to(self.device, non_blocking=True)
+                            probe[half : half + 1].add_(one)
                 probe.mul_(2)  # main-stream work between steps: wrong order gives wrong sums
         torch.cuda.synchronize(self.device)
         value = 0.0

@@ -181,6 +181,7 @@ class PartitionSet:
         self.closed = True
         driver = _driver()
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # cached blocks of these streams go before the streams do
         errors: list[str] = []
         for preset in self.presets:
             for part in (preset.prefill, preset.decode):
@@ -230,10 +231,10 @@ def _destroy_partition(driver: Any, part: Partition) -> None:
 
 
 def log_once(message: str) -> None:
-    """Logs `message` at INFO the first time it is seen in this process."""
+    """Logs `message` (a warning: SM sharing was asked for) the first time it is seen."""
     if message not in _logged:
         _logged.add(message)
-        log.info(message)
+        log.warning(message)
 
 
 def open_partitions(
