@@ -152,7 +152,7 @@ def part_corun(torch) -> dict[str, Any]:
             a @ w
 
     def decode() -> None:
-        for _ in range(4):
+        for _ in range(16):
             for m in weights:
                 x @ m
 
