@@ -55,7 +55,7 @@ from rollout_accel.serving.smshare.partitions import (
     log_once,
     open_partitions,
 )
-from rollout_accel.serving.smshare.planner import PlanChoice, Planner
+from rollout_accel.serving.smshare.planner import LatencyModel, LatencyTable, PlanChoice, Planner
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,14 @@ class SmShareRunner(ModelRunner):
         self.planner: Planner | None = None
         self.unavailable_reason: str | None = None
         self.timeline: deque[StepRecord] = deque(maxlen=200_000)
+        self.latency_table: LatencyTable | None = None
         self._mode = "time-share"
         self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
         self.concurrent_steps = 0  # of which on partition streams at once
-        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs)
-        if tpot_ms <= 0:
+        if not tpot_ms > 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
         self.tpot_s = tpot_ms / 1e3
+        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs)
         self.set_mode("split" if mode == "split" else "time-share")
         if not self.is_cuda:
             self._unavailable(f"device is {self.device.type}, not cuda")
@@ -181,8 +182,6 @@ class SmShareRunner(ModelRunner):
             table = profile_latency(self, max_prefill_tokens)
         else:
             table = synthetic_table(self.partitions, self.graphs.max_bs, max_prefill_tokens)
-        from rollout_accel.serving.smshare.planner import LatencyModel
-
         self.planner = Planner(LatencyModel(table), self.tpot_s)
         self.latency_table = table
         log.info(
