@@ -243,7 +243,13 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         runner.timeline.clear()
         result = run_once(engine, workload)
         result["preset_counts"] = runner.metrics() if mode != "time-share" else {}
-        return result, list(runner.timeline)
+        steps = list(runner.timeline)
+        timed = [s for s in steps if s.measured_s > 0 and s.predicted_s > 0]
+        result["mixed_steps_planned"] = len(steps)
+        if timed:
+            ratios = [s.measured_s / s.predicted_s for s in timed]
+            result["measured_over_predicted_p50"] = float(np.median(ratios))
+        return result, steps
 
     serve("time-share")  # warm-up: Triton autotuning and allocator growth stay out of the runs
     results: dict[str, dict[str, Any]] = {}
@@ -285,6 +291,28 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         "total_sms": runner.partitions.total_sms,
         "latency_table": runner.latency_table.to_dict(),
         "results": results,
+        "timelines": {
+            label: [
+                [
+                    round(s.time - steps[0].time, 4),
+                    s.preset,
+                    s.decode_rows,
+                    s.prefill_tokens,
+                    round(s.predicted_s * 1e3, 3),
+                    round(s.measured_s * 1e3, 3),
+                ]
+                for s in steps[:20_000]
+            ]
+            for label, steps in timelines.items()
+        },
+        "timeline_columns": [
+            "t_s",
+            "preset",
+            "decode_rows",
+            "prefill_tokens",
+            "pred_ms",
+            "meas_ms",
+        ],
         "timeline_png": None if problem else str(out_dir / "smshare_timeline.png"),
     }
     (out_dir / "smshare_bench.json").write_text(json.dumps(report, indent=2, default=str))

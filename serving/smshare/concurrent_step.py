@@ -107,6 +107,7 @@ class StepRecord:
     context_tokens: int
     prefill_tokens: int
     predicted_s: float
+    measured_s: float = 0.0  # GPU time of the step, filled in once it completed
 
 
 class SmShareRunner(ModelRunner):
@@ -136,6 +137,8 @@ class SmShareRunner(ModelRunner):
         self.planner: Planner | None = None
         self.unavailable_reason: str | None = None
         self.timeline: deque[StepRecord] = deque(maxlen=200_000)
+        self._timings: deque[tuple[PlanChoice, StepRecord, torch.cuda.Event, torch.cuda.Event]]
+        self._timings = deque()
         self.latency_table: LatencyTable | None = None
         self._mode = "time-share"
         self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
@@ -244,21 +247,20 @@ class SmShareRunner(ModelRunner):
         Without partitions only `time-share` and `split` exist; others fall back to time-share."""
         if mode not in MODES:
             raise ValueError(f"sm_share mode {mode!r}: expected one of {MODES}")
-        if mode == "static":
+        if mode in ("static", "adaptive"):
             if self.planner is None:
                 mode = "time-share"
             else:
-                if static_preset is None:
+                if mode == "static" and static_preset is None:
                     raise ValueError("sm_share mode 'static' needs static_preset")
-                self.planner = Planner(self.planner.model, self.tpot_s, static_preset)
-        elif mode == "adaptive":
-            if self.planner is None:
-                mode = "time-share"
-            else:
-                self.planner = Planner(self.planner.model, self.tpot_s)
+                fixed = static_preset if mode == "static" else None
+                learnt = dict(self.planner.correction)
+                self.planner = Planner(self.planner.model, self.tpot_s, fixed)
+                self.planner.correction.update(learnt)  # what served steps taught is kept
+        self._timings.clear()
         self._mode = mode
 
-    def metrics(self) -> dict[str, int]:
+    def metrics(self) -> dict[str, float]:
         return self.planner.metrics() if self.planner is not None else {}
 
     # -- launching ------------------------------------------------------------------------------
@@ -272,21 +274,37 @@ class SmShareRunner(ModelRunner):
             return self._launch_parts(batch, None)
         assert self.planner is not None and self.partitions is not None
         context = int(sum(it.start + 1 for it in batch.items[:nd]))
+        self._poll_timings()
         choice: PlanChoice = self.planner.choose(nd, context, batch.num_tokens - nd)
         preset = None if choice.preset is None else self.partitions.presets[choice.preset]
-        self.timeline.append(
-            StepRecord(
-                time.perf_counter(),
-                self.planner.name(choice.preset),
-                nd,
-                context,
-                batch.num_tokens - nd,
-                choice.predicted_s,
-            )
+        record = StepRecord(
+            time.perf_counter(),
+            self.planner.name(choice.preset),
+            nd,
+            context,
+            batch.num_tokens - nd,
+            choice.predicted_s,
         )
-        if preset is None:
-            return super().launch(batch)
-        return self._launch_parts(batch, preset)
+        self.timeline.append(record)
+        # Timing events on the main stream bracket the whole step (both parts are joined into
+        # it): what the step cost on the GPU, fed back to the planner once it completed.
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        handle = super().launch(batch) if preset is None else self._launch_parts(batch, preset)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._timings.append((choice, record, start, end))
+        return handle
+
+    def _poll_timings(self) -> None:
+        """Feeds completed steps' GPU times to the planner (never waits for the GPU)."""
+        while self._timings and self._timings[0][3].query():
+            choice, record, start, end = self._timings.popleft()
+            record.measured_s = start.elapsed_time(end) / 1e3
+            if self.planner is not None:
+                self.planner.observe(choice, record.measured_s)
+        while len(self._timings) > 64:
+            self._timings.popleft()
 
     def _launch_parts(self, batch: Batch, preset: Preset | None) -> StepHandle:
         """The decode rows and the prefill items as two parts: on `preset`'s streams at once, or

@@ -12,7 +12,9 @@ decode rows see the whole step as their time per output token. Options per step:
     chunk + batch tokens plus its decode-context term (decode rows ride the prefill GEMMs);
   * preset p: decode on p's decode partition and prefill on its prefill partition at once;
     predicted max(decode_p, prefill_p) + the measured switch overhead.
-The planner picks the fastest option (the same tokens are computed either way, so the fastest
+Each option's prediction is scaled by a correction factor learnt online from served steps
+(`observe`: measured / predicted, moving average), since the profile times each side alone and
+a co-run also shares memory bandwidth and L2. The planner picks the fastest option (the same tokens are computed either way, so the fastest
 step is the highest throughput) among those whose predicted step time keeps under the TPOT bound;
 when none does, the fastest overall (counted as a bound miss). Since the step is joined, the
 bound cannot change which option is fastest; what it governs is how much prefill fits beside a
@@ -105,11 +107,13 @@ class LatencyModel:
 
 @dataclass(frozen=True, slots=True)
 class PlanChoice:
-    """A step's plan: `preset` index or None (time-share), its predicted time, bound met."""
+    """A step's plan: `preset` index or None (time-share), its predicted time (corrected by what
+    similar steps measured), the model's raw prediction, and whether the bound is met."""
 
     preset: int | None
     predicted_s: float
     within_bound: bool
+    raw_s: float = 0.0
 
     @property
     def concurrent(self) -> bool:
@@ -135,6 +139,9 @@ class Planner:
         self.static_preset = static_preset
         self.counts: Counter[str] = Counter()
         self.bound_misses = 0
+        # measured / predicted by option (preset index, None = time-share), learnt online from
+        # served steps: the profile times each side alone, a co-run also shares bandwidth/L2.
+        self.correction: dict[int | None, float] = {}
 
     def name(self, preset: int | None) -> str:
         if preset is None:
@@ -149,29 +156,44 @@ class Planner:
             # One side is empty: nothing to run beside it, the whole GPU serves the other.
             choice = PlanChoice(None, 0.0, True)
         elif self.static_preset is not None:
-            t = model.concurrent(self.static_preset, batch, context_tokens, prefill_tokens)
-            choice = PlanChoice(self.static_preset, t, t <= self.tpot_bound_s)
+            raw = model.concurrent(self.static_preset, batch, context_tokens, prefill_tokens)
+            t = raw * self.correction.get(self.static_preset, 1.0)
+            choice = PlanChoice(self.static_preset, t, t <= self.tpot_bound_s, raw)
         else:
-            options = [(model.time_shared(batch, context_tokens, prefill_tokens), None)]
-            options += [
+            raws = [(model.time_shared(batch, context_tokens, prefill_tokens), None)]
+            raws += [
                 (model.concurrent(p, batch, context_tokens, prefill_tokens), p)
                 for p in model.presets
             ]
+            options = [(raw * self.correction.get(p, 1.0), p, raw) for raw, p in raws]
             feasible = [o for o in options if o[0] <= self.tpot_bound_s]
             # Ties go to time-sharing (listed first; min keeps the first), then fewer decode SMs.
-            t, preset = min(feasible or options, key=lambda o: o[0])
-            choice = PlanChoice(preset, t, bool(feasible))
+            t, preset, raw = min(feasible or options, key=lambda o: o[0])
+            choice = PlanChoice(preset, t, bool(feasible), raw)
         self.counts[self.name(choice.preset)] += 1
         if not choice.within_bound:
             self.bound_misses += 1
         return choice
 
+    def observe(self, choice: PlanChoice, measured_s: float, weight: float = 0.2) -> None:
+        """Feeds back a served step's measured time: the option's correction factor moves
+        `weight` of the way to measured / raw prediction (clipped to [0.25, 4])."""
+        if choice.raw_s <= 0 or measured_s <= 0:
+            return
+        ratio = min(4.0, max(0.25, measured_s / choice.raw_s))
+        old = self.correction.get(choice.preset, 1.0)
+        self.correction[choice.preset] = (1 - weight) * old + weight * ratio
+
     def best_time(self, batch: int, context_tokens: int, prefill_tokens: int) -> float:
-        """The fastest option's predicted step time (no counting)."""
+        """The fastest option's predicted (corrected) step time, without counting it."""
         model = self.model
-        options = [model.time_shared(batch, context_tokens, prefill_tokens)]
+        options = [
+            model.time_shared(batch, context_tokens, prefill_tokens)
+            * self.correction.get(None, 1.0)
+        ]
         options += [
-            model.concurrent(p, batch, context_tokens, prefill_tokens) for p in model.presets
+            model.concurrent(p, batch, context_tokens, prefill_tokens) * self.correction.get(p, 1.0)
+            for p in model.presets
         ]
         return min(options)
 
@@ -194,8 +216,13 @@ class Planner:
                 hi = mid - 1
         return lo * granularity
 
-    def metrics(self) -> dict[str, int]:
-        """Chosen presets so far (by name) and how many steps were predicted over the bound."""
-        out = {f"sm_share/steps/{name}": n for name, n in sorted(self.counts.items())}
+    def metrics(self) -> dict[str, float]:
+        """Chosen presets so far (by name), steps predicted over the bound, and the learnt
+        correction factors."""
+        out: dict[str, float] = {
+            f"sm_share/steps/{name}": n for name, n in sorted(self.counts.items())
+        }
         out["sm_share/tpot_bound_misses"] = self.bound_misses
+        for preset, factor in self.correction.items():
+            out[f"sm_share/correction/{self.name(preset)}"] = round(factor, 4)
         return out

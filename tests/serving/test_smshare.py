@@ -95,6 +95,23 @@ def test_one_side_empty_time_shares_and_static_is_fixed() -> None:
     assert static.choose(4, 4 * 64, 0).preset is None
 
 
+def test_measured_steps_correct_the_model_and_can_change_the_choice() -> None:
+    planner = Planner(LatencyModel(_table()), tpot_bound_s=1.0)
+    shape = (256, 256 * 512, 3072)
+    first = planner.choose(*shape)
+    assert first.concurrent and first.raw_s == pytest.approx(first.predicted_s)
+    for _ in range(30):  # the co-run is much slower than its sides alone predicted
+        planner.observe(first, measured_s=3.0 * first.raw_s)
+    assert planner.correction[first.preset] == pytest.approx(3.0, rel=0.01)
+    second = planner.choose(*shape)
+    assert second.preset != first.preset
+    assert second.predicted_s <= 3.0 * first.raw_s
+    metrics = planner.metrics()
+    assert metrics[f"sm_share/correction/{planner.name(first.preset)}"] == pytest.approx(3.0, 0.01)
+    planner.observe(second, measured_s=1e9)  # clipped: one outlier cannot blow the factor up
+    assert planner.correction[second.preset] <= 0.8 + 0.2 * 4.0
+
+
 def test_bound_misses_and_metrics() -> None:
     planner = Planner(LatencyModel(_table()), tpot_bound_s=1e-4)
     choice = planner.choose(256, 256 * 4096, 4096)
