@@ -126,13 +126,15 @@ class PartitionSet:
         self.total_sms = total_sms
         self.presets = presets
         self.closed = False
+        self.skipped: list[str] = []  # splits the driver refused (the others are usable)
 
     @classmethod
     def create(
         cls, device: torch.device, decode_sms: Sequence[int] = DEFAULT_DECODE_SMS
     ) -> PartitionSet:
-        """Makes one split per requested decode size (duplicates after rounding dropped).
-        Raises GreenContextError (after destroying what it made) when any driver call fails."""
+        """Makes one split per requested decode size (duplicates after rounding dropped; a
+        size the driver cannot split is noted in `skipped`). Raises GreenContextError (after
+        destroying what it made) when creating a context or stream fails."""
         driver = _driver()
         _call(driver, "cuInit", 0)
         torch.cuda.init()
@@ -146,14 +148,17 @@ class PartitionSet:
         try:
             for want in sorted(set(decode_sms)):
                 if not 0 < want < total:
-                    raise GreenContextError(f"decode_sms={want}: must be in (0, {total})")
-                result, groups, remainder = _call(
-                    driver, "cuDevSmResourceSplitByCount", 1, whole, 0, total - want
-                )
-                if int(groups) < 1:
-                    raise GreenContextError(
-                        f"split {total - want}/{want}: the driver made no group"
+                    made.skipped.append(f"decode_sms={want}: not in (0, {total})")
+                    continue
+                try:
+                    result, groups, remainder = _call(
+                        driver, "cuDevSmResourceSplitByCount", 1, whole, 0, total - want
                     )
+                    if int(groups) < 1:
+                        raise GreenContextError(f"{total - want}/{want}: the driver made no group")
+                except GreenContextError as exc:  # this split only: the others may still work
+                    made.skipped.append(str(exc))
+                    continue
                 group = result[0]
                 pair = (int(group.sm.smCount), int(remainder.sm.smCount))
                 if pair[1] < 1 or pair in seen:
@@ -249,8 +254,11 @@ def open_partitions(
             reason = f"green-context creation failed: {exc}"
         else:
             if partitions.presets:
+                if partitions.skipped:
+                    log_once(f"SM sharing: splits refused by the driver: {partitions.skipped}")
                 return partitions, "ok"
+            skipped = "; ".join(partitions.skipped)
             partitions.close()
-            reason = "the driver made no usable split"
+            reason = f"the driver made no usable split ({skipped or 'all rounded away'})"
     log_once(f"SM sharing unavailable ({reason}); prefill and decode time-share the GPU")
     return None, reason
