@@ -60,6 +60,7 @@ from rollout_accel.serving.smshare.planner import LatencyModel, LatencyTable, Pl
 log = logging.getLogger(__name__)
 
 MODES = ("adaptive", "static", "time-share", "split")
+METRICS_LOG_INTERVAL_S = 60.0  # how often the chosen presets are logged
 
 
 class StreamDecodeGraphs(DecodeGraphs):
@@ -141,6 +142,7 @@ class SmShareRunner(ModelRunner):
         self._timings = deque()
         self.latency_table: LatencyTable | None = None
         self._mode = "time-share"
+        self._logged_at = time.perf_counter()
         self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
         self.concurrent_steps = 0  # of which on partition streams at once
         if not tpot_ms > 0:
@@ -276,6 +278,10 @@ class SmShareRunner(ModelRunner):
         context = int(sum(it.start + 1 for it in batch.items[:nd]))
         self._poll_timings()
         choice: PlanChoice = self.planner.choose(nd, context, batch.num_tokens - nd)
+        now = time.perf_counter()
+        if now - self._logged_at > METRICS_LOG_INTERVAL_S:
+            self._logged_at = now
+            log.info("SM sharing (%s): %s", self._mode, self.planner.metrics())
         preset = None if choice.preset is None else self.partitions.presets[choice.preset]
         record = StepRecord(
             time.perf_counter(),
