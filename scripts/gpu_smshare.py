@@ -380,8 +380,7 @@ def main() -> int:
         def bench() -> dict[str, Any]:
             from rollout_accel.rollout.bench import smshare_scenario
 
-            argv = ["--background", "128", "--background-new", "384", "--arrivals", "72"]
-            rc = smshare_scenario.main([*argv, "--out", str(out)])
+            rc = smshare_scenario.main(["--out", str(out)])
             path = out / "smshare_bench.json"
             data = json.loads(path.read_text()) if path.exists() and rc == 0 else {}
             return {"rc": rc, "results": data.get("results"), "ok": rc == 0}
