@@ -5,31 +5,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-import numpy as np
-
 from rollout_accel.rollout.pool.base import RequestSpan
 from rollout_accel.rollout.sample_types import Sample, Status
+from rollout_accel.sampling.rank_correlation import spearman
 
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Rank correlation (ties get average ranks); NaN with fewer than 3 points or no spread."""
-    if len(x) < 3:
-        return float("nan")
-
-    def ranks(v: Sequence[float]) -> np.ndarray:
-        arr = np.asarray(v, dtype=float)
-        order = arr.argsort(kind="mergesort")
-        r = np.empty(len(arr))
-        r[order] = np.arange(len(arr))
-        for value in np.unique(arr):
-            mask = arr == value
-            r[mask] = r[mask].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+__all__ = ["occupancy", "sample_metrics", "spearman", "tail_metrics"]
 
 
 def occupancy(spans: Sequence[RequestSpan], start: float, end: float) -> tuple[float, float]:

@@ -45,6 +45,7 @@ from .drafts import DraftIndex
 from .history import HistoryConfig, HistoryStore
 from .length import LengthConfig, LengthPredictor
 from .planner import PlannerConfig, RolloutPlanner
+from .rank_correlation import spearman
 from .records import GroupRecord
 from .selector import PromptSelector, SelectorConfig
 from .synthetic_trace import SyntheticLongtailTrace, trace_statistics
@@ -275,22 +276,6 @@ def _score_skips(
     res.skipped_zero += zero_skipped
     res.decided += len(skipped) + len(rolled)
     res.decided_zero += zero_skipped + zero_rolled
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    if x.size < 3:
-        return float("nan")
-    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
-
-
-def _ranks(v: np.ndarray) -> np.ndarray:
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(v.size)
-    ranks[order] = np.arange(v.size, dtype=np.float64)
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
 
 
 def length_metrics(res: PolicyResult, steps: int) -> dict[str, float]:

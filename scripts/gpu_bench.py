@@ -143,6 +143,9 @@ def main() -> None:
                 profiler.disable()
 
         engine.loop._step = profiled_step
+    from rollout_accel.serving.engine.engine_loop import LoopTiming
+
+    engine.loop.timing = LoopTiming()
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     elapsed = time.perf_counter() - t0
@@ -156,6 +159,12 @@ def main() -> None:
     results["engine_tokens_per_s"] = produced / elapsed
     results["engine_graph_steps"] = engine.runner.graphs.replays if engine.runner.graphs else 0
     results["engine_steps"] = engine.scheduler.stats.steps
+    results["engine_thread_ms_per_step"] = engine.loop.timing.per_step_ms()
+    print(
+        "engine thread per step (ms):",
+        {k: round(v, 3) for k, v in results["engine_thread_ms_per_step"].items()},
+        flush=True,
+    )
     print(
         f"engine {produced / elapsed:.0f} tok/s ({elapsed:.1f} s, {results['engine_steps']} steps)",
         flush=True,

@@ -5,7 +5,8 @@ sync, dynamic, partial and history run K RL steps each on the same engine and th
 synthetic long-tail workload, and one table compares them (ratios against sync included).
 Other scenarios: `sampler` (history layer vs uniform selection on the trace, no engine),
 `frontier` (train under each policy: time-to-accuracy), `engine` (our engine vs transformers),
-`server` (HTTP vs in-process throughput), `kvreuse` (cross-agent KV reuse vs full prefill).
+`server` (HTTP vs in-process throughput), `smshare` (prefill/decode SM sharing vs time-sharing,
+GPU only), `kvreuse` (cross-agent KV reuse vs full prefill).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "kvreuse")
+SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "smshare", "kvreuse")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -261,6 +262,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "frontier": "rollout_accel.rollout.frontier",
         "engine": "rollout_accel.serving.benchmark",
         "server": "rollout_accel.serving.http_benchmark",
+        "smshare": "rollout_accel.rollout.bench.smshare_scenario",
         "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
     }[scenario]
     result = importlib.import_module(module).main(rest)

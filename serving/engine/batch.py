@@ -83,7 +83,7 @@ class CompletedStep:
 
 class QueuedStep:
     """A step queued on the GPU: results land in a pinned host buffer ([2, n] float64: tokens,
-    logprobs), then an event fires."""
+    logprobs), then an event fires. `wait()` is idempotent."""
 
     def __init__(
         self,
@@ -98,10 +98,14 @@ class QueuedStep:
         self._event = event
         self._count = count
         self._input_logprobs = input_logprobs or {}
+        self._result: StepResult | None = None
 
     def wait(self) -> StepResult:
-        self._event.synchronize()
-        values = self._host[:, : self._count].numpy()
-        return StepResult(
-            values[0].astype(np.int64).tolist(), values[1].tolist(), self._input_logprobs
-        )
+        """Blocks until the results are on the host; later calls return the same result."""
+        if self._result is None:
+            self._event.synchronize()
+            values = self._host[:, : self._count].numpy()
+            self._result = StepResult(
+                values[0].astype(np.int64).tolist(), values[1].tolist(), self._input_logprobs
+            )
+        return self._result

@@ -31,6 +31,10 @@ class EngineConfig:
     # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
     overlap_schedule: bool | None = None
     weight_version: str = "default"
+    # Run mixed steps' decode and prefill concurrently on disjoint SM partitions (green contexts;
+    # GPU with compute capability >= 9.0 and CUDA driver >= 12.4, else off with a log line).
+    sm_share: bool = False
+    sm_share_tpot_ms: float = 50.0  # bound on a mixed step's time the split choice keeps under
     # KV reuse (serving/kvreuse): prompts with segments reuse stored chunk KV and recompute this
     # share of the reused tokens (1.0 = full prefill); chunks may take this share of the KV slots.
     kv_reuse: bool = True
@@ -58,6 +62,11 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens: must be >= 16, got {self.max_total_tokens}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
+        if not isinstance(self.sm_share, bool):
+            raise ValueError(f"sm_share: must be true or false, got {self.sm_share!r}")
+        tpot = self.sm_share_tpot_ms
+        if isinstance(tpot, bool) or not isinstance(tpot, int | float) or not tpot > 0:
+            raise ValueError(f"sm_share_tpot_ms: must be a positive number, got {tpot!r}")
         if not 0.0 <= self.kv_reuse_recompute_ratio <= 1.0:
             raise ValueError("kv_reuse_recompute_ratio: must be in [0, 1]")
         if not 0.0 < self.kv_reuse_max_chunk_fraction <= 1.0:

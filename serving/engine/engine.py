@@ -102,7 +102,12 @@ class Engine:
         )
         self.cache = RadixCache(self.allocator.free, enabled=self.config.enable_prefix_caching)
         graphs = self.config.cuda_graph and self.device.type == "cuda"
-        self.runner = ModelRunner(
+        runner_cls: Any = ModelRunner
+        if self.config.sm_share:  # prefill/decode SM sharing (serving/smshare)
+            from rollout_accel.serving.smshare.concurrent_step import make_runner_factory
+
+            runner_cls = make_runner_factory(self.config)
+        self.runner = runner_cls(
             self.model,
             self.kv_cache,
             self.table,

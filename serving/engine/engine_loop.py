@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rollout_accel.serving.engine.batch import Batch, StepHandle
@@ -44,6 +46,27 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(marker in text for marker in _FATAL_MARKERS)
 
 
+@dataclass(slots=True)
+class LoopTiming:
+    """Where the engine thread's time goes: host work per stage, and time blocked waiting for a
+    step's results (GPU-bound when waiting dominates, host-bound when it is near zero)."""
+
+    steps: int = 0
+    schedule_s: float = 0.0
+    launch_s: float = 0.0
+    process_s: float = 0.0
+    wait_s: float = 0.0
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {
+            "schedule": 1e3 * self.schedule_s / n,
+            "launch": 1e3 * self.launch_s / n,
+            "process": 1e3 * self.process_s / n,
+            "wait": 1e3 * self.wait_s / n,
+        }
+
+
 class EngineLoop:
     """Runs the scheduler and the runner on a dedicated thread."""
 
@@ -55,6 +78,7 @@ class EngineLoop:
         self.closed = False
         self.dead: BaseException | None = None
         self._inflight: StepHandle | None = None
+        self.timing = LoopTiming()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any] | None]] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="rollout-accel-engine", daemon=True)
 
@@ -136,14 +160,20 @@ class EngineLoop:
         """One turn of the pipeline; False when nothing could be scheduled or processed."""
         batch: Batch | None = None
         suspect = self.scheduler.suspects[0] if self.scheduler.suspects else None
+        timing = self.timing
         try:
+            t0 = time.perf_counter()
             batch = self.scheduler.schedule(in_flight=self._inflight is not None)
+            t1 = time.perf_counter()
+            timing.schedule_s += t1 - t0
             if batch is None:
                 if self._inflight is None:
                     return False
                 self._settle()
                 return True
             handle = self.runner.launch(batch)
+            timing.launch_s += time.perf_counter() - t1
+            timing.steps += 1
         except Exception as exc:
             self._recover(exc, batch, suspect)
             return True
@@ -165,10 +195,16 @@ class EngineLoop:
             self._process(handle)
 
     def _process(self, handle: StepHandle) -> None:
+        timing = self.timing
+        t0 = time.perf_counter()
         try:
+            handle.wait()  # results on the host (the scheduler's wait() is then immediate)
+            t1 = time.perf_counter()
+            timing.wait_s += t1 - t0
             self.scheduler.process(handle)
         except Exception as exc:
             raise _Unrecoverable(exc) from exc
+        timing.process_s += time.perf_counter() - t1
 
     def _recover(self, exc: Exception, batch: Batch | None, suspect: Any) -> None:
         """A schedule or launch failed: roll the batch back, settle the step in flight, then fail

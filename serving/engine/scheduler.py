@@ -26,6 +26,8 @@ from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
 from rollout_accel.serving.engine.stop_rules import StopRules
 
 Emit = Callable[[Request, bool], None]
+_FINISHED = RequestStatus.FINISHED
+_RUNNING = RequestStatus.RUNNING
 
 
 @dataclass(slots=True)
@@ -161,7 +163,18 @@ class Scheduler:
 
     def _decode_candidates(self, in_flight: bool) -> list[Request] | None:
         limit = self.limits.context_length
-        ready = [r for r in self.running.values() if r.decode_ready and r.seq_len < limit]
+        ready = []
+        for r in self.running.values():
+            # Request.decode_ready, inlined: this runs for every running request every step.
+            produced = len(r.output_ids) + r.inflight
+            seq_len = len(r.input_ids) + produced
+            if (
+                r.status is _RUNNING
+                and r.num_computed == seq_len - 1
+                and produced < r.params.max_new_tokens
+                and seq_len < limit
+            ):
+                ready.append(r)
         if in_flight and any(r.inflight and r.needs_host_history for r in ready):
             return None
         return ready
@@ -320,14 +333,34 @@ class Scheduler:
         """Applies a launched step's results (waits for them first)."""
         result = handle.wait()
         batch = handle.batch
+        items = batch.items
         now = time.perf_counter()
-        sampled = 0
-        for index, item in enumerate(batch.items):
+        nd = batch.num_decode
+        self.stats.decode_tokens += nd
+        # Decode rows first (all emit, one token each): the hot path, kept lean.
+        check, emit = self.stop_rules.check, self.emit
+        for item, token, logprob in zip(items[:nd], result.tokens, result.logprobs, strict=False):
             req = item.request
-            if item.is_prefill:
-                self.stats.prefill_tokens += item.count
-            else:
-                self.stats.decode_tokens += 1
+            req.inflight -= 1
+            if req.status is _FINISHED:
+                continue  # finished at an earlier step; this token was computed ahead for nothing
+            try:
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                req.output_ids.append(token)
+                req.output_logprobs.append(logprob)
+                reason = check(req, token)
+                if reason is not None:
+                    self.finish(req, reason)
+                elif req.stream and req.sink is not None:
+                    emit(req, False)
+            except Exception as exc:  # one request's bookkeeping must not fail the others
+                self.fail(req, exc)
+        sampled = nd
+        for index in range(nd, len(items)):
+            item = items[index]
+            req = item.request
+            self.stats.prefill_tokens += item.count
             if index in result.input_logprobs:
                 req.record_input_logprobs(item.start + 1, result.input_logprobs[index])
             if not item.emits_token:
@@ -335,15 +368,13 @@ class Scheduler:
             token, logprob = result.tokens[sampled], result.logprobs[sampled]
             sampled += 1
             req.inflight -= 1
-            if item.is_prefill:
-                self._done_prefilling(req)
+            self._done_prefilling(req)
             if req.finished:
-                continue  # finished at an earlier step; this token was computed ahead for nothing
+                continue
             try:
-                if item.is_prefill:
-                    self._cache_prefix(req, item.start + item.count)
+                self._cache_prefix(req, item.start + item.count)
                 self._append_token(req, token, logprob, now)
-            except Exception as exc:  # one request's bookkeeping must not fail the others
+            except Exception as exc:
                 self.fail(req, exc)
         self.release_finished()
 

@@ -98,6 +98,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--random-seed", type=int, default=None, help="alias of --seed")
     engine.add_argument("--cuda-graph-max-bs", type=int, default=None)
     engine.add_argument("--disable-overlap-schedule", action="store_true")
+    engine.add_argument(
+        "--enable-sm-share",
+        action="store_true",
+        help="run mixed steps' decode and prefill concurrently on disjoint SM partitions "
+        "(green contexts; Hopper+, CUDA driver >= 12.4; elsewhere off with a log line)",
+    )
+    engine.add_argument(
+        "--sm-share-tpot-ms", type=float, default=None, help="step-time bound for SM sharing"
+    )
     engine.add_argument("--weight-version", default=None, help="initial weight_version")
     engine.add_argument(
         "--speculative-algorithm",
@@ -156,6 +165,10 @@ def parse_server_args(
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if args.disable_overlap_schedule:
         kwargs["overlap_schedule"] = False
+    if args.enable_sm_share:
+        kwargs["sm_share"] = True
+    if args.sm_share_tpot_ms is not None:
+        kwargs["sm_share_tpot_ms"] = args.sm_share_tpot_ms
     if args.speculative_algorithm is not None:
         known = {f.name for f in fields(EngineConfig)}
         if args.speculative_algorithm not in SPECULATIVE_ALGORITHMS:

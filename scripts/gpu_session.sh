@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One lent H200 call that runs several parts in turn, each bounded and independent; each part's
+# log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, bench, profile,
+# spec, kvreuse, slo, policy (default: all). Carried wheels in .whl are installed first if present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+pp=$(mktemp -d); ln -s "$PWD" "$pp/rollout_accel"; export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+part() {  # part NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"; local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "rc=$? in $((SECONDS - t0)) s" >>"$OUT/$name.log"
+  tail -${TAIL:-14} "$OUT/$name.log"
+}
+for p in ${PARTS:-tests smshare bench profile}; do
+  case $p in
+    tests) part tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${GPU_TESTS:-tests/kernels $(ls tests/serving/*gpu*.py)} ;;
+    smshare) part smshare 300 python3 scripts/gpu_smshare.py ;;
+    bench) part bench256 150 python3 scripts/gpu_bench.py --num-seqs 256 --skip-hf
+           part bench512 150 python3 scripts/gpu_bench.py --num-seqs 512 --skip-hf ;;
+    profile) part profile 120 python3 scripts/gpu_profile_decode.py ;;
+    spec) part spec 360 python3 scripts/gpu_spec_bench.py ;;
+    kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
+    slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
+    policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;
+  esac
+done

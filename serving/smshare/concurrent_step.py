@@ -1,0 +1,444 @@
+"""`SmShareRunner`: a mixed step's decode rows and prefill chunk run at once on disjoint SMs.
+
+The scheduler already builds mixed batches (the first `num_decode` items are decode rows, the
+rest prefill chunks). For such a batch this runner asks the planner for a split; with a preset it
+  1. queues on the main stream what the step shares (pending table writes), records an event;
+  2. on the preset's decode stream (after that event): replays the decode graph captured ON that
+     stream (a graph captured elsewhere may not keep to the partition's SMs), samples, writes the
+     tokens into the device token table;
+  3. on the prefill stream (after that event): the prefill chunk's eager forward, its sampling and
+     token-table writes;
+  4. makes the main stream wait for both streams, then copies the joined results to the host as
+     `ModelRunner` does: one handle, tokens in item order (decode rows first).
+KV is zero-copy: one pool. The two parts touch disjoint rows and slots (every slot a step writes
+was allocated for this step), and every step starts after the previous step's streams joined the
+main stream, so a prefill's KV is complete before any later decode step reads it.
+
+Why the join per step: the scheduler processes a step as one unit, so decode rows see the whole
+step as their time per token; the planner weighs that (see planner.py).
+
+Everywhere SM sharing is unavailable (CPU, no green contexts, no CUDA graphs, failed start-up) and
+for decode-only or prefill-only batches, `launch` IS `ModelRunner.launch`. Mode `split` runs the
+two parts one after the other on the current stream (the decomposition without concurrency: the
+reference that concurrent runs must match token for token, and runnable on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.batch import (
+    Batch,
+    CompletedStep,
+    QueuedStep,
+    StepHandle,
+    StepResult,
+)
+from rollout_accel.serving.engine.config import EngineConfig
+from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
+from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.model_runner import MEMORY_TAGS, ModelRunner
+from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.paged_kv import PagedKVCache
+from rollout_accel.serving.smshare.partitions import (
+    DEFAULT_DECODE_SMS,
+    PartitionSet,
+    Preset,
+    log_once,
+    open_partitions,
+)
+from rollout_accel.serving.smshare.planner import LatencyModel, LatencyTable, PlanChoice, Planner
+
+log = logging.getLogger(__name__)
+
+MODES = ("adaptive", "static", "time-share", "split")
+METRICS_LOG_INTERVAL_S = 60.0  # how often the chosen presets are logged
+
+
+class StreamDecodeGraphs(DecodeGraphs):
+    """Decode graphs captured on a given stream (a partition's): replays stay on its SMs."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        max_bs: int,
+        stream: torch.cuda.Stream,
+    ) -> None:
+        super().__init__(model, kv_cache, table, max_bs)
+        self.stream = stream
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.release()
+        self.model.model.rotary.tables(self.width, self.device)
+        self._stage_padding(0, self.max_bs)
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                self._body(bs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bs] = self._body(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.captures += 1
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One mixed step's plan, for the preset timeline."""
+
+    time: float
+    preset: str
+    decode_rows: int
+    context_tokens: int
+    prefill_tokens: int
+    predicted_s: float
+    measured_s: float = 0.0  # GPU time of the step, filled in once it completed
+
+
+class SmShareRunner(ModelRunner):
+    """`ModelRunner` that runs mixed steps' decode and prefill concurrently on SM partitions.
+
+    `mode`: adaptive (the planner chooses per step), static (always `static_preset` when both
+    sides have work), time-share (today's behaviour, counted), split (sequential decomposition).
+    `available` is False with `unavailable_reason` set where sharing cannot run.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        eos_ids: tuple[int, ...],
+        cuda_graph_max_bs: int = 0,
+        *,
+        tpot_ms: float = 50.0,
+        max_prefill_tokens: int = 4096,
+        decode_sms: tuple[int, ...] = DEFAULT_DECODE_SMS,
+        mode: str = "adaptive",
+        profile: bool = True,
+    ) -> None:
+        self.partitions: PartitionSet | None = None
+        self.preset_graphs: dict[int, StreamDecodeGraphs] = {}
+        self.planner: Planner | None = None
+        self.unavailable_reason: str | None = None
+        self.timeline: deque[StepRecord] = deque(maxlen=200_000)
+        self._timings: deque[tuple[PlanChoice, StepRecord, torch.cuda.Event, torch.cuda.Event]]
+        self._timings = deque()
+        self.latency_table: LatencyTable | None = None
+        self._mode = "time-share"
+        self._logged_at = time.perf_counter()
+        self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
+        self.concurrent_steps = 0  # of which on partition streams at once
+        if not tpot_ms > 0:
+            raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
+        self.tpot_s = tpot_ms / 1e3
+        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs)
+        self.set_mode("split" if mode == "split" else "time-share")
+        if not self.is_cuda:
+            self._unavailable(f"device is {self.device.type}, not cuda")
+            return
+        if self.graphs is None:
+            self._unavailable("needs CUDA graphs (cuda_graph=True) for the decode partition")
+            return
+        partitions, reason = open_partitions(self.device, decode_sms)
+        if partitions is None:
+            self.unavailable_reason = reason
+            return
+        self.partitions = partitions
+        try:
+            self._start(max_prefill_tokens, profile)
+        except Exception as exc:  # any start-up failure: run as today, say why once
+            log.exception("SM sharing start-up failed")
+            self._teardown()
+            self._unavailable(f"start-up failed: {exc}")
+            return
+        self.set_mode(mode)
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _start(self, max_prefill_tokens: int, profile: bool) -> None:
+        from rollout_accel.serving.smshare.profile import profile_latency, synthetic_table
+
+        assert self.partitions is not None and self.graphs is not None
+        began = time.perf_counter()
+        for preset in self.partitions.presets:
+            graphs = StreamDecodeGraphs(
+                self.model, self.kv_cache, self.table, self.graphs.max_bs, preset.decode.stream
+            )
+            graphs.capture()
+            self.preset_graphs[preset.index] = graphs
+        self._check_join()
+        if profile:
+            table = profile_latency(self, max_prefill_tokens)
+        else:
+            table = synthetic_table(self.partitions, self.graphs.max_bs, max_prefill_tokens)
+        self.planner = Planner(LatencyModel(table), self.tpot_s)
+        self.latency_table = table
+        log.info(
+            "SM sharing on: presets %s (prefill/decode SMs of %d), ready in %.1f s",
+            self.partitions.describe(),
+            self.partitions.total_sms,
+            time.perf_counter() - began,
+        )
+
+    def _check_join(self) -> None:
+        """One empty concurrent step per preset: events between the main stream and partition
+        streams work (else start-up fails here, not in a served step)."""
+        main = torch.cuda.current_stream(self.device)
+        assert self.partitions is not None
+        probe = torch.zeros(2, device=self.device)
+        for _ in range(2):
+            for preset in self.partitions.presets:
+                with self._join(main, preset):
+                    for half, part in enumerate((preset.decode, preset.prefill)):
+                        with torch.cuda.stream(part.stream):
+                            # A pinned non-blocking copy, as eager steps make on these streams
+                            # (the host allocator records an event on the stream).
+                            one = torch.ones(1).pin_memory().to(self.device, non_blocking=True)
+                            probe[half : half + 1].add_(one)
+                probe.mul_(2)  # main-stream work between steps: wrong order gives wrong sums
+        torch.cuda.synchronize(self.device)
+        value = 0.0
+        for _ in range(2 * len(self.partitions.presets)):
+            value = (value + 1) * 2
+        if probe.tolist() != [value, value]:
+            raise RuntimeError(f"partition streams ran out of order: {probe.tolist()} != {value}")
+
+    def _unavailable(self, reason: str) -> None:
+        self.unavailable_reason = reason
+        log_once(f"SM sharing unavailable ({reason}); prefill and decode time-share the GPU")
+
+    def _teardown(self) -> None:
+        for graphs in self.preset_graphs.values():
+            graphs.release()
+        self.preset_graphs.clear()
+        self.planner = None
+        if self.partitions is not None:
+            partitions, self.partitions = self.partitions, None
+            try:
+                partitions.close()
+            except Exception:
+                log.exception("closing green contexts failed")
+
+    # -- modes ----------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.planner is not None and self.partitions is not None
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def set_mode(self, mode: str, static_preset: int | None = None) -> None:
+        """Switches how mixed steps run (call between steps, e.g. through `EngineLoop.call`).
+        Without partitions only `time-share` and `split` exist; others fall back to time-share."""
+        if mode not in MODES:
+            raise ValueError(f"sm_share mode {mode!r}: expected one of {MODES}")
+        if mode in ("static", "adaptive"):
+            if self.planner is None:
+                mode = "time-share"
+            else:
+                if mode == "static" and static_preset is None:
+                    raise ValueError("sm_share mode 'static' needs static_preset")
+                fixed = static_preset if mode == "static" else None
+                learnt = dict(self.planner.correction)
+                self.planner = Planner(self.planner.model, self.tpot_s, fixed)
+                self.planner.correction.update(learnt)  # what served steps taught is kept
+        self._timings.clear()
+        self._mode = mode
+
+    def metrics(self) -> dict[str, float]:
+        return self.planner.metrics() if self.planner is not None else {}
+
+    # -- launching ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, batch: Batch) -> StepHandle:
+        nd = batch.num_decode
+        mixed = 0 < nd < len(batch.items)
+        if not mixed or self._mode == "time-share" or self.released & {"weights", "kv_cache"}:
+            return super().launch(batch)
+        if self._mode == "split":
+            return self._launch_parts(batch, None)
+        assert self.planner is not None and self.partitions is not None
+        context = int(sum(it.start + 1 for it in batch.items[:nd]))
+        self._poll_timings()
+        choice: PlanChoice = self.planner.choose(nd, context, batch.num_tokens - nd)
+        now = time.perf_counter()
+        if now - self._logged_at > METRICS_LOG_INTERVAL_S:
+            self._logged_at = now
+            log.info("SM sharing (%s): %s", self._mode, self.planner.metrics())
+        preset = None if choice.preset is None else self.partitions.presets[choice.preset]
+        record = StepRecord(
+            time.perf_counter(),
+            self.planner.name(choice.preset),
+            nd,
+            context,
+            batch.num_tokens - nd,
+            choice.predicted_s,
+        )
+        self.timeline.append(record)
+        # Timing events on the main stream bracket the whole step (both parts are joined into
+        # it): what the step cost on the GPU, fed back to the planner once it completed.
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        handle = super().launch(batch) if preset is None else self._launch_parts(batch, preset)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._timings.append((choice, record, start, end))
+        return handle
+
+    def _poll_timings(self) -> None:
+        """Feeds completed steps' GPU times to the planner (never waits for the GPU)."""
+        while self._timings and self._timings[0][3].query():
+            choice, record, start, end = self._timings.popleft()
+            record.measured_s = start.elapsed_time(end) / 1e3
+            if self.planner is not None:
+                self.planner.observe(choice, record.measured_s)
+        while len(self._timings) > 64:
+            self._timings.popleft()
+
+    def _launch_parts(self, batch: Batch, preset: Preset | None) -> StepHandle:
+        """The decode rows and the prefill items as two parts: on `preset`'s streams at once, or
+        (None) one after the other on the current stream."""
+        if self.released & {"weights", "kv_cache"}:
+            return super().launch(batch)  # raises MemoryReleasedError
+        self.table.flush()
+        self.split_steps += 1
+        self.concurrent_steps += preset is not None
+        nd = batch.num_decode
+        decode = Batch(batch.items[:nd], batch.slots[:nd], nd, nd, batch.rows[:nd])
+        prefill_slots = batch.slots[nd:]
+        prefill = Batch(batch.items[nd:], prefill_slots, 0, len(prefill_slots), batch.rows[nd:])
+        if preset is None:
+            d_tokens, d_logprobs, _ = self._forward_sample(decode, self.graphs)
+            p_tokens, p_logprobs, p_input = self._forward_sample(prefill, None)
+        else:
+            main = torch.cuda.current_stream(self.device)
+            with self._join(main, preset):
+                # Decode first: its graph replay queues in microseconds, so it is running while
+                # the host queues the prefill kernels (and any prompt-logprob readback waits).
+                with torch.cuda.stream(preset.decode.stream):
+                    graphs = self.preset_graphs.get(preset.index)
+                    d_tokens, d_logprobs, _ = self._forward_sample(decode, graphs)
+                with torch.cuda.stream(preset.prefill.stream):
+                    p_tokens, p_logprobs, p_input = self._forward_sample(prefill, None)
+        input_logprobs = {nd + index: values for index, values in p_input.items()}
+        assert d_tokens is not None and d_logprobs is not None  # every decode row emits
+        if p_tokens is not None and p_logprobs is not None:
+            tokens = torch.cat([d_tokens, p_tokens])
+            logprobs = torch.cat([d_logprobs.float(), p_logprobs.float()])
+        else:
+            tokens, logprobs = d_tokens, d_logprobs
+        if not self.is_cuda:
+            return CompletedStep(
+                batch, StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
+            )
+        self._flip ^= 1
+        host = self._results[self._flip]
+        count = int(tokens.numel())
+        host[:, :count].copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return QueuedStep(batch, host, event, count, input_logprobs)
+
+    @contextlib.contextmanager
+    def _join(self, main: torch.cuda.Stream, preset: Preset) -> Iterator[None]:
+        """Both partition streams start after the main stream's work so far; on exit the main
+        stream waits for both (so the next step, whatever its split, starts after this one)."""
+        start = torch.cuda.Event()
+        start.record(main)
+        preset.decode.stream.wait_event(start)
+        preset.prefill.stream.wait_event(start)
+        try:
+            yield
+        finally:
+            main.wait_stream(preset.decode.stream)
+            main.wait_stream(preset.prefill.stream)
+
+    def _forward_sample(
+        self, batch: Batch, graphs: DecodeGraphs | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[int, list[float]]]:
+        """Forward + sampling + token-table write of one part, on the current stream (the body
+        of `ModelRunner.launch` without the host copy). Returns device tokens and logprobs of
+        the emitting items (None if none emits) and prompt logprobs by item index."""
+        items = batch.items
+        emitting = [i for i, it in enumerate(items) if it.emits_token]
+        if batch.is_decode_only and graphs is not None and graphs.fits(len(items)):
+            bs = len(items)
+            positions = np.fromiter((it.start for it in items), np.int64, bs)
+            logits = graphs.run(positions, batch.rows, batch.slots)
+            emit_rows, emit_next = graphs.rows[:bs], graphs.positions[:bs] + 1
+            input_logprobs: dict[int, list[float]] = {}
+        else:
+            logits, emit_rows, emit_next, input_logprobs = self._forward_eager(batch, emitting)
+        if not emitting:
+            return None, None, input_logprobs
+        requests = [items[i].request for i in emitting]
+        host_positions = np.fromiter(
+            (items[i].start + items[i].count - len(items[i].request.input_ids) for i in emitting),
+            np.int64,
+            len(emitting),
+        )
+        tokens, logprobs = self.sampler.sample(
+            requests, logits, emit_rows, emit_next, host_positions
+        )
+        self.table.token_ids[emit_rows, emit_next] = tokens
+        return tokens, logprobs, input_logprobs
+
+    # -- memory ---------------------------------------------------------------------------------
+    def release(self, tags: list[str]) -> None:
+        if set(tags) & set(MEMORY_TAGS):
+            for graphs in self.preset_graphs.values():
+                graphs.release()
+        super().release(tags)
+
+    def recapture_if_needed(self, force: bool = False) -> None:
+        super().recapture_if_needed(force)
+        if self.released & {"weights", "kv_cache", "cuda_graph"}:
+            return
+        for graphs in self.preset_graphs.values():
+            if force or not graphs.captured:
+                graphs.capture()
+
+    def close(self) -> None:
+        self._teardown()
+        super().close()
+
+
+def make_runner_factory(config: EngineConfig) -> Callable[..., SmShareRunner]:
+    """What `Engine` builds its runner with when `config.sm_share` is on (same arguments as
+    `ModelRunner`)."""
+
+    def build(
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        eos_ids: tuple[int, ...],
+        cuda_graph_max_bs: int = 0,
+    ) -> SmShareRunner:
+        return SmShareRunner(
+            model,
+            kv_cache,
+            table,
+            eos_ids,
+            cuda_graph_max_bs,
+            tpot_ms=config.sm_share_tpot_ms,
+            max_prefill_tokens=config.max_prefill_tokens,
+        )
+
+    return build

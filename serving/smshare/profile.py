@@ -1,0 +1,184 @@
+"""Start-up profiling for the planner: a few timed runs per configuration (GPU only).
+
+Per configuration (the whole GPU, and each preset's partitions): decode graph replays at three
+batch sizes x two context lengths on the decode partition's stream, and single-sequence prefill
+forwards at three chunk sizes on the prefill partition's stream; plus the host cost of one
+join (events between the main stream and a preset's streams). Runs before the engine serves
+anything: decode rows use free table rows (restored after) and write K/V only to the reserved
+slot 0; prefill writes K/V into free slots, which are overwritten before any request reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
+from rollout_accel.serving.models.paged_kv import AttentionMetadata
+from rollout_accel.serving.smshare.partitions import PartitionSet
+from rollout_accel.serving.smshare.planner import WHOLE, LatencyTable
+
+if TYPE_CHECKING:
+    from rollout_accel.serving.smshare.concurrent_step import SmShareRunner
+
+REPS = 3
+
+
+def _timed(stream: torch.cuda.Stream, fn: Callable[[], object], reps: int = REPS) -> float:
+    """Mean seconds of `fn` on `stream` (one warm-up run first)."""
+    with torch.cuda.stream(stream):
+        fn()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            fn()
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def decode_points(max_bs: int, max_context: int) -> list[tuple[int, int]]:
+    """(batch, context per row) pairs to time."""
+    batches = sorted({max(1, max_bs // 8), max(1, max_bs // 2), max_bs})
+    contexts = sorted({min(256, max_context - 2), max(2, min(2048, max_context - 2))})
+    return [(b, c) for b in batches for c in contexts]
+
+
+def prefill_points(max_prefill_tokens: int, max_context: int, num_slots: int) -> list[int]:
+    cap = max(16, min(max_prefill_tokens, max_context - 2, num_slots - 2))
+    return sorted({min(256, cap), max(16, cap // 2), cap})
+
+
+@torch.inference_mode()
+def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTable:
+    """Times every configuration of `runner` (its presets and the whole GPU)."""
+    partitions = runner.partitions
+    assert partitions is not None and runner.graphs is not None
+    device = runner.device
+    table = runner.table
+    main = torch.cuda.current_stream(device)
+    configs: list[tuple[int, str, torch.cuda.Stream, torch.cuda.Stream, DecodeGraphs]] = [
+        (WHOLE, "whole", main, main, runner.graphs)
+    ]
+    for preset in partitions.presets:
+        configs.append(
+            (
+                preset.index,
+                preset.name,
+                preset.decode.stream,
+                preset.prefill.stream,
+                runner.preset_graphs[preset.index],
+            )
+        )
+    result = LatencyTable()
+    num_slots = runner.kv_cache.num_slots
+    max_context = table.max_context
+    d_points = [
+        (b, c) for b, c in decode_points(runner.graphs.max_bs, max_context) if b <= table.max_rows
+    ]
+    p_points = prefill_points(max_prefill_tokens, max_context, num_slots)
+    for cfg, name, d_stream, p_stream, graphs in configs:
+        result.names[cfg] = name
+        result.decode[cfg] = [
+            (b, b * c, _time_decode(runner, graphs, d_stream, b, c)) for b, c in d_points
+        ]
+        result.prefill[cfg] = [(n, _time_prefill(runner, p_stream, n)) for n in p_points]
+    torch.cuda.synchronize(device)
+    result.switch_overhead_s = _join_cost(runner, partitions)
+    return result
+
+
+def _time_decode(
+    runner: SmShareRunner, graphs: DecodeGraphs, stream: torch.cuda.Stream, bs: int, ctx: int
+) -> float:
+    table = runner.table
+    device = runner.device
+    num_slots = runner.kv_cache.num_slots
+    rows = np.arange(bs, dtype=np.int64)
+    # Distinct slots per row and position, so attention reads as much KV as a real batch would.
+    torch.cuda.current_stream(device).wait_stream(stream)
+    spread = torch.arange(bs * ctx, device=device, dtype=torch.int64) % (num_slots - 1) + 1
+    table.req_to_token[:bs, :ctx] = spread.view(bs, ctx).to(torch.int32)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    positions = np.full(bs, ctx - 1, dtype=np.int64)
+    slots = torch.zeros(bs, dtype=torch.int64)  # K/V of the profiled token -> reserved slot 0
+    seconds = _timed(stream, lambda: graphs.run(positions, rows, slots))
+    torch.cuda.synchronize(device)
+    table.req_to_token[:bs].zero_()  # back to the host mirror's state (rows are free)
+    torch.cuda.synchronize(device)
+    return seconds
+
+
+def _time_prefill(runner: SmShareRunner, stream: torch.cuda.Stream, n: int) -> float:
+    device = runner.device
+    num_slots = runner.kv_cache.num_slots
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        ids = torch.zeros(n, dtype=torch.int64, device=device)
+        positions = torch.arange(n, dtype=torch.int64, device=device)
+        slots = torch.arange(n, dtype=torch.int64, device=device) % (num_slots - 1) + 1
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_table=slots.to(torch.int32)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+            cu_q_lens=torch.tensor([0, n], dtype=torch.int32, device=device),
+            page_size=1,
+            is_decode=False,
+            max_q_len=n,
+            num_decode=0,
+        )
+        last = torch.tensor([n - 1], dtype=torch.int64, device=device)
+
+    def run() -> torch.Tensor:
+        return runner.model.forward_paged(
+            ids, positions, meta, runner.kv_cache, logit_rows=last, max_position=n - 1
+        )
+
+    seconds = _timed(stream, run)
+    torch.cuda.synchronize(device)
+    return seconds
+
+
+def _join_cost(runner: SmShareRunner, partitions: PartitionSet, joins: int = 200) -> float:
+    """Host seconds one join adds (events both ways), measured on the first preset."""
+    preset = partitions.presets[0]
+    main = torch.cuda.current_stream(runner.device)
+    torch.cuda.synchronize(runner.device)
+    began = time.perf_counter()
+    for _ in range(joins):
+        with runner._join(main, preset):
+            pass
+    torch.cuda.synchronize(runner.device)
+    return (time.perf_counter() - began) / joins
+
+
+def synthetic_table(partitions: PartitionSet, max_bs: int, max_prefill_tokens: int) -> LatencyTable:
+    """A table without timing (profile=False): times scale with 1/SMs from nominal costs. For
+    tests and quick starts only; the planner's choices are then rough."""
+    total = partitions.total_sms
+    result = LatencyTable(names={WHOLE: "whole"})
+
+    def fill(cfg: int, decode_sms: int, prefill_sms: int) -> None:
+        # Decode is bandwidth-bound (weak in SMs), prefill compute-bound (linear in SMs).
+        dec_scale = (total / decode_sms) ** 0.35
+        pre_scale = total / prefill_sms
+        result.decode[cfg] = [
+            (b, b * c, dec_scale * (2e-3 + 5e-6 * b + 2e-9 * b * c))
+            for b in (1, max(2, max_bs // 2), max(3, max_bs))
+            for c in (256, 2048)
+        ]
+        result.prefill[cfg] = [
+            (n, pre_scale * (3e-4 + 2e-6 * n)) for n in (256, max(512, max_prefill_tokens))
+        ]
+
+    fill(WHOLE, total, total)
+    for preset in partitions.presets:
+        result.names[preset.index] = preset.name
+        fill(preset.index, preset.decode.sms, preset.prefill.sms)
+    result.switch_overhead_s = 2e-5
+    return result

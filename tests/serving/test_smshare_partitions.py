@@ -1,0 +1,180 @@
+"""`PartitionSet` against a fake CUDA driver (no GPU here): the call sequence and cuda-bindings'
+return conventions, rounding and de-duplication of splits, errors named, and cleanup on close and
+on failure. The fake stands in only for the driver; on a GPU test_smshare_gpu.py uses the real one.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+import pytest
+import torch
+
+from rollout_accel.serving.smshare import partitions as parts
+
+
+class _Result(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION = 914
+
+
+class _Sm:
+    def __init__(self, count: int) -> None:
+        self.smCount = count
+
+
+class _Resource:
+    def __init__(self, count: int) -> None:
+        self.sm = _Sm(count)
+
+
+class _Stream:
+    _ids = itertools.count(0x1000)
+
+    def __init__(self) -> None:
+        self.handle = next(self._ids)
+
+    def __int__(self) -> int:
+        return self.handle
+
+
+class FakeDriver:
+    """cuda-bindings' shape: every call returns (CUresult, *outputs); splits round up to 8."""
+
+    CUresult = _Result
+
+    class CUdevResourceType(enum.IntEnum):
+        CU_DEV_RESOURCE_TYPE_SM = 1
+
+    class CUgreenCtxCreate_flags(enum.IntEnum):
+        CU_GREEN_CTX_DEFAULT_STREAM = 1
+
+    class CUstream_flags(enum.IntEnum):
+        CU_STREAM_NON_BLOCKING = 1
+
+    def __init__(self, total: int = 132, fail_stream_at: int | None = None) -> None:
+        self.total = total
+        self.fail_stream_at = fail_stream_at
+        self.contexts: set[int] = set()
+        self.streams: set[int] = set()
+        self.made_streams = 0
+        self._ctx_ids = itertools.count(1)
+
+    def cuInit(self, flags: int):
+        return (_Result.CUDA_SUCCESS,)
+
+    def cuGetErrorName(self, err):
+        return (_Result.CUDA_SUCCESS, _Result(err).name.encode())
+
+    def cuDeviceGet(self, ordinal: int):
+        return (_Result.CUDA_SUCCESS, ordinal)
+
+    def cuDeviceGetDevResource(self, dev, kind):
+        assert kind == self.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
+        return (_Result.CUDA_SUCCESS, _Resource(self.total))
+
+    def cuDevSmResourceSplitByCount(self, groups, resource, flags, min_count):
+        assert groups == 1 and flags == 0
+        size = -(-min_count // 8) * 8
+        if size >= resource.sm.smCount:
+            return (_Result.CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION, [], 0, None)
+        return (_Result.CUDA_SUCCESS, [_Resource(size)], 1, _Resource(resource.sm.smCount - size))
+
+    def cuDevResourceGenerateDesc(self, resources, count):
+        assert count == len(resources) == 1
+        return (_Result.CUDA_SUCCESS, ("desc", resources[0].sm.smCount))
+
+    def cuGreenCtxCreate(self, desc, dev, flags):
+        assert flags == 1
+        ctx = next(self._ctx_ids)
+        self.contexts.add(ctx)
+        return (_Result.CUDA_SUCCESS, ctx)
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        assert ctx in self.contexts and flags == 1
+        if self.made_streams == self.fail_stream_at:
+            return (_Result.CUDA_ERROR_INVALID_VALUE, None)
+        self.made_streams += 1
+        stream = _Stream()
+        self.streams.add(stream.handle)
+        return (_Result.CUDA_SUCCESS, stream)
+
+    def cuStreamDestroy(self, stream):
+        self.streams.remove(int(stream))
+        return (_Result.CUDA_SUCCESS,)
+
+    def cuGreenCtxDestroy(self, ctx):
+        self.contexts.remove(ctx)
+        return (_Result.CUDA_SUCCESS,)
+
+
+class _ExternalStream:
+    def __init__(self, ptr: int, device=None) -> None:
+        self.cuda_stream = ptr
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeDriver:
+    driver = FakeDriver()
+    monkeypatch.setattr(parts, "_driver", lambda: driver)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "ExternalStream", _ExternalStream)
+    return driver
+
+
+DEVICE = torch.device("cuda", 0)
+
+
+def test_presets_are_one_split_each_sorted_and_closed(fake: FakeDriver) -> None:
+    before = parts.live_handles()
+    ps = parts.PartitionSet.create(DEVICE)
+    assert ps.total_sms == 132
+    assert ps.describe() == ["120/12", "112/20", "104/28", "96/36", "88/44"]
+    assert [p.index for p in ps.presets] == list(range(5))
+    for preset in ps.presets:
+        assert preset.prefill.sms + preset.decode.sms == 132
+        assert preset.prefill.stream.cuda_stream != preset.decode.stream.cuda_stream
+    assert len(fake.contexts) == len(fake.streams) == 10
+    assert parts.live_handles()["streams"] == before["streams"] + 10
+    ps.close()
+    ps.close()  # idempotent
+    assert not fake.contexts and not fake.streams
+    assert parts.live_handles() == before
+
+
+def test_rounded_duplicates_and_refused_splits_are_skipped(fake: FakeDriver) -> None:
+    ps = parts.PartitionSet.create(DEVICE, decode_sms=(12, 13, 14, 0, 132, 4))
+    # 13 and 14 round to the 120/12 split; 4 asks for 128 -> 128/4; 0 and 132 are out of range.
+    assert ps.describe() == ["128/4", "120/12"]
+    assert len(ps.skipped) == 2 and all("not in (0, 132)" in s for s in ps.skipped)
+    ps.close()
+    fake.total = 16
+    ps = parts.PartitionSet.create(DEVICE, decode_sms=(4, 12))
+    assert ps.describe() == ["8/8"]  # 12 -> min 4 -> 8/8; 4 -> min 12 -> 16: refused
+    assert any("CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION" in s for s in ps.skipped)
+    ps.close()
+    assert not fake.contexts and not fake.streams
+
+
+def test_a_failing_driver_call_is_named_and_nothing_leaks(fake: FakeDriver) -> None:
+    before = parts.live_handles()
+    fake.fail_stream_at = 5  # the sixth stream: the third preset's decode side
+    with pytest.raises(parts.GreenContextError, match="cuGreenCtxStreamCreate.*INVALID_VALUE"):
+        parts.PartitionSet.create(DEVICE)
+    assert not fake.contexts and not fake.streams
+    assert parts.live_handles() == before
+
+
+def test_open_partitions_reports_failure_and_success(fake: FakeDriver, monkeypatch) -> None:
+    monkeypatch.setattr(parts, "unsupported_reason", lambda device: None)
+    fake.fail_stream_at = 0
+    ps, reason = parts.open_partitions(DEVICE)
+    assert ps is None and "cuGreenCtxStreamCreate" in reason
+    fake.fail_stream_at = None
+    ps, reason = parts.open_partitions(DEVICE, decode_sms=(28,))
+    assert ps is not None and reason == "ok" and ps.describe() == ["104/28"]
+    ps.close()
