@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rollout_accel.serving.engine import Engine, InvalidRequestError, RequestNotFoundError
+from rollout_accel.serving.server.corpus_routes import router as corpus_router
 from rollout_accel.serving.server.openai_api import register_openai_routes
 from rollout_accel.serving.server.protocol import (
     check_fields,
@@ -338,4 +339,5 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return await _memory(request, False)
 
     register_openai_routes(app, engine)
+    app.include_router(corpus_router)  # /add_external_corpus, /remove_..., /list_external_corpora
     return app
