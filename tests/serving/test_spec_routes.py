@@ -105,12 +105,14 @@ def test_duplicate_and_remove_errors(http) -> None:
 
 
 def test_routes_refuse_when_speculation_is_off() -> None:
-    with ServerThread(model_path="tiny-qwen3", max_running_requests=4) as srv:
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
-            msg = "Ngram speculative decoding is not enabled."
-            r = http.post("/add_external_corpus", json={"token_chunks": [[1]]})
-            assert r.status_code == 400 and r.json()["message"] == msg
-            r = http.post("/remove_external_corpus", json={"corpus_id": "a"})
-            assert r.status_code == 400 and r.json()["message"] == msg
-            r = http.get("/list_external_corpora")
-            assert r.status_code == 400 and r.json()["success"] is False
+    msg = "Ngram speculative decoding is not enabled."
+    with (
+        ServerThread(model_path="tiny-qwen3", max_running_requests=4) as srv,
+        httpx.Client(base_url=srv.url, timeout=60) as http,
+    ):
+        r = http.post("/add_external_corpus", json={"token_chunks": [[1]]})
+        assert r.status_code == 400 and r.json()["message"] == msg
+        r = http.post("/remove_external_corpus", json={"corpus_id": "a"})
+        assert r.status_code == 400 and r.json()["message"] == msg
+        r = http.get("/list_external_corpora")
+        assert r.status_code == 400 and r.json()["success"] is False
