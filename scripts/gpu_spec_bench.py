@@ -59,6 +59,46 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def kernel_timing(torch, rows: int, q_stride: int, context: int) -> dict[str, float]:
+    """Verify attention (fixed stride) vs the prefill kernel on the same extend rows, and the
+    decode kernel on one token per row: bf16, 16/8 heads, head_dim 128, page_size 1."""
+    from triton.testing import do_bench
+
+    from rollout_accel.kernels.paged_attention_triton import (
+        paged_decode_attention,
+        paged_prefill_attention,
+    )
+    from rollout_accel.kernels.verify_attention_triton import paged_verify_attention
+
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 16, 8, 128
+    slots = rows * (context + q_stride) + 1
+    k = torch.randn(slots, hkv, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    table = torch.randperm(slots - 1, device=dev)[: rows * (context + q_stride)].view(rows, -1)
+    table = (table + 1).to(torch.int32)
+    seq = torch.full((rows,), context + q_stride, device=dev, dtype=torch.int32)
+    q_lens = torch.full((rows,), q_stride, device=dev, dtype=torch.int32)
+    q = torch.randn(rows * q_stride, hq, d, device=dev, dtype=dt)
+    cu = torch.arange(rows + 1, device=dev, dtype=torch.int32) * q_stride
+    scale = d**-0.5
+    verify_ms = do_bench(
+        lambda: paged_verify_attention(q, k, v, table, q_lens, seq, 1, scale, q_stride)
+    )
+    prefill_ms = do_bench(
+        lambda: paged_prefill_attention(q, k, v, table, cu, seq, 1, scale, q_stride)
+    )
+    q1 = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    decode_ms = do_bench(lambda: paged_decode_attention(q1, k, v, table, seq, 1, scale))
+    return {
+        "rows": rows,
+        "q_stride": q_stride,
+        "context": context,
+        "verify_ms": verify_ms,
+        "prefill_kernel_ms": prefill_ms,
+        "decode_q1_ms": decode_ms,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,10 +114,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--kernels-only", action="store_true", help="only the attention timings")
     args = parser.parse_args()
 
     _import_path()
     import torch
+
+    kernels = [
+        kernel_timing(torch, rows, args.draft_tokens, ctx)
+        for rows, ctx in ((256, 512), (256, 2048), (16, 8192))
+    ]
+    for row in kernels:
+        print(json.dumps(row), flush=True)
+    if args.kernels_only:
+        return
 
     from rollout_accel.serving.engine import Engine
     from rollout_accel.serving.spec import CORPUS_FIELD, spec_of
@@ -196,7 +246,12 @@ def main() -> None:
     }
     engine.shutdown()
 
-    result = {"args": vars(args), "curve": rows, "random_drafts": random_row}
+    result = {
+        "args": vars(args),
+        "kernels": kernels,
+        "curve": rows,
+        "random_drafts": random_row,
+    }
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_spec_bench.json").write_text(json.dumps(result, indent=2))
@@ -210,6 +265,12 @@ def main() -> None:
             f"{r['scale']:>6.2f} {r['overlap_4gram']:>6.2f} {100 * r['accepted_share']:>6.1f} "
             f"{r['plain_tok_s']:>10.0f} {r['spec_tok_s']:>10.0f} {r['speedup']:>5.2f} "
             f"{r['tokens_per_verify']:>10.2f} {r['diverged_seqs']:>8d}"
+        )
+    for kr in kernels:
+        print(
+            f"attention rows={kr['rows']} q={kr['q_stride']} ctx={kr['context']}: verify "
+            f"{kr['verify_ms']:.3f} ms, prefill kernel {kr['prefill_kernel_ms']:.3f} ms, "
+            f"decode (q=1) {kr['decode_q1_ms']:.3f} ms"
         )
     print(
         f"random drafts: plain {random_row['plain_tok_s']:.0f} tok/s, with random drafts "
