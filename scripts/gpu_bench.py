@@ -133,7 +133,7 @@ def main() -> None:
         import cProfile
 
         profiler = cProfile.Profile()
-        step = engine.scheduler.step
+        step = engine.loop._step
 
         def profiled_step() -> bool:
             profiler.enable()
@@ -142,7 +142,7 @@ def main() -> None:
             finally:
                 profiler.disable()
 
-        engine.scheduler.step = profiled_step
+        engine.loop._step = profiled_step
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     elapsed = time.perf_counter() - t0
@@ -154,7 +154,7 @@ def main() -> None:
     assert produced == args.num_seqs * args.out_len, produced
     results["engine_s"] = elapsed
     results["engine_tokens_per_s"] = produced / elapsed
-    results["engine_graph_steps"] = getattr(engine.runner, "graph_steps", 0)
+    results["engine_graph_steps"] = engine.runner.graphs.replays if engine.runner.graphs else 0
     results["engine_steps"] = engine.scheduler.stats.steps
     print(
         f"engine {produced / elapsed:.0f} tok/s ({elapsed:.1f} s, {results['engine_steps']} steps)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rollout_accel.rollout.pool.base import EngineFailure
-from rollout_accel.serving.engine import Engine, EngineClosedError
+from rollout_accel.serving.engine import Engine, EngineClosedError, EngineDeadError
 from rollout_accel.serving.server.protocol import parse_generate
 
 
@@ -22,12 +22,12 @@ class InProcessEngine:
         kwargs["stream"] = False
         try:
             return await self.engine.async_generate(**kwargs)
-        except EngineClosedError as exc:
+        except (EngineClosedError, EngineDeadError) as exc:
             raise EngineFailure(f"{self.name}: {exc}") from exc
 
     async def abort_all(self) -> None:
-        if self.engine._closed:
-            raise EngineFailure(f"{self.name}: engine closed")
+        if not self.engine.alive:
+            raise EngineFailure(f"{self.name}: engine closed or failed")
         self.engine.abort(abort_all=True)
 
     async def num_requests(self) -> int:

@@ -4,6 +4,7 @@ from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.engine.engine import Engine
 from rollout_accel.serving.engine.errors import (
     EngineClosedError,
+    EngineDeadError,
     EngineError,
     InvalidRequestError,
     RequestNotFoundError,
@@ -14,6 +15,7 @@ __all__ = [
     "Engine",
     "EngineClosedError",
     "EngineConfig",
+    "EngineDeadError",
     "EngineError",
     "InvalidRequestError",
     "RequestNotFoundError",

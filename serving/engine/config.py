@@ -27,7 +27,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
-    overlap_schedule: bool = True  # GPU: queue decode step N+1 before processing step N
+    # Launch step N+1 before processing step N. None: on for CUDA (where launches are async), off
+    # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
+    overlap_schedule: bool | None = None
     weight_version: str = "default"
 
     @classmethod

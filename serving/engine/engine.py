@@ -1,52 +1,54 @@
-"""The engine: SGLang's offline-engine API over our scheduler, running on its own thread.
+"""The engine: SGLang's offline-engine API over the scheduler and runner, on its own thread.
 
 Callers (the HTTP server, the rollout pool, tests) use `generate` / `async_generate` and the
 control methods from any thread or event loop; every state change happens on the engine thread,
-between forward steps, through a command queue. Outputs are SGLang-shaped dicts.
+between steps (`EngineLoop`). Outputs are SGLang-shaped dicts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
-import random
-import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from rollout_accel.serving.engine.config import EngineConfig
+from rollout_accel.serving.engine.detokenizer import DetokenizerState, advance
+from rollout_accel.serving.engine.engine_loop import EngineLoop
 from rollout_accel.serving.engine.errors import (
-    EngineClosedError,
+    EngineDeadError,
     InvalidRequestError,
     RequestNotFoundError,
 )
 from rollout_accel.serving.engine.kv_pool import RequestTable, SlotAllocator
-from rollout_accel.serving.engine.model_runner import ModelRunner
+from rollout_accel.serving.engine.model_runner import MEMORY_TAGS, ModelRunner
+from rollout_accel.serving.engine.output import build_output
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request
-from rollout_accel.serving.engine.sampling_params import SamplingParams
+from rollout_accel.serving.engine.request_factory import RequestFactory
 from rollout_accel.serving.engine.schedule_policy import make_policy
 from rollout_accel.serving.engine.scheduler import Scheduler, SchedulerLimits
+from rollout_accel.serving.engine.stop_rules import StopRules
 from rollout_accel.serving.engine.weight_sync import DistributedWeightReceiver
 from rollout_accel.serving.engine.weights import WeightUpdater
 from rollout_accel.serving.models.loader import load_model
 from rollout_accel.serving.models.paged_kv import PagedKVCache
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Sink = Callable[[dict[str, Any], bool], None]
 _CPU_DEFAULT_SLOTS = 131_072
 
 
 def _raise_on_error(out: dict[str, Any]) -> dict[str, Any]:
-    if "error" in out:
-        raise InvalidRequestError(out["error"]["message"])
+    error = out.get("error")
+    if error is not None:
+        if error.get("code", 400) >= 500:
+            raise EngineDeadError(error["message"])
+        raise InvalidRequestError(error["message"])
     return out
 
 
@@ -95,36 +97,44 @@ class Engine:
             self.device,
         )
         self.allocator = SlotAllocator(num_slots)
-        rows = self.config.max_running_requests + 8
-        self.table = RequestTable(rows, self.context_length + 1, self.device)
+        self.table = RequestTable(
+            self.config.max_running_requests + 8, self.context_length + 1, self.device
+        )
         self.cache = RadixCache(self.allocator.free, enabled=self.config.enable_prefix_caching)
-        self.runner = self._make_runner()
+        graphs = self.config.cuda_graph and self.device.type == "cuda"
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            self.table,
+            self.eos_ids,
+            cuda_graph_max_bs=min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+            if graphs
+            else 0,
+        )
         self._weight_version = self.config.weight_version
+        self.requests = RequestFactory(
+            self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed
+        )
         self.scheduler = Scheduler(
-            self.runner,
             self.allocator,
             self.table,
             self.cache,
             make_policy(self.config.schedule_policy),
-            self.tokenizer,
             SchedulerLimits(
                 self.config.max_running_requests,
                 self.config.max_prefill_tokens,
                 self.context_length,
             ),
-            self.eos_ids,
-            lambda: self._weight_version,
-            overlap=self.config.overlap_schedule,
+            StopRules(self.tokenizer, self.eos_ids, self.context_length),
+            self._emit,
         )
-        self.weights = WeightUpdater(self)
+        self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
-        self._rng = random.Random(self.config.seed)
-        self._rid_counter = itertools.count()
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._paused = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="rollout-accel-engine", daemon=True)
-        self._thread.start()
+        overlap = self.config.overlap_schedule
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        self.loop = EngineLoop(self.scheduler, self.runner, overlap)
+        self.loop.start()
 
     # -- construction helpers ---------------------------------------------------------------
     def _default_slots(self) -> int:
@@ -141,177 +151,48 @@ class Engine:
         budget = max(int(free * self.config.mem_fraction_static) - reserve, per_slot * 4096)
         return int(budget // per_slot)
 
-    def _make_runner(self) -> ModelRunner:
-        if self.device.type == "cuda" and self.config.cuda_graph:
-            try:
-                from rollout_accel.serving.engine.cuda_graph_runner import CudaGraphModelRunner
-            except ImportError:  # pragma: no cover - the GPU runner is optional
-                pass
-            else:
-                return CudaGraphModelRunner(
-                    self.model,
-                    self.kv_cache,
-                    self.table,
-                    self.eos_ids,
-                    self.config.cuda_graph_max_bs,
-                )
-        return ModelRunner(self.model, self.kv_cache, self.table, self.eos_ids)
-
-    # -- the engine thread ------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._closed:
-            idle = self._paused or not self.scheduler.has_work
-            self._drain_commands(block=idle)
-            if self._paused and self.scheduler.overlapping:
-                self.scheduler.drain()
-            if self._closed or self._paused or not self.scheduler.has_work:
-                continue
-            try:
-                self.scheduler.step()
-            except Exception as exc:  # keep serving: fail what was in flight, not the engine
-                log.exception("engine step failed; aborting in-flight requests")
-                self.scheduler._pending = None
-                for req in list(self.scheduler.by_rid.values()):
-                    self.scheduler._finish(
-                        req, {"type": "abort", "message": f"engine error: {exc}"}
-                    )
-                self.scheduler._release_finished()
-
-    def _drain_commands(self, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
-        except queue.Empty:
+    # -- outputs ----------------------------------------------------------------------------
+    def _emit(self, req: Request, finished: bool) -> None:
+        """Delivers a stream chunk or the final output to the request's sink (engine thread)."""
+        if req.sink is None:
             return
-        # Commands see a settled state: no decode step left queued on the GPU.
-        self.scheduler.drain()
-        while True:
-            command()
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        if finished and req.error is not None:
+            out: dict[str, Any] = {"error": req.error}
+        elif finished:
+            out = build_output(req, self.tokenizer, self._weight_version)
+        else:
+            if req.detok is None:
+                req.detok = DetokenizerState()
+            text = advance(
+                req.detok, req.output_ids, self.tokenizer, req.params.skip_special_tokens
+            )
+            out = build_output(req, self.tokenizer, self._weight_version, text)
+        try:
+            req.sink(out, finished)
+        except Exception:  # a caller's callback must not take the engine down
+            log.exception("a request's sink raised; output dropped for %s", req.rid)
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        """Runs `fn` on the engine thread between steps and returns its result."""
-        if self._closed:
-            raise EngineClosedError("the engine was shut down")
-        if threading.current_thread() is self._thread:
-            return fn()
-        future: Future[T] = Future()
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread died (every call then raises EngineDeadError)."""
+        return self.loop.dead is None and not self.loop.closed
 
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self._commands.put(run)
-        return future.result()
+    @property
+    def memory_released(self) -> bool:
+        return bool(self.runner.released & {"weights", "kv_cache"})
 
     # -- request construction ---------------------------------------------------------------
-    def _new_rid(self) -> str:
-        return uuid.uuid4().hex
-
-    def make_requests(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] | None = None,
-        rid: str | list[str] | None = None,
-        stream: bool = False,
-        return_text_in_logprobs: bool = False,
-        priority: int | None = None,
-    ) -> tuple[list[Request], bool]:
+    def make_requests(self, *args: Any, **kwargs: Any) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
-        if (prompt is None) == (input_ids is None):
-            raise InvalidRequestError("exactly one of text/prompt and input_ids must be given")
-        if prompt is not None:
-            if isinstance(prompt, str):
-                batched, texts = False, [prompt]
-            elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-                batched, texts = True, prompt
-            else:
-                raise InvalidRequestError("text: expected a string or a non-empty list of strings")
-            id_lists = [self.tokenizer.encode(t) for t in texts]
-        else:
-            if not isinstance(input_ids, list) or not input_ids:
-                raise InvalidRequestError("input_ids: expected a non-empty list of token ids")
-            batched = isinstance(input_ids[0], list)
-            id_lists = input_ids if batched else [input_ids]  # type: ignore[list-item]
-        count = len(id_lists)
-        params_list = self._per_item(sampling_params, count, "sampling_params")
-        logprob_list = self._per_item(return_logprob, count, "return_logprob")
-        start_list = self._per_item(logprob_start_len, count, "logprob_start_len")
-        rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
-        if not isinstance(rid, list) and rid is not None and count > 1:
-            raise InvalidRequestError("rid: a batched request needs a list of rids")
-        requests: list[Request] = []
-        for index, ids in enumerate(id_lists):
-            self._check_ids(ids, f"input_ids[{index}]" if batched else "input_ids")
-            params = SamplingParams.from_dict(params_list[index], self.model_config.vocab_size)
-            if not isinstance(logprob_list[index], bool):
-                raise InvalidRequestError("return_logprob: expected true or false")
-            start = start_list[index]
-            if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
-                raise InvalidRequestError("logprob_start_len: expected an integer")
-            for sample in range(params.n):
-                base_rid = rids[index]
-                this_rid = base_rid if base_rid is not None else self._new_rid()
-                if params.n > 1:
-                    this_rid = f"{this_rid}-{sample}"
-                if not isinstance(this_rid, str) or not this_rid:
-                    raise InvalidRequestError("rid: expected a non-empty string")
-                seed = params.sampling_seed
-                seed = self._rng.getrandbits(62) if seed is None else seed + sample
-                requests.append(
-                    Request(
-                        rid=this_rid,
-                        input_ids=list(ids),
-                        params=params,
-                        seed=seed,
-                        return_logprob=logprob_list[index],
-                        logprob_start_len=-1 if start is None else start,
-                        return_text_in_logprobs=return_text_in_logprobs,
-                        stream=stream,
-                        priority=priority or 0,
-                    )
-                )
-        if len({r.rid for r in requests}) != len(requests):
-            raise InvalidRequestError("rid: duplicate rids in one request")
-        return requests, batched or len(requests) > 1
-
-    @staticmethod
-    def _per_item(value: Any, count: int, name: str) -> list[Any]:
-        if isinstance(value, list) and name != "input_ids":
-            if len(value) != count:
-                raise InvalidRequestError(f"{name}: got {len(value)} entries for {count} prompts")
-            return value
-        return [value] * count
-
-    def _check_ids(self, ids: Any, field: str) -> None:
-        if not isinstance(ids, list) or not ids:
-            raise InvalidRequestError(f"{field}: expected a non-empty list of token ids")
-        vocab = self.model_config.vocab_size
-        for tok in ids:
-            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
-                raise InvalidRequestError(
-                    f"{field}: token id {tok!r} is outside the vocabulary [0, {vocab})"
-                )
-        if len(ids) >= self.context_length:
-            raise InvalidRequestError(
-                f"{field}: the prompt has {len(ids)} tokens; the context length is {self.context_length}"
-            )
+        return self.requests.build(*args, **kwargs)
 
     def submit(self, requests: list[Request], sinks: list[Sink], wait: bool = True) -> None:
         """Queues validated requests; each sink is called on the engine thread with
         (output, finished) — for streaming chunks and once with the final output. A request the
         engine refuses at admission (its rid is already live) gets one final output holding an
         "error" key. With wait=False this returns at once (no thread blocks on the engine)."""
-        if self._closed:
-            raise EngineClosedError("the engine was shut down")
+        self.loop.check_alive()
         for req, sink in zip(requests, sinks, strict=True):
             req.sink = sink
 
@@ -325,11 +206,17 @@ class Engine:
                 self.scheduler.add(req)
 
         if wait:
-            self._call(add)
+            self.loop.call(add)
         else:
-            self._commands.put(add)
+            self.loop.post(add)
 
     # -- generation -------------------------------------------------------------------------
+    def _prepare(self, args: dict[str, Any]) -> tuple[list[Request], bool]:
+        requests, batched = self.make_requests(**args)
+        if args.get("stream") and batched:
+            raise InvalidRequestError("stream: supported for a single prompt only")
+        return requests, batched
+
     def generate(
         self,
         prompt: str | list[str] | None = None,
@@ -343,25 +230,25 @@ class Engine:
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Blocking generate; a dict (or a list for batched input / n > 1), or with `stream=True`
         an iterator of cumulative outputs (single prompt)."""
-        requests, batched = self.make_requests(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob,
-            logprob_start_len,
-            rid,
-            stream,
-            **kwargs,
+        requests, batched = self._prepare(
+            dict(
+                prompt=prompt,
+                sampling_params=sampling_params,
+                input_ids=input_ids,
+                return_logprob=return_logprob,
+                logprob_start_len=logprob_start_len,
+                rid=rid,
+                stream=stream,
+                **kwargs,
+            )
         )
         if stream:
-            if batched:
-                raise InvalidRequestError("stream: supported for a single prompt only")
             return self._stream_sync(requests[0])
         futures: list[Future[dict[str, Any]]] = [Future() for _ in requests]
 
         def sink_for(fut: Future[dict[str, Any]]) -> Sink:
             def sink(out: dict[str, Any], finished: bool) -> None:
-                if finished:
+                if finished and not fut.done():
                     fut.set_result(out)
 
             return sink
@@ -391,19 +278,19 @@ class Engine:
         **kwargs: Any,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like `generate`, awaitable; with `stream=True` returns an async iterator."""
-        requests, batched = self.make_requests(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob,
-            logprob_start_len,
-            rid,
-            stream,
-            **kwargs,
+        requests, batched = self._prepare(
+            dict(
+                prompt=prompt,
+                sampling_params=sampling_params,
+                input_ids=input_ids,
+                return_logprob=return_logprob,
+                logprob_start_len=logprob_start_len,
+                rid=rid,
+                stream=stream,
+                **kwargs,
+            )
         )
         if stream:
-            if batched:
-                raise InvalidRequestError("stream: supported for a single prompt only")
             return self.stream_request(requests[0])
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in requests]
@@ -435,31 +322,30 @@ class Engine:
                 out, finished = await chunks.get()
                 yield _raise_on_error(out)
         finally:
-            if not finished:
-                self._commands.put(lambda: self.scheduler.abort(req.rid))
+            if not finished and self.alive:
+                self.loop.post(lambda: self.scheduler.abort(req.rid))
 
     # -- control ----------------------------------------------------------------------------
     def abort(self, rid: str | None = None, abort_all: bool = False) -> int:
         """Aborts one request (RequestNotFoundError if unknown) or all; each waiting caller gets
         what was produced so far with finish_reason abort. Returns how many were aborted."""
         if abort_all:
-            return self._call(self.scheduler.abort_all)
+            return self.loop.call(self.scheduler.abort_all)
         if not rid:
             raise InvalidRequestError("rid: give a rid or abort_all=true")
 
         def run() -> int:
-            found = self.scheduler.abort(rid)
-            if not found:
-                # n > 1 requests carry suffixed rids; abort them as a family.
-                family = [r for r in list(self.scheduler.by_rid) if r.startswith(f"{rid}-")]
-                for member in family:
-                    self.scheduler.abort(member)
-                if not family:
-                    raise RequestNotFoundError(f"rid: no live request {rid!r}")
-                return len(family)
-            return 1
+            if self.scheduler.abort(rid):
+                return 1
+            # n > 1 requests carry suffixed rids; abort them as a family.
+            family = [r for r in list(self.scheduler.by_rid) if r.startswith(f"{rid}-")]
+            for member in family:
+                self.scheduler.abort(member)
+            if not family:
+                raise RequestNotFoundError(f"rid: no live request {rid!r}")
+            return len(family)
 
-        return self._call(run)
+        return self.loop.call(run)
 
     def pause_generation(self, mode: str = "abort") -> None:
         """SGLang's modes: `abort` ends every request, `retract` frees their KV (they resume by
@@ -468,29 +354,29 @@ class Engine:
             raise InvalidRequestError(f"mode: expected abort, retract or in_place, got {mode!r}")
 
         def run() -> None:
-            self._paused = True
+            self.loop.paused = True
             if mode == "abort":
                 self.scheduler.abort_all()
             elif mode == "retract":
                 self.scheduler.retract_all()
 
-        self._call(run)
+        self.loop.call(run)
 
     def continue_generation(self) -> None:
         def run() -> None:
-            self._paused = False
+            self.loop.paused = False
 
-        self._call(run)
+        self.loop.call(run)
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self.loop.paused
 
     def flush_cache(self) -> bool:
-        return self._call(self.scheduler.flush_cache)
+        return self.loop.call(self.scheduler.flush_cache)
 
     def get_loads(self) -> dict[str, Any]:
-        return self._call(self.scheduler.loads)
+        return self.loop.call(self.scheduler.loads)
 
     def get_weight_version(self) -> str:
         return self._weight_version
@@ -504,14 +390,22 @@ class Engine:
         flush_cache: bool = True,
         weight_version: str | None = None,
     ) -> tuple[bool, str]:
-        return self._call(
+        return self.loop.call(
             lambda: self.weights.from_tensors(named_tensors, flush_cache, weight_version)
         )
 
     def update_weights_from_disk(
-        self, model_path: str, weight_version: str | None = None, flush_cache: bool = True
+        self,
+        model_path: str,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+        recapture_cuda_graph: bool = False,
     ) -> tuple[bool, str]:
-        return self._call(lambda: self.weights.from_disk(model_path, flush_cache, weight_version))
+        return self.loop.call(
+            lambda: self.weights.from_disk(
+                model_path, flush_cache, weight_version, recapture_cuda_graph
+            )
+        )
 
     def init_weights_update_group(
         self,
@@ -523,7 +417,7 @@ class Engine:
         backend: str | None = None,
     ) -> tuple[bool, str]:
         """Joins the trainer's broadcast group (blocks until every rank has joined)."""
-        return self._call(
+        return self.loop.call(
             lambda: self.receiver.init_group(
                 master_address, master_port, rank_offset, world_size, group_name, backend
             )
@@ -545,18 +439,43 @@ class Engine:
                 return False, str(exc)
             return self.weights.from_tensors(named, flush_cache, weight_version)
 
-        return self._call(run)
+        return self.loop.call(run)
 
     def destroy_weights_update_group(
         self, group_name: str = "weight_update_group"
     ) -> tuple[bool, str]:
-        return self._call(lambda: self.receiver.destroy(group_name))
+        return self.loop.call(lambda: self.receiver.destroy(group_name))
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
-        return self._call(lambda: self.weights.release(tags))
+        """SGLang's tags: weights (to host memory), kv_cache (dropped), cuda_graph; all if None.
+        Refused while requests are in flight. Scheduling holds until the memory is resumed."""
+        tags = list(MEMORY_TAGS) if tags is None else list(tags)
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            return False, f"tags: unknown tag {unknown[0]!r}; known: {list(MEMORY_TAGS)}"
+
+        def run() -> tuple[bool, str]:
+            if self.scheduler.has_work:
+                return False, "requests are in flight; pause or abort them first"
+            if "kv_cache" in tags:
+                self.cache.flush()
+            self.runner.release(tags)
+            return True, f"released {tags}"
+
+        return self.loop.call(run)
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
-        return self._call(lambda: self.weights.resume(tags))
+        """Takes released memory again; CUDA graphs are captured anew once weights and KV are in."""
+        tags = list(MEMORY_TAGS) if tags is None else list(tags)
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            return False, f"tags: unknown tag {unknown[0]!r}; known: {list(MEMORY_TAGS)}"
+
+        def run() -> tuple[bool, str]:
+            self.runner.resume(tags)
+            return True, f"resumed {tags}"
+
+        return self.loop.call(run)
 
     def server_info(self) -> dict[str, Any]:
         cfg = self.model_config
@@ -576,19 +495,18 @@ class Engine:
             "version": "rollout-accel-0.1.0",
         }
 
-    def run_on_engine_thread(self, fn: Callable[[], T]) -> T:
-        """Runs `fn` between steps on the engine thread (for extensions like weight sync)."""
-        return self._call(fn)
-
-    def shutdown(self) -> None:
-        if self._closed:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Aborts what is live and stops the engine thread (bounded by `timeout` seconds)."""
+        if self.loop.closed:
             return
-        try:
-            self._call(self.scheduler.abort_all)
-        finally:
-            self._closed = True
-            self._commands.put(lambda: None)
-            self._thread.join(timeout=10)
+        if self.alive:
+            try:
+                self.loop.call(self.scheduler.abort_all, timeout=timeout)
+            except Exception:  # a wedged or dead engine still shuts down
+                log.warning("abort on shutdown did not complete", exc_info=True)
+        self.loop.stop(timeout)
+        if not self.loop.thread.is_alive():
+            self.runner.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -20,3 +20,7 @@ class RequestNotFoundError(EngineError, KeyError):
 
 class EngineClosedError(EngineError, RuntimeError):
     """The engine was shut down."""
+
+
+class EngineDeadError(EngineError, RuntimeError):
+    """The engine thread failed in a way it could not contain (HTTP 500); it serves nothing more."""

@@ -1,59 +1,44 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples.
+"""The runner: owns the device state and turns a scheduled batch into a launched step.
 
-The scheduler hands over `ForwardItem`s (which request, how many of its tokens to compute); the
-runner returns, for each item that reached the end of its tokens, the sampled next token and its
-logprob (plus prompt logprobs when asked). It knows nothing of queues or finishing rules.
+Device state lives here and nowhere else: the parameters (through the model), the KV buffers,
+the device side of the request tables, the CUDA graphs and their staging buffers. `launch(batch)`
+queues one forward + sampling and returns a handle; on a GPU it does not wait for the device, so
+the engine can schedule the next step while this one runs. `release(tags)` / `resume(tags)` give
+memory back and take it again (SGLang's tags: weights, kv_cache, cuda_graph); since a graph holds
+the addresses of the buffers it reads, releasing weights or KV drops the graphs, and resuming
+captures them again once weights and KV are both back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
+import numpy as np
 import torch
 
-from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
+from rollout_accel.serving.engine.batch import (
+    Batch,
+    CompletedStep,
+    QueuedStep,
+    StepHandle,
+    StepResult,
+)
 from rollout_accel.serving.engine.kv_pool import RequestTable
-from rollout_accel.serving.engine.request import Request
+from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
 
+log = logging.getLogger(__name__)
 
-@dataclass(slots=True)
-class ForwardItem:
-    """Compute KV for fill_ids[start:start + count] of `request` into `slots`."""
-
-    request: Request
-    start: int
-    count: int
-    slots: torch.Tensor
-    is_prefill: bool = True
-
-    @property
-    def samples(self) -> bool:
-        return self.start + self.count == self.request.fill_len
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
-@dataclass(slots=True)
-class PreparedBatch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logit_rows: torch.Tensor
-    max_len: int
-    input_lp_items: list[int]
-    rows: list[int]
-    seq_lens: list[int]
-
-
-@dataclass(slots=True)
-class StepResult:
-    tokens: list[int]  # one per sampling item, in item order
-    logprobs: list[float]
-    input_logprobs: dict[int, list[float]]  # item index -> logprobs of its prompt tokens computed
+class MemoryReleasedError(RuntimeError):
+    """A step was launched while weights or KV buffers are released."""
 
 
 class ModelRunner:
-    """Owns the model and the KV buffers; one `forward` per scheduler step."""
+    """Launches steps over the model and the paged KV cache; owns all device state."""
 
     def __init__(
         self,
@@ -61,174 +46,217 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         table: RequestTable,
         eos_ids: tuple[int, ...],
+        cuda_graph_max_bs: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.table = table
         self.device = next(model.parameters()).device
+        self.is_cuda = self.device.type == "cuda"
         self.vocab_size = model.config.vocab_size
-        self.eos_ids = eos_ids
+        self.sampler = BatchSampler(table, self.vocab_size, eos_ids)
+        self.graphs = None
+        if self.is_cuda and cuda_graph_max_bs > 0:
+            from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
 
+            self.graphs = DecodeGraphs(model, kv_cache, table, cuda_graph_max_bs)
+            self.graphs.capture()
+        self._offloaded: dict[str, torch.Tensor] = {}
+        self.released: set[str] = set()
+        if self.is_cuda:
+            # Two pinned result buffers, alternated: step N's results may still be copying while
+            # step N+1 is launched. Tokens and logprobs travel together as float64 (token ids
+            # are exact in it): one device-to-host copy per step.
+            self._results = [
+                torch.zeros((2, table.max_rows), dtype=torch.float64).pin_memory() for _ in range(2)
+            ]
+            self._flip = 0
+
+    # -- launching ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], num_decode: int) -> StepResult:
-        """`items`: the first `num_decode` are decode items (one token each), the rest prefill."""
-        batch = self.prepare(items, num_decode)
-        logits = self.model.forward_paged(
-            batch.input_ids,
-            batch.positions,
-            batch.meta,
-            self.kv_cache,
-            logit_rows=batch.logit_rows,
-            max_position=batch.max_len - 1,
-        )
-        return self._sample(items, logits, batch.input_lp_items)
-
-    def prepare(self, items: list[ForwardItem], num_decode: int) -> PreparedBatch:
-        """Host-side lists -> device tensors (one copy each), and the new tokens' slots written
-        into the request table with a single scatter."""
-        dev = self.device
-        ids: list[int] = []
-        positions: list[int] = []
-        token_rows: list[int] = []
-        cu = [0]
-        seq_lens: list[int] = []
-        rows: list[int] = []
-        logit_rows: list[int] = []
-        input_lp_items: list[int] = []
-        for index, item in enumerate(items):
-            req = item.request
-            end = item.start + item.count
-            ids.extend(req.token_slice(item.start, end))
-            positions.extend(range(item.start, end))
-            assert req.row is not None
-            token_rows.extend([req.row] * item.count)
-            rows.append(req.row)
-            seq_lens.append(end)
-            if req.logprob_start_len >= 0 and item.start < len(req.input_ids) and item.is_prefill:
-                input_lp_items.append(index)
-                logit_rows.extend(range(cu[-1], cu[-1] + item.count))
-            elif item.samples:
-                logit_rows.append(cu[-1] + item.count - 1)
-            cu.append(cu[-1] + item.count)
-        slots = items[0].slots if len(items) == 1 else torch.cat([item.slots for item in items])
-        slot_mapping = slots.to(dev, non_blocking=True)
-        positions_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        self.table.req_to_token[
-            torch.tensor(token_rows, dtype=torch.int64).to(dev, non_blocking=True), positions_t
-        ] = slot_mapping.to(torch.int32)
-        max_len = max(seq_lens)
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_table=self.table.req_to_token[
-                torch.tensor(rows).to(dev, non_blocking=True), :max_len
-            ],
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            cu_q_lens=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
-            page_size=1,
-            is_decode=num_decode == len(items),
-            max_q_len=max(item.count for item in items),
-            num_decode=num_decode,
-        )
-        return PreparedBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=positions_t,
-            meta=meta,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.int64).to(dev, non_blocking=True),
-            max_len=max_len,
-            input_lp_items=input_lp_items,
-            rows=rows,
-            seq_lens=seq_lens,
-        )
-
-    def _sample(
-        self, items: list[ForwardItem], logits: torch.Tensor, input_lp_items: list[int]
-    ) -> StepResult:
-        # Split the logit rows: prompt-logprob items contributed all their rows, others one.
-        sample_rows: list[int] = []
-        sampling: list[Request] = []
-        input_logprobs: dict[int, list[float]] = {}
-        cursor = 0
-        wanted = set(input_lp_items)
-        for index, item in enumerate(items):
-            if index in wanted:
-                rows = logits[cursor : cursor + item.count]
-                fill = item.request.fill_ids
-                nxt = fill[item.start + 1 : item.start + item.count + 1]
-                usable = min(len(nxt), item.count, len(item.request.input_ids) - item.start - 1)
-                lp = torch.log_softmax(rows[:usable], dim=-1)
-                gathered = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
-                input_logprobs[index] = gathered.squeeze(1).tolist()
-                if item.samples:
-                    sample_rows.append(cursor + item.count - 1)
-                    sampling.append(item.request)
-                cursor += item.count
-            elif item.samples:
-                sample_rows.append(cursor)
-                sampling.append(item.request)
-                cursor += 1
-        if not sampling:
-            return StepResult([], [], input_logprobs)
-        logits = (
-            logits[torch.tensor(sample_rows, device=logits.device)]
-            if sample_rows != list(range(logits.shape[0]))
-            else logits
-        )
-        tokens, logprobs = self.sample(sampling, logits)
-        return StepResult(tokens, logprobs, input_logprobs)
-
-    def sample(
-        self, requests: list[Request], logits: torch.Tensor
-    ) -> tuple[list[int], list[float]]:
-        tokens, logprobs = self.sample_device(requests, logits)
-        return tokens.tolist(), logprobs.tolist()
-
-    def sample_device(
-        self, requests: list[Request], logits: torch.Tensor, step_offset: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and logprobs as device tensors (no host sync). `step_offset` shifts each
-        request's output position (an overlapped step samples one token ahead)."""
-        dev = logits.device
-        params = [r.params for r in requests]
-        if any(p.has_penalties for p in params):
-            counts = torch.zeros_like(logits)
-            for row, req in enumerate(requests):
-                if req.params.has_penalties and req.output_ids:
-                    out = torch.tensor(req.output_ids, device=dev)
-                    counts[row].index_add_(0, out, torch.ones(len(out), device=dev))
-            logits = apply_penalties(
-                logits,
-                counts,
-                torch.tensor([p.frequency_penalty for p in params], device=dev),
-                torch.tensor([p.presence_penalty for p in params], device=dev),
-                torch.tensor([p.repetition_penalty for p in params], device=dev),
+    def launch(self, batch: Batch) -> StepHandle:
+        """Queues the batch's forward and sampling; the handle's `wait()` gives the results."""
+        if self.released & {"weights", "kv_cache"}:
+            raise MemoryReleasedError(
+                f"memory is released ({sorted(self.released)}); resume_memory_occupation first"
             )
-        for row, req in enumerate(requests):
-            if len(req.output_ids) < req.params.min_new_tokens:
-                banned = list(req.params.stop_token_ids)
-                if not req.params.ignore_eos:
-                    banned += list(self.eos_ids)
-                if banned:
-                    logits[row, torch.tensor(banned, device=dev)] = float("-inf")
-        need_filter = any(
-            (0 < p.top_k < self.vocab_size) or p.top_p < 1.0 or p.min_p > 0.0 for p in params
-        )
-        if all(p.greedy for p in params) and logits.device.type != "cuda":
-            tokens = torch.argmax(logits, dim=-1)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        self.table.flush()
+        items = batch.items
+        emitting = [i for i, it in enumerate(items) if it.emits_token]
+        if batch.is_decode_only and self.graphs is not None and self.graphs.fits(len(items)):
+            positions = np.fromiter((it.start for it in items), np.int64, len(items))
+            sample_logits = self.graphs.run(positions, batch.rows, batch.slots)
+            bs = len(items)
+            emit_rows, emit_next = self.graphs.rows[:bs], self.graphs.positions[:bs] + 1
+            input_logprobs: dict[int, list[float]] = {}
         else:
-            # One fused pass over the vocabulary on GPUs when no row filters (the RL default).
-            tokens, logprobs = sample_tokens_fast(
-                logits,
-                torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=dev),
-                torch.tensor([p.top_k for p in params], device=dev, dtype=torch.int64),
-                torch.tensor([p.top_p for p in params], device=dev),
-                torch.tensor([p.min_p for p in params], device=dev),
-                torch.tensor([r.seed for r in requests], device=dev, dtype=torch.int64),
-                torch.tensor(
-                    [len(r.output_ids) + step_offset for r in requests],
-                    device=dev,
-                    dtype=torch.int64,
-                ),
-                need_filter=need_filter,
+            sample_logits, emit_rows, emit_next, input_logprobs = self._forward_eager(
+                batch, emitting
             )
-        return tokens, logprobs
+        if not emitting:
+            return CompletedStep(batch, StepResult([], [], input_logprobs))
+        requests = [items[i].request for i in emitting]
+        host_positions = np.fromiter(
+            (items[i].start + items[i].count - len(items[i].request.input_ids) for i in emitting),
+            np.int64,
+            len(emitting),
+        )
+        tokens, logprobs = self.sampler.sample(
+            requests, sample_logits, emit_rows, emit_next, host_positions
+        )
+        # Sampled tokens go into the device token table, where the next decode step reads them.
+        self.table.token_ids[emit_rows, emit_next] = tokens
+        if not self.is_cuda:
+            result = StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
+            return CompletedStep(batch, result)
+        self._flip ^= 1
+        host = self._results[self._flip]
+        count = len(emitting)
+        host[:, :count].copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return QueuedStep(batch, host, event, count, input_logprobs)
+
+    def _forward_eager(
+        self, batch: Batch, emitting: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, list[float]]]:
+        """A forward without graphs. Returns the logits of the emitting items' last tokens, the
+        device rows and next positions of those items, and the prompt logprobs of the items that
+        asked for them."""
+        items = batch.items
+        nd = batch.num_decode
+        dev = self.device
+        n = len(items)
+        starts = np.fromiter((it.start for it in items), np.int64, n)
+        counts = np.fromiter((it.count for it in items), np.int64, n)
+        ends = starts + counts
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        total = int(cu[-1])
+        # Positions and host-known input ids; decode rows read their ids from the token table.
+        positions = np.empty(total, dtype=np.int64)
+        positions[:nd] = starts[:nd]
+        ids = np.zeros(total, dtype=np.int64)
+        for index in range(nd, n):
+            it = items[index]
+            lo, hi = int(cu[index]), int(cu[index + 1])
+            positions[lo:hi] = np.arange(it.start, it.start + it.count)
+            ids[lo:hi] = it.request.token_slice(it.start, it.start + it.count)
+        lp_items = [i for i, it in enumerate(items) if it.wants_input_logprobs]
+        if lp_items:
+            # Prompt-logprob items need every row's logits; the others their last row.
+            logit_rows: list[int] = []
+            for index, it in enumerate(items):
+                lo, hi = int(cu[index]), int(cu[index + 1])
+                if it.wants_input_logprobs:
+                    logit_rows.extend(range(lo, hi))
+                elif it.emits_token:
+                    logit_rows.append(hi - 1)
+            logit_np = np.asarray(logit_rows, dtype=np.int64)
+        else:
+            logit_np = (cu[1:] - 1)[emitting]
+        emit = np.asarray(emitting, dtype=np.int64)
+        token_rows = np.repeat(batch.rows, counts)
+        parts = [ids, positions, batch.rows, ends, cu, batch.slots.numpy(), logit_np]
+        parts += [batch.rows[emit], ends[emit], token_rows]
+        packed = torch.from_numpy(np.concatenate(parts))
+        if self.is_cuda:
+            packed = packed.pin_memory().to(dev, non_blocking=True)
+        views = torch.split(packed, [p.size for p in parts])
+        ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, logit_rows_t, emit_rows, emit_next = views[:9]
+        # The batch's new slots into the device table (the scheduler kept the host mirror).
+        self.table.req_to_token[views[9], pos_t] = slots_t.to(torch.int32)
+        if nd:
+            ids_t = ids_t.clone()
+            ids_t[:nd] = self.table.token_ids[rows_t[:nd], pos_t[:nd]]
+        max_len = int(ends.max())
+        meta = AttentionMetadata(
+            slot_mapping=slots_t,
+            block_table=self.table.req_to_token[rows_t, :max_len],
+            seq_lens=ends_t.to(torch.int32),
+            cu_q_lens=cu_t.to(torch.int32),
+            page_size=1,
+            is_decode=batch.is_decode_only,
+            max_q_len=int(counts.max()),
+            num_decode=nd,
+        )
+        logits = self.model.forward_paged(
+            ids_t, pos_t, meta, self.kv_cache, logit_rows=logit_rows_t, max_position=max_len - 1
+        )
+        if not lp_items:
+            return logits, emit_rows, emit_next, {}
+        input_logprobs: dict[int, list[float]] = {}
+        sample_index: list[int] = []
+        cursor = 0
+        for index, it in enumerate(items):
+            if it.wants_input_logprobs:
+                block = logits[cursor : cursor + it.count]
+                req = it.request
+                nxt = req.token_slice(it.start + 1, it.start + it.count + 1)
+                usable = min(len(nxt), it.count, len(req.input_ids) - it.start - 1)
+                lp = torch.log_softmax(block[:usable], dim=-1)
+                picked = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
+                input_logprobs[index] = picked.squeeze(1).tolist()
+                if it.emits_token:
+                    sample_index.append(cursor + it.count - 1)
+                cursor += it.count
+            elif it.emits_token:
+                sample_index.append(cursor)
+                cursor += 1
+        sample_logits = logits[torch.tensor(sample_index, dtype=torch.int64, device=dev)]
+        return sample_logits, emit_rows, emit_next, input_logprobs
+
+    # -- memory ---------------------------------------------------------------------------------
+    def release(self, tags: list[str]) -> None:
+        """Gives memory back. Weights go to host memory; KV contents are dropped (the caller
+        flushed the prefix cache); graphs go whenever weights or KV move."""
+        if ("weights" in tags or "kv_cache" in tags or "cuda_graph" in tags) and self.graphs:
+            self.graphs.release()
+        if "weights" in tags and "weights" not in self.released:
+            for name, param in self.model.named_parameters():
+                self._offloaded[name] = param.data.to("cpu", copy=True)
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        if "kv_cache" in tags and not self.kv_cache.released:
+            self.kv_cache.release()
+        self.released |= set(tags)
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def resume(self, tags: list[str]) -> None:
+        """Takes memory again; graphs are captured anew once weights and KV are both back."""
+        if "weights" in tags and "weights" in self.released:
+            for name, param in self.model.named_parameters():
+                param.data = self._offloaded[name].to(self.device)
+            self._offloaded.clear()
+            if self.model.config.tie_word_embeddings:
+                self.model.lm_head.weight = self.model.model.embed_tokens.weight
+            if self.is_cuda:
+                self.model.fuse_projections()
+        if "kv_cache" in tags and self.kv_cache.released:
+            self.kv_cache.reallocate()
+        self.released -= set(tags)
+        self.recapture_if_needed()
+
+    def close(self) -> None:
+        """Frees all device memory the runner holds (engine shutdown): the engine and the
+        scheduler reference each other, so waiting for the garbage collector could keep tens of
+        GB of KV alive after `shutdown()`."""
+        if self.graphs is not None:
+            self.graphs.release()
+        if not self.kv_cache.released:
+            self.kv_cache.release()
+        for param in self.model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.released |= {"weights", "kv_cache", "cuda_graph"}
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def recapture_if_needed(self, force: bool = False) -> None:
+        """(Re)captures the decode graphs when they are missing (or `force`) and memory is in."""
+        if self.graphs is None or self.released & {"weights", "kv_cache", "cuda_graph"}:
+            return
+        if force or not self.graphs.captured:
+            self.graphs.capture()
+            log.info("captured decode CUDA graphs (%d buckets)", len(self.graphs.buckets))

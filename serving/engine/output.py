@@ -9,9 +9,11 @@ from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.models.tokenizer import TextTokenizer
 
 
-def output_text(req: Request, tokenizer: TextTokenizer) -> str:
-    """Decoded output; a matched stop string (and what follows it) is trimmed unless no_stop_trim."""
-    text = tokenizer.decode(req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
+def output_text(req: Request, tokenizer: TextTokenizer, text: str | None = None) -> str:
+    """Decoded output (or `text`, already decoded); a matched stop string (and what follows it)
+    is trimmed unless no_stop_trim."""
+    if text is None:
+        text = tokenizer.decode(req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
     reason = req.finish_reason or {}
     matched = reason.get("matched")
     if reason.get("type") == "stop" and isinstance(matched, str) and not req.params.no_stop_trim:
@@ -21,7 +23,9 @@ def output_text(req: Request, tokenizer: TextTokenizer) -> str:
     return text
 
 
-def build_output(req: Request, tokenizer: TextTokenizer, weight_version: str) -> dict[str, Any]:
+def build_output(
+    req: Request, tokenizer: TextTokenizer, weight_version: str, text: str | None = None
+) -> dict[str, Any]:
     end = req.finish_time or time.perf_counter()
     meta: dict[str, Any] = {
         "id": req.rid,
@@ -48,7 +52,7 @@ def build_output(req: Request, tokenizer: TextTokenizer, weight_version: str) ->
             else []
         )
     return {
-        "text": output_text(req, tokenizer),
+        "text": output_text(req, tokenizer, text),
         "output_ids": list(req.output_ids),
         "meta_info": meta,
     }

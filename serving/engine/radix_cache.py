@@ -144,16 +144,6 @@ class RadixCache:
             node = node.parent
 
     # -- eviction ---------------------------------------------------------------------------
-    def evictable_slots(self) -> int:
-        total = 0
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node.lock_ref == 0:
-                total += len(node.key)
-            stack.extend(node.children.values())
-        return total
-
     def evict(self, needed: int) -> int:
         """Frees at least `needed` slots from unlocked leaves, LRU first, if that many exist."""
         leaves = [n for n in self._all_nodes() if not n.children and n.lock_ref == 0]

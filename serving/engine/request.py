@@ -26,9 +26,10 @@ class RequestStatus(enum.Enum):
 class Request:
     """Everything the scheduler tracks for one sequence.
 
-    Invariants: `num_computed` tokens of `fill_ids` have their KV in slots
-    `req_to_token[row, :num_computed]`; the first `prefix_len` of those belong to the radix cache
-    (locked through `prefix_node`), the rest to this request.
+    Invariants: `num_computed` tokens of the sequence have their KV in (or queued for) slots
+    `slots[row, :num_computed]`; the first `prefix_len` of those belong to the radix cache (locked
+    through `prefix_node`), the rest to this request. `inflight` tokens were sampled by launched
+    steps whose results are not processed yet: the sequence is `fill_ids` plus those.
     """
 
     rid: str
@@ -60,7 +61,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     weight_version: str = "default"
-    text_sent: int = 0
+    inflight: int = 0
+    error: dict[str, Any] | None = None
+    detok: Any = None  # incremental detokenizer state (streams and stop strings only)
 
     @property
     def fill_ids(self) -> list[int]:
@@ -80,9 +83,25 @@ class Request:
         return self.input_ids[start:] + self.output_ids[: end - prompt]
 
     @property
-    def in_decode(self) -> bool:
-        """KV exists for all but the newest token, which the next step feeds."""
-        return self.num_computed == self.fill_len - 1 and bool(self.output_ids)
+    def seq_len(self) -> int:
+        """Tokens of the sequence, counting those sampled by steps not processed yet."""
+        return len(self.input_ids) + len(self.output_ids) + self.inflight
+
+    @property
+    def decode_ready(self) -> bool:
+        """Prompt done and KV exists for all but the newest token, which the next step feeds;
+        and the request will not be finished by the tokens already sampled."""
+        return (
+            self.status is RequestStatus.RUNNING
+            and self.num_computed == self.seq_len - 1
+            and len(self.output_ids) + self.inflight < self.params.max_new_tokens
+        )
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Sampling its next token needs its output so far on the host (penalties count output
+        tokens), so it cannot be scheduled while a token of it is still in flight."""
+        return self.params.has_penalties
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,11 @@
-"""Continuous batching: admits waiting requests under a token budget (chunked prefill), decodes
-every running request, caches prefixes, preempts by recompute when KV slots run out, and applies
-the finishing rules. Runs on the engine thread only; nothing here is thread-safe by design.
+"""Continuous batching: which tokens the next step computes, and what a finished step means.
+
+`schedule()` builds the next batch: every decode-ready request advances one token, and waiting
+requests are prefilled (in chunks) in the same batch up to the token budget. `process(handle)`
+takes a launched step's results: appends tokens, caches prompts, applies the finishing rules and
+releases finished requests. Between the two, a step may be in flight: the scheduler then counts
+its tokens as `inflight` and schedules the next step from them without waiting (overlap).
+Runs on the engine thread only; nothing here is thread-safe by design.
 """
 
 from __future__ import annotations
@@ -10,15 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from rollout_accel.serving.engine.batch import Batch, ForwardItem, StepHandle
 from rollout_accel.serving.engine.kv_pool import OutOfSlotsError, RequestTable, SlotAllocator
-from rollout_accel.serving.engine.model_runner import ForwardItem, ModelRunner
-from rollout_accel.serving.engine.output import build_output
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request, RequestStatus
 from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
-from rollout_accel.serving.models.tokenizer import TextTokenizer
+from rollout_accel.serving.engine.stop_rules import StopRules
+
+Emit = Callable[[Request, bool], None]
 
 
 @dataclass(slots=True)
@@ -36,39 +43,41 @@ class SchedulerStats:
     decode_tokens: int = 0
     retractions: int = 0
     steps: int = 0
+    isolated_failures: int = 0
 
 
 class Scheduler:
-    """Owns every live request, the slot allocator, the radix cache and the runner."""
+    """Owns every live request, the slot allocator, the request table and the radix cache.
+
+    `emit(request, finished)` delivers outputs (stream chunks and final results) to callers.
+    """
 
     def __init__(
         self,
-        runner: ModelRunner,
         allocator: SlotAllocator,
         table: RequestTable,
         cache: RadixCache,
         policy: WaitingQueuePolicy,
-        tokenizer: TextTokenizer,
         limits: SchedulerLimits,
-        eos_ids: tuple[int, ...],
-        weight_version: Callable[[], str],
-        overlap: bool = True,
+        stop_rules: StopRules,
+        emit: Emit,
     ) -> None:
-        self.runner = runner
         self.allocator = allocator
         self.table = table
         self.cache = cache
         self.policy = policy
-        self.tokenizer = tokenizer
         self.limits = limits
-        self.eos_ids = frozenset(eos_ids)
-        self.weight_version = weight_version
+        self.stop_rules = stop_rules
+        self.emit = emit
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        self.running: dict[str, Request] = {}
         self.by_rid: dict[str, Request] = {}
         self.stats = SchedulerStats()
-        self.overlap = overlap
-        self._pending: Any = None
+        # Requests suspected of failing a step: scheduled one at a time until each has passed a
+        # step alone (or failed alone, and is failed by itself).
+        self.suspects: list[Request] = []
+        self._finished: list[Request] = []
+        self._prefilling: dict[int, int] = {}  # prompt hash -> last chunks in flight
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -77,27 +86,27 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending is not None)
+        return bool(self.waiting or self.running)
 
     def abort(self, rid: str) -> bool:
         req = self.by_rid.get(rid)
         if req is None:
             return False
-        self._finish(req, {"type": "abort", "message": "Abort request."})
-        self._release_finished()
+        self.finish(req, {"type": "abort", "message": "Abort request."})
+        self.release_finished()
         return True
 
-    def abort_all(self) -> int:
+    def abort_all(self, message: str = "Abort all requests.") -> int:
         reqs = list(self.by_rid.values())
         for req in reqs:
-            self._finish(req, {"type": "abort", "message": "Abort all requests."})
-        self._release_finished()
+            self.finish(req, {"type": "abort", "message": message})
+        self.release_finished()
         return len(reqs)
 
     def retract_all(self) -> int:
         """Pause mode `retract`: running requests give back their KV (kept in the prefix cache)
         and wait; they resume by recompute."""
-        moved = list(self.running)
+        moved = list(self.running.values())
         for req in moved:
             self._retract(req)
         return len(moved)
@@ -113,125 +122,67 @@ class Scheduler:
         return {
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
-            "num_used_tokens": self.allocator.capacity - self.allocator.num_free,
+            "num_used_tokens": self.allocator.num_used,
             "num_cached_tokens": self.cache.cached_slots,
             "max_total_num_tokens": self.allocator.capacity,
         }
 
-    # -- one step ---------------------------------------------------------------------------
-    @property
-    def overlapping(self) -> bool:
-        """A decode step is queued on the GPU and its results are not processed yet."""
-        return self._pending is not None
-
-    def drain(self) -> None:
-        """Processes the queued decode step, if any (before commands change the state)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._finish_pending(pending)
-
-    def _finish_pending(self, pending: Any) -> None:
-        tokens, logprobs = pending.wait()
-        for item, token, logprob in zip(pending.items, tokens, logprobs, strict=True):
-            req = item.request
-            if req.finished or req.row is None:
-                # It finished at the step before; this token was computed ahead for nothing.
-                self.allocator.free(item.slots)
-                continue
-            req.num_computed = item.start + 1
-            self.stats.decode_tokens += 1
-            self._append_token(req, token, logprob)
-        self._release_finished()
-
-    def _step_overlapped(self) -> bool:
-        """Steady-state decode with the CPU one step ahead: queue step N+1 (its input tokens are
-        step N's samples, still on the GPU) before waiting for step N, so finishing checks and
-        scheduling overlap the GPU's work. A request that finishes at N wastes one token of N+1."""
-        pending = self._pending
-        assert pending is not None
-        following = None
-        if not self.waiting:
-            live = [
-                (index, item)
-                for index, item in enumerate(pending.items)
-                if not item.request.finished
-                and len(item.request.output_ids) + 1 < item.request.params.max_new_tokens
-            ]
-            slots = self._alloc(len(live)) if live else None
-            if slots is not None:
-                items = [
-                    ForwardItem(item.request, item.start + 1, 1, slots[i : i + 1], is_prefill=False)
-                    for i, (_, item) in enumerate(live)
-                ]
-                if self.runner.can_overlap(items):
-                    pending.index_map = (
-                        None if len(live) == len(pending.items) else [index for index, _ in live]
-                    )
-                    following = self.runner.launch(items, prev=pending)
-                    self.stats.steps += 1
-                else:
-                    self.allocator.free(slots)
-        self._pending = None
-        self._finish_pending(pending)
-        self._pending = following
-        return True
-
-    def step(self) -> bool:
-        """Runs one forward: every decoding request advances one token, and waiting requests are
-        prefilled (in chunks) in the same batch up to the token budget. Returns False when there
-        was nothing to do."""
-        if self._pending is not None:
-            return self._step_overlapped()
-        decode_items = self._schedule_decode()
-        prefill_items = self._schedule_prefill()
-        items = decode_items + prefill_items
-        if not items:
-            return False
-        if (
-            self.overlap
-            and not prefill_items
-            and hasattr(self.runner, "launch")
-            and self.runner.can_overlap(decode_items)
-        ):
-            self._pending = self.runner.launch(decode_items)
-            self.stats.steps += 1
-            return True
-        result = self.runner.forward(items, num_decode=len(decode_items))
-        self.stats.steps += 1
-        sampled = 0
-        for index, item in enumerate(items):
-            req = item.request
-            req.num_computed = item.start + item.count
-            if index in result.input_logprobs:
-                if not req.input_logprobs:
-                    req.input_logprobs.append(None)  # the first prompt token has no logprob
-                req.input_logprobs.extend(result.input_logprobs[index])
-            if item.is_prefill:
-                self.stats.prefill_tokens += item.count
-            else:
-                self.stats.decode_tokens += 1
-            if not item.samples:
-                continue
-            token, logprob = result.tokens[sampled], result.logprobs[sampled]
-            sampled += 1
-            if req.finished:  # aborted by a sink callback during this step
-                continue
-            if item.is_prefill:
-                self._cache_unfinished(req)
-                if req in self.waiting:
-                    self.waiting.remove(req)
-                    self.running.append(req)
-                    req.status = RequestStatus.RUNNING
-            self._append_token(req, token, logprob)
-        self._release_finished()
-        return True
-
     # -- scheduling -------------------------------------------------------------------------
-    def _schedule_prefill(self) -> list[ForwardItem]:
+    def schedule(self, in_flight: bool = False) -> Batch | None:
+        """The next batch, or None when nothing can run now. With `in_flight`, a step is
+        launched but not processed; None then also means "process it first" (a request needs
+        its history on the host, or KV must be reclaimed by retraction)."""
+        if self.suspects:
+            return self._schedule_suspect(in_flight)
+        decode = self._decode_candidates(in_flight)
+        if decode is None:
+            return None
+        decode_slots = self._alloc(len(decode)) if decode else torch.empty(0, dtype=torch.int64)
+        if decode_slots is None:
+            if in_flight:
+                return None
+            decode = self._retract_for(decode)
+            decode_slots = self._alloc(len(decode)) if decode else torch.empty(0, torch.int64)
+            assert decode_slots is not None
+        items = [ForwardItem(r, r.num_computed, 1, True, False) for r in decode]
+        prefill_items, prefill_slots = self._schedule_prefill(len(decode))
+        items += prefill_items
+        if not items:
+            return None
+        slots = torch.cat([decode_slots, *prefill_slots]) if prefill_slots else decode_slots
+        return self._commit(Batch(items, slots, len(decode)))
+
+    def _decode_candidates(self, in_flight: bool) -> list[Request] | None:
+        limit = self.limits.context_length
+        ready = [r for r in self.running.values() if r.decode_ready and r.seq_len < limit]
+        if in_flight and any(r.inflight and r.needs_host_history for r in ready):
+            return None
+        return ready
+
+    def _retract_for(self, decode: list[Request]) -> list[Request]:
+        """Retracts the newest requests until the rest fit (nothing may be in flight)."""
+        decode = list(decode)
+        while decode:
+            if len(decode) > self.allocator.num_free:
+                self.cache.evict(len(decode) - self.allocator.num_free)
+            if len(decode) <= self.allocator.num_free:
+                return decode
+            if len(decode) == 1:
+                raise OutOfSlotsError(
+                    "max_total_tokens: the KV cache cannot hold even one running request"
+                )
+            victim = max(decode, key=lambda r: r.arrival_time)
+            self._retract(victim)
+            self.stats.retractions += 1
+            decode.remove(victim)
+        return decode
+
+    def _schedule_prefill(self, num_decode: int) -> tuple[list[ForwardItem], list[torch.Tensor]]:
         if not self.waiting:
-            return []
+            return [], []
         budget = self.limits.max_prefill_tokens
         items: list[ForwardItem] = []
+        slot_parts: list[torch.Tensor] = []
         in_batch: set[int] = set()
         active = len(self.running)
         for req in self.policy.order(self.waiting, self.cache):
@@ -241,9 +192,9 @@ class Scheduler:
                 if active >= self.limits.max_running_requests or self.table.num_free == 0:
                     continue
                 key = hash(tuple(req.input_ids))
-                if key in in_batch:
-                    # An identical prompt is being computed in this batch: wait one step and
-                    # take it from the prefix cache instead of computing it twice.
+                if key in in_batch or key in self._prefilling:
+                    # An identical prompt is being computed: wait and take it from the prefix
+                    # cache instead of computing it twice.
                     continue
                 self._attach(req)
                 in_batch.add(key)
@@ -251,18 +202,180 @@ class Scheduler:
             count = min(req.remaining_prefill(), budget)
             slots = self._alloc(count)
             if slots is None:
-                if not items and not self.running:
+                if not items and not self.running and not num_decode:
                     count = min(count, self.allocator.num_free)
                     slots = self._alloc(count) if count > 0 else None
                 if slots is None:
                     break
-            items.append(ForwardItem(req, req.num_computed, count, slots))
+            emits = req.num_computed + count == req.fill_len
+            items.append(
+                ForwardItem(
+                    req,
+                    req.num_computed,
+                    count,
+                    emits,
+                    True,
+                    wants_input_logprobs=req.logprob_start_len >= 0
+                    and req.num_computed < len(req.input_ids),
+                )
+            )
+            slot_parts.append(slots)
             budget -= count
-        return items
+        return items, slot_parts
+
+    def _schedule_suspect(self, in_flight: bool) -> Batch | None:
+        """Runs the first suspect alone (the engine processes it before anything else)."""
+        if in_flight:
+            return None
+        while self.suspects and self.suspects[0].finished:
+            self.suspects.pop(0)
+        if not self.suspects:
+            return self.schedule()
+        req = self.suspects[0]
+        if req.status is RequestStatus.RUNNING and req.decode_ready:
+            slots = self._alloc(1)
+            if slots is None:
+                self._retract_for([req])
+                slots = self._alloc(1)
+            assert slots is not None
+            return self._commit(
+                Batch([ForwardItem(req, req.num_computed, 1, True, False)], slots, 1)
+            )
+        waiting, self.waiting = self.waiting, [req] if req in self.waiting else []
+        try:
+            items, parts = self._schedule_prefill(0)
+        finally:
+            self.waiting = waiting
+        if not items:
+            self.suspects.pop(0)  # nothing to run for it now; it rejoins the normal schedule
+            return self.schedule()
+        return self._commit(Batch(items, torch.cat(parts), 0))
+
+    def _commit(self, batch: Batch) -> Batch:
+        """Books the batch: slots into the table, KV counted, emitted tokens counted in flight."""
+        offset = 0
+        decode_rows, decode_pos = [], []
+        for item in batch.items:
+            req = item.request
+            assert req.row is not None
+            if item.is_prefill:
+                self.table.note(req.row, item.start, batch.slots[offset : offset + item.count])
+            else:
+                decode_rows.append(req.row)
+                decode_pos.append(item.start)
+            offset += item.count
+            req.num_computed = item.start + item.count
+            if item.emits_token:
+                req.inflight += 1
+                if item.is_prefill:
+                    req.status = RequestStatus.RUNNING
+                    self.waiting.remove(req)
+                    self.running[req.rid] = req
+                    key = hash(tuple(req.input_ids))
+                    self._prefilling[key] = self._prefilling.get(key, 0) + 1
+        if decode_rows:
+            nd = batch.num_decode
+            self.table.note_positions(
+                np.asarray(decode_rows, dtype=np.int64),
+                np.asarray(decode_pos, dtype=np.int64),
+                batch.slots[:nd].numpy(),
+            )
+        batch.num_tokens = offset
+        batch.rows = np.fromiter((it.request.row for it in batch.items), np.int64, len(batch.items))
+        self.stats.steps += 1
+        return batch
+
+    def rollback(self, batch: Batch) -> None:
+        """Undoes `_commit` for a batch whose step failed before producing results: KV counts
+        go back, its slots are freed, prompts that were completing wait again."""
+        offset = 0
+        freed: list[torch.Tensor] = []
+        for item in batch.items:
+            req = item.request
+            freed.append(batch.slots[offset : offset + item.count])
+            offset += item.count
+            req.num_computed = item.start
+            if item.emits_token:
+                req.inflight -= 1
+                if item.is_prefill:
+                    self._done_prefilling(req)
+                    if req.rid in self.running and not req.finished:
+                        del self.running[req.rid]
+                        req.status = RequestStatus.WAITING
+                        self.waiting.insert(0, req)
+        if freed:
+            self.allocator.free(torch.cat(freed))
+
+    # -- results ----------------------------------------------------------------------------
+    def process(self, handle: StepHandle) -> None:
+        """Applies a launched step's results (waits for them first)."""
+        result = handle.wait()
+        batch = handle.batch
+        now = time.perf_counter()
+        sampled = 0
+        for index, item in enumerate(batch.items):
+            req = item.request
+            if item.is_prefill:
+                self.stats.prefill_tokens += item.count
+            else:
+                self.stats.decode_tokens += 1
+            if index in result.input_logprobs:
+                if not req.input_logprobs:
+                    req.input_logprobs.append(None)  # the first prompt token has no logprob
+                req.input_logprobs.extend(result.input_logprobs[index])
+            if not item.emits_token:
+                continue
+            token, logprob = result.tokens[sampled], result.logprobs[sampled]
+            sampled += 1
+            req.inflight -= 1
+            if item.is_prefill:
+                self._done_prefilling(req)
+            if req.finished:
+                continue  # finished at an earlier step; this token was computed ahead for nothing
+            try:
+                if item.is_prefill:
+                    self._cache_prefix(req, item.start + item.count)
+                self._append_token(req, token, logprob, now)
+            except Exception as exc:  # one request's bookkeeping must not fail the others
+                self.fail(req, exc)
+        self.release_finished()
+
+    def _done_prefilling(self, req: Request) -> None:
+        key = hash(tuple(req.input_ids))
+        left = self._prefilling.get(key, 0) - 1
+        if left > 0:
+            self._prefilling[key] = left
+        else:
+            self._prefilling.pop(key, None)
+
+    def _append_token(self, req: Request, token: int, logprob: float, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        reason = self.stop_rules.check(req, token)
+        if reason is not None:
+            self.finish(req, reason)
+        elif req.stream and req.sink is not None:
+            self.emit(req, False)
+
+    # -- KV ownership -----------------------------------------------------------------------
+    def _alloc(self, count: int) -> torch.Tensor | None:
+        if count > self.allocator.num_free:
+            self.cache.evict(count - self.allocator.num_free)
+        if count > self.allocator.num_free:
+            return None
+        return self.allocator.alloc(count)
 
     def _attach(self, req: Request) -> None:
         """Gives a waiting request a table row and its cached prefix (locked)."""
         req.row = self.table.alloc()
+        params = req.params
+        self.table.set_row_params(
+            req.row,
+            (0.0 if params.greedy else params.temperature, params.top_p, params.min_p),
+            (params.top_k, req.seed, len(req.input_ids)),
+        )
         slots, node = self.cache.match_prefix(req.fill_ids[:-1])
         self.cache.lock(node)
         req.prefix_node = node
@@ -277,45 +390,14 @@ class Scheduler:
         else:
             req.cached_tokens += req.prefix_len
 
-    def _schedule_decode(self) -> list[ForwardItem]:
-        reqs = [r for r in self.running if r.in_decode]
-        while reqs:
-            slots = self._alloc(len(reqs))
-            if slots is not None:
-                return [
-                    ForwardItem(r, r.num_computed, 1, slots[i : i + 1], is_prefill=False)
-                    for i, r in enumerate(reqs)
-                ]
-            if len(reqs) == 1:
-                raise OutOfSlotsError(
-                    "max_total_tokens: the KV cache cannot hold even one running request"
-                )
-            victim = max(reqs, key=lambda r: r.arrival_time)
-            self._retract(victim)
-            self.stats.retractions += 1
-            reqs.remove(victim)
-        return []
-
-    def _alloc(self, count: int) -> torch.Tensor | None:
-        if count > self.allocator.num_free:
-            self.cache.evict(count - self.allocator.num_free)
-        if count > self.allocator.num_free:
-            return None
-        return self.allocator.alloc(count)
-
-    # -- KV ownership -----------------------------------------------------------------------
-    def _own_slots(self, req: Request) -> torch.Tensor:
-        assert req.row is not None
-        return self.table.read(req.row, req.prefix_len, req.num_computed)
-
-    def _cache_unfinished(self, req: Request) -> None:
-        """Moves the request's computed tokens into the radix cache (so siblings reuse them) and
-        re-locks at the new, deeper node."""
-        if not self.cache.enabled:
+    def _cache_prefix(self, req: Request, length: int) -> None:
+        """Moves the request's first `length` tokens' KV into the radix cache (so siblings reuse
+        them) and re-locks at the new, deeper node."""
+        if not self.cache.enabled or length <= req.prefix_len:
             return
         assert req.row is not None
-        tokens = req.fill_ids[: req.num_computed]
-        mine = self.table.read(req.row, 0, req.num_computed)
+        tokens = req.token_slice(0, length)
+        mine = self.table.read(req.row, 0, length)
         self.cache.insert(tokens, mine)
         canonical, node = self.cache.match_prefix(tokens)
         duplicate = canonical != mine
@@ -326,16 +408,20 @@ class Scheduler:
         self.cache.lock(node)
         self.cache.unlock(req.prefix_node)
         req.prefix_node = node
-        req.prefix_len = req.num_computed
+        req.prefix_len = length
 
     def _detach(self, req: Request) -> None:
         """Releases the request's row; its computed KV goes to the prefix cache (or is freed)."""
         if req.row is None:
             return
+        computed = min(req.num_computed, req.fill_len)
         if self.cache.enabled:
-            self._cache_unfinished(req)
+            self._cache_prefix(req, computed)
         else:
-            self.allocator.free(self._own_slots(req))
+            self.allocator.free(self.table.read(req.row, req.prefix_len, computed))
+        if req.num_computed > computed:
+            # KV scheduled for tokens that were never sampled (a failed step): not cacheable.
+            self.allocator.free(self.table.read(req.row, computed, req.num_computed))
         self.cache.unlock(req.prefix_node)
         req.prefix_node = None
         self.table.free(req.row)
@@ -343,67 +429,38 @@ class Scheduler:
         req.prefix_len = req.num_computed = 0
 
     def _retract(self, req: Request) -> None:
+        assert req.inflight == 0, "retraction needs a settled request"
         self._detach(req)
         req.retractions += 1
-        if req in self.running:
-            self.running.remove(req)
+        self.running.pop(req.rid, None)
         req.status = RequestStatus.WAITING
         if req not in self.waiting:
             self.waiting.append(req)
 
     # -- finishing --------------------------------------------------------------------------
-    def _append_token(self, req: Request, token: int, logprob: float) -> None:
-        now = time.perf_counter()
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.output_ids.append(token)
-        req.output_logprobs.append(logprob)
-        params = req.params
-        reason: dict[str, Any] | None = None
-        is_stop_token = token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_ids
-        )
-        if is_stop_token and len(req.output_ids) >= params.min_new_tokens:
-            reason = {"type": "stop", "matched": token}
-        if reason is None and params.stop and len(req.output_ids) >= params.min_new_tokens:
-            matched = self._match_stop_string(req)
-            if matched is not None:
-                reason = {"type": "stop", "matched": matched}
-        if reason is None and len(req.output_ids) >= params.max_new_tokens:
-            reason = {"type": "length", "length": params.max_new_tokens}
-        if reason is None and req.fill_len >= self.limits.context_length:
-            reason = {"type": "length", "length": len(req.output_ids)}
-        if reason is not None:
-            self._finish(req, reason)
-        elif req.stream and req.sink is not None:
-            req.sink(build_output(req, self.tokenizer, self.weight_version()), False)
-
-    def _match_stop_string(self, req: Request) -> str | None:
-        longest = max(len(s) for s in req.params.stop)
-        # Tokens are at least one byte, so the last `longest + 2` tokens cover any stop string
-        # that ends in the newest token (the +2 absorbs multi-byte characters split over tokens).
-        tail = self.tokenizer.decode(req.output_ids[-(longest + 2) :], skip_special_tokens=False)
-        for stop in req.params.stop:
-            if stop in tail:
-                return stop
-        return None
-
-    def _finish(self, req: Request, reason: dict[str, Any]) -> None:
+    def finish(self, req: Request, reason: dict[str, Any]) -> None:
+        """Marks the request finished; `release_finished` hands it back to its caller."""
         if req.finished:
             return
         req.finish_reason = reason
         req.status = RequestStatus.FINISHED
         req.finish_time = time.perf_counter()
-        req.weight_version = self.weight_version()
+        self._finished.append(req)
 
-    def _release_finished(self) -> None:
-        done = [r for r in self.by_rid.values() if r.finished]
+    def fail(self, req: Request, exc: BaseException, code: int = 400) -> None:
+        """Finishes one request with an error output (the step failed on it alone)."""
+        self.stats.isolated_failures += 1
+        req.error = {"message": f"the engine failed on this request: {exc}", "code": code}
+        self.finish(req, {"type": "abort", "message": str(req.error["message"])})
+
+    def release_finished(self) -> None:
+        done, self._finished = self._finished, []
         for req in done:
+            # A step still in flight may compute for it: its KV lands in slots the cache now owns
+            # (stream order keeps every later reader behind it) and its token is discarded.
             self._detach(req)
-            if req in self.running:
-                self.running.remove(req)
+            self.running.pop(req.rid, None)
             if req in self.waiting:
                 self.waiting.remove(req)
-            del self.by_rid[req.rid]
-            if req.sink is not None:
-                req.sink(build_output(req, self.tokenizer, req.weight_version), True)
+            self.by_rid.pop(req.rid, None)
+            self.emit(req, True)

@@ -290,20 +290,6 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def forward_layers(
-        self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        cache: PagedKVCache,
-        start: int = 0,
-        end: int | None = None,
-        max_position: int | None = None,
-    ) -> torch.Tensor:
-        """Runs layers [start, end) on packed hidden states [total_q, hidden] -> hidden states."""
-        out, residual = self._run_layers(hidden, positions, meta, cache, start, end, max_position)
-        return out if residual is None else out + residual
-
     def _run_layers(
         self,
         hidden: torch.Tensor,

@@ -41,7 +41,7 @@ def test_fp32_gpu_greedy_matches_cpu_reference(cpu_reference) -> None:
             sampling_params={"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True},
             return_logprob=True,
         )
-        assert getattr(eng.runner, "graph_steps", 0) > 0, "decode should replay CUDA graphs"
+        assert eng.runner.graphs is not None and eng.runner.graphs.replays > 0
     for ref, out in zip(cpu_reference, outs, strict=True):
         assert out["output_ids"] == ref["output_ids"]
         diffs = [
@@ -120,3 +120,94 @@ def test_overlap_schedule_matches_synchronous() -> None:
             # Every slot computed ahead for a finished request came back.
             assert loads["num_used_tokens"] == loads["num_cached_tokens"]
     assert results[0] == results[1]
+
+
+def _greedy(eng: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    return [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_release_resume_recaptures_graphs_and_keeps_outputs(dtype: str) -> None:
+    """slime's colocated step: generate -> release(weights, kv_cache, cuda_graph) -> resume ->
+    generate, with CUDA graphs on; graphs are captured anew and outputs are identical."""
+    prompts = _prompts()
+    with Engine("qwen3-0.6b-shape", device="cuda", dtype=dtype, cuda_graph_max_bs=16) as eng:
+        before = _greedy(eng, prompts)
+        replays = eng.runner.graphs.replays
+        captures = eng.runner.graphs.captures
+        free_before = torch.cuda.mem_get_info()[0]
+        ok, message = eng.release_memory_occupation(["weights", "kv_cache", "cuda_graph"])
+        assert ok, message
+        assert not eng.runner.graphs.captured
+        assert torch.cuda.mem_get_info()[0] > free_before + 2**30  # weights + KV went back
+        ok, message = eng.resume_memory_occupation(["weights", "kv_cache", "cuda_graph"])
+        assert ok, message
+        assert eng.runner.graphs.captures == captures + 1
+        after = _greedy(eng, prompts)
+        assert eng.runner.graphs.replays > replays, "decode should replay the new graphs"
+        # Twice more, as every RL step does.
+        for _ in range(2):
+            assert eng.release_memory_occupation()[0]
+            assert eng.resume_memory_occupation()[0]
+        again = _greedy(eng, prompts)
+    assert after == before
+    assert again == before
+
+
+def test_release_resume_with_weight_update_between() -> None:
+    from rollout_accel.serving.models.loader import load_model
+
+    prompts = _prompts()
+    other = load_model("tiny-qwen3", dtype="float32", seed=321).model
+    named = [(n, t.cuda()) for n, t in other.state_dict().items()]
+    with Engine("tiny-qwen3", device="cuda", dtype="float32") as eng:
+        before = _greedy(eng, prompts)
+        assert eng.release_memory_occupation()[0]
+        assert eng.resume_memory_occupation(["weights"])[0]
+        ok, message = eng.update_weights_from_tensor(named, weight_version="2")
+        assert ok, message
+        assert eng.resume_memory_occupation(["kv_cache", "cuda_graph"])[0]
+        changed = _greedy(eng, prompts)
+        assert eng.runner.graphs.replays > 0
+    with Engine("tiny-qwen3", device="cuda", dtype="float32", seed=321) as fresh:
+        expected = _greedy(fresh, prompts)
+    assert changed == expected
+    assert changed != before
+
+
+def test_recapture_cuda_graph_flag_on_disk_update(tmp_path) -> None:
+    from rollout_accel.serving.models.loader import materialize_preset
+
+    path = materialize_preset("tiny-qwen3", tmp_path / "m", seed=77)
+    prompts = _prompts()
+    with Engine("tiny-qwen3", device="cuda", dtype="float32") as eng:
+        captures = eng.runner.graphs.captures
+        ok, message = eng.update_weights_from_disk(str(path), recapture_cuda_graph=True)
+        assert ok, message
+        assert eng.runner.graphs.captures == captures + 1
+        got = _greedy(eng, prompts)
+    with Engine("tiny-qwen3", device="cuda", dtype="float32", seed=77) as fresh:
+        assert got == _greedy(fresh, prompts)
+
+
+def test_engine_failure_on_gpu_is_isolated() -> None:
+    """A step failing for one request (a Python error, not a CUDA fault) fails it alone."""
+    from rollout_accel.serving.engine import InvalidRequestError
+
+    prompts = _prompts()
+    with Engine("tiny-qwen3", device="cuda", dtype="float32") as eng:
+        clean = _greedy(eng, prompts)
+        launch = eng.runner.launch
+
+        def poisoned(batch):
+            if any(it.request.rid == "poison" for it in batch.items):
+                raise RuntimeError("injected")
+            return launch(batch)
+
+        eng.runner.launch = poisoned
+        with pytest.raises(InvalidRequestError):
+            eng.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 4}, rid="poison")
+        assert _greedy(eng, prompts) == clean
+        loads = eng.get_loads()
+        assert loads["num_used_tokens"] == loads["num_cached_tokens"]

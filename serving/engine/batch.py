@@ -1,0 +1,107 @@
+"""What one engine step is made of: the scheduler's batch, the runner's handle, the step result.
+
+The step pipeline is `batch = scheduler.schedule()` -> `handle = runner.launch(batch)` ->
+`scheduler.process(handle)`. Synchronous mode processes right after launching; overlap mode
+launches step N+1 before processing step N. These types are all that passes between the three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.request import Request
+
+
+@dataclass(slots=True)
+class ForwardItem:
+    """Compute KV for positions [start, start + count) of `request`'s sequence.
+
+    `emits_token`: the item reaches the end of the sequence as scheduled, so the step samples the
+    token at position start + count (the last chunk of a prefill, or a decode row). A decode row's
+    input token is read on the device (the previous step wrote it there); a prefill row's inputs
+    are `request`'s host-known ids.
+    """
+
+    request: Request
+    start: int
+    count: int
+    emits_token: bool
+    is_prefill: bool
+    wants_input_logprobs: bool = False
+
+
+@dataclass(slots=True)
+class Batch:
+    """One forward step: the first `num_decode` items are single-token decode rows.
+
+    `slots` holds the KV slot of every computed token, item after item, in order.
+    """
+
+    items: list[ForwardItem]
+    slots: torch.Tensor
+    num_decode: int
+    num_tokens: int = 0
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decode == len(self.items)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a step produced: one sampled token (and its logprob) per emitting item, in item
+    order, and prompt logprobs by item index for items that asked for them."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    input_logprobs: dict[int, list[float]] = field(default_factory=dict)
+
+
+class StepHandle(Protocol):
+    """A launched step; `wait()` blocks until its results are on the host."""
+
+    batch: Batch
+
+    def wait(self) -> StepResult: ...
+
+
+@dataclass(slots=True)
+class CompletedStep:
+    """A step whose results were already on the host when `launch` returned (CPU runs)."""
+
+    batch: Batch
+    result: StepResult
+
+    def wait(self) -> StepResult:
+        return self.result
+
+
+class QueuedStep:
+    """A step queued on the GPU: results land in a pinned host buffer ([2, n] float64: tokens,
+    logprobs), then an event fires."""
+
+    def __init__(
+        self,
+        batch: Batch,
+        host: torch.Tensor,
+        event: torch.cuda.Event,
+        count: int,
+        input_logprobs: dict[int, list[float]] | None = None,
+    ) -> None:
+        self.batch = batch
+        self._host = host
+        self._event = event
+        self._count = count
+        self._input_logprobs = input_logprobs or {}
+
+    def wait(self) -> StepResult:
+        self._event.synchronize()
+        values = self._host[:, : self._count].numpy()
+        return StepResult(
+            values[0].astype(np.int64).tolist(), values[1].tolist(), self._input_logprobs
+        )

@@ -1,0 +1,148 @@
+"""Decode steps replayed from CUDA graphs (GPU only).
+
+Decode-only batches of up to `max_bs` sequences replay graphs captured for a set of batch-size
+buckets; a batch is padded up to its bucket with rows of seq_len 0 (the Triton decode kernel
+writes zeros for them) on the table's spare row, whose K/V go to the reserved slot 0. A graph
+covers the whole step but sampling: the slot-table update, the input-id and block-table gathers,
+the forward. All graphs share one memory pool.
+Why: a decode step of a small model is a few hundred small kernels; launching them one by one
+from Python costs more than the GPU work itself.
+
+A graph holds the addresses of the parameters, the KV buffers and its static inputs. Anything
+that moves them (memory release/resume) must `release()` the graphs first and `capture()` again
+after; the runner enforces that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    small = [1, 2, 4, 8, 12, 16, 24, 32]
+    return sorted({b for b in small if b <= max_bs} | set(range(48, max_bs + 1, 16)) | {max_bs})
+
+
+class DecodeGraphs:
+    """Captured decode graphs over static input buffers; `run` stages a batch and replays."""
+
+    def __init__(
+        self, model: CausalLM, kv_cache: PagedKVCache, table: RequestTable, max_bs: int
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.table = table
+        self.max_bs = max_bs
+        self.buckets = batch_buckets(max_bs)
+        self.device = table.device
+        self.width = table.max_context
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.replays = 0
+        self.captures = 0
+        self._allocate_inputs()
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def _allocate_inputs(self) -> None:
+        dev, bs = self.device, self.max_bs
+        # One [4, max_bs] block (positions, rows, slots, seq_lens) is all a step sends: one
+        # host-to-device copy from one of two pinned buffers (alternated: with overlap the CPU
+        # stages step N+1 while step N's copy may still be queued). Everything else a step needs
+        # (input ids, block table, the new slots in the table) is gathered inside the graph.
+        self.static = torch.zeros((4, bs), dtype=torch.int64, device=dev)
+        self.positions, self.rows, self.slot_mapping, self._seq_lens64 = self.static
+        self._hosts = [torch.zeros((4, bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._flip = 0
+        self.cu_q_lens = torch.arange(bs + 1, dtype=torch.int32, device=dev)
+
+    def _body(self, bs: int) -> torch.Tensor:
+        rows, positions, slots = self.rows[:bs], self.positions[:bs], self.slot_mapping[:bs]
+        table = self.table
+        table.req_to_token[rows, positions] = slots.to(torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_table=table.req_to_token.index_select(0, rows),
+            seq_lens=self._seq_lens64[:bs].to(torch.int32),
+            cu_q_lens=self.cu_q_lens[: bs + 1],
+            page_size=1,
+            is_decode=True,
+            max_q_len=1,
+            num_decode=bs,
+        )
+        return self.model.forward_paged(
+            table.token_ids[rows, positions],
+            positions,
+            meta,
+            self.kv_cache,
+            logit_rows=None,
+            max_position=self.width - 1,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Captures every bucket (padding rows: seq_len 0, K/V into the reserved slot 0)."""
+        self.release()
+        # Rotary tables must exist for every position before capture (no growth inside a graph).
+        self.model.model.rotary.tables(self.width, self.device)
+        self._stage_padding(0, self.max_bs)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                self._body(bs)  # warm-up: Triton compiles and autotunes outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bs] = self._body(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.captures += 1
+
+    def release(self) -> None:
+        """Drops the graphs and their memory pool (they would point at moved buffers)."""
+        if not self.graphs and self.pool is None:
+            return
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def fits(self, batch_size: int) -> bool:
+        return self.captured and 0 < batch_size <= self.max_bs
+
+    def _stage_padding(self, start: int, end: int) -> None:
+        """Padding rows: the table's spare row, slot 0 (reserved), seq_len 0 (no attention)."""
+        self.static[:, start:end] = 0
+        self.static[1, start:end] = self.table.pad_row
+
+    @torch.inference_mode()
+    def run(self, positions: np.ndarray, rows: np.ndarray, slots: torch.Tensor) -> torch.Tensor:
+        """Stages one decode batch and replays its bucket's graph; returns the logits
+        [bs, vocab] (a view of the graph's output, valid until the next replay)."""
+        bs = len(positions)
+        bucket = next(b for b in self.buckets if b >= bs)
+        self._flip ^= 1
+        host_t = self._hosts[self._flip]
+        host = host_t.numpy()
+        host[0, :bs] = positions
+        host[1, :bs] = rows
+        host[2, :bs] = slots.numpy()
+        host[3, :bs] = positions + 1
+        host[:, bs:bucket] = 0
+        host[1, bs:bucket] = self.table.pad_row
+        self.static[:, :bucket].copy_(host_t[:, :bucket], non_blocking=True)
+        self.graphs[bucket].replay()
+        self.replays += 1
+        return self.outputs[bucket][:bs]
