@@ -148,7 +148,7 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(args.in_len)] for _ in range(args.prompts)]
-    norm = engine.model.norm.weight
+    norm = engine.model.model.norm.weight
     base_norm = norm.detach().clone()
 
     def generate(seed_base: int, corpora: bool, active: bool) -> tuple[list[dict], float]:

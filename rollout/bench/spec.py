@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spec = spec_of(engine)
         assert spec is not None
         with torch.no_grad():
-            engine.model.norm.weight.mul_(args.logit_scale)
+            engine.model.model.norm.weight.mul_(args.logit_scale)
         rng = random.Random(args.seed)
         vocab = engine.model_config.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(args.in_len)] for _ in range(args.prompts)]

@@ -31,6 +31,11 @@ class EngineConfig:
     # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
     overlap_schedule: bool | None = None
     weight_version: str = "default"
+    # Speculative decoding (serving/spec): SGLang's NGRAM flags; draft_cost None = by device.
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int = 6
+    speculative_ngram_external_corpus_max_tokens: int = 10_000_000
+    speculative_draft_cost: float | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -53,6 +58,9 @@ class EngineConfig:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        from rollout_accel.serving.spec.config import spec_config_from
+
+        spec_config_from(self, cuda=False)  # raises ValueError naming a bad speculative flag
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,6 +27,7 @@ from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+from rollout_accel.serving.spec.verify_step import launch_verify
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class ModelRunner:
             )
         self.table.flush()
         items = batch.items
+        if items and items[-1].draft is not None:  # verify rows come last (serving/spec)
+            return launch_verify(self, batch)
         emitting = [i for i, it in enumerate(items) if it.emits_token]
         if batch.is_decode_only and self.graphs is not None and self.graphs.fits(len(items)):
             positions = np.fromiter((it.start for it in items), np.int64, len(items))

@@ -24,6 +24,12 @@ from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request, RequestStatus
 from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
 from rollout_accel.serving.engine.stop_rules import StopRules
+from rollout_accel.serving.spec.verify_step import (
+    forces_sync,
+    plan_drafts,
+    schedule_verify,
+    settle_verified,
+)
 
 Emit = Callable[[Request, bool], None]
 
@@ -78,6 +84,7 @@ class Scheduler:
         self.suspects: list[Request] = []
         self._finished: list[Request] = []
         self._prefilling: dict[int, int] = {}  # prompt hash -> last chunks in flight
+        self.spec: Any = None  # serving.spec.SpecState when speculative decoding is on
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -137,6 +144,9 @@ class Scheduler:
         decode = self._decode_candidates(in_flight)
         if decode is None:
             return None
+        drafts = plan_drafts(self, decode)
+        if drafts is not None and (verify := schedule_verify(self, decode, drafts)) is not None:
+            return verify
         decode_slots = self._alloc(len(decode)) if decode else torch.empty(0, dtype=torch.int64)
         if decode_slots is None:
             if in_flight:
@@ -153,6 +163,8 @@ class Scheduler:
         return self._commit(Batch(items, slots, len(decode)))
 
     def _decode_candidates(self, in_flight: bool) -> list[Request] | None:
+        if forces_sync(self.spec, in_flight):
+            return None  # drafting needs every row's last token on the host
         limit = self.limits.context_length
         ready = [r for r in self.running.values() if r.decode_ready and r.seq_len < limit]
         if in_flight and any(r.inflight and r.needs_host_history for r in ready):
@@ -258,7 +270,7 @@ class Scheduler:
         for item in batch.items:
             req = item.request
             assert req.row is not None
-            if item.is_prefill:
+            if item.is_prefill or item.draft:
                 self.table.note(req.row, item.start, batch.slots[offset : offset + item.count])
             else:
                 decode_rows.append(req.row)
@@ -338,6 +350,8 @@ class Scheduler:
                 self._append_token(req, token, logprob, now)
             except Exception as exc:  # one request's bookkeeping must not fail the others
                 self.fail(req, exc)
+        if self.spec is not None:
+            settle_verified(self, batch, result, now)
         self.release_finished()
 
     def _done_prefilling(self, req: Request) -> None:
@@ -464,3 +478,5 @@ class Scheduler:
                 self.waiting.remove(req)
             self.by_rid.pop(req.rid, None)
             self.emit(req, True)
+            if self.spec is not None:
+                self.spec.on_finished(req)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 ALGORITHMS = ("NGRAM",)
 
@@ -48,16 +49,17 @@ class SpecConfig:
             raise ValueError(
                 f"speculative_algorithm: {self.algorithm!r} is not supported (only NGRAM)"
             )
-        if not 2 <= self.num_draft_tokens <= 16:
-            raise ValueError("speculative_num_draft_tokens: must be in [2, 16]")
+        if not isinstance(self.num_draft_tokens, int) or not 2 <= self.num_draft_tokens <= 16:
+            raise ValueError("speculative_num_draft_tokens: must be an integer in [2, 16]")
         if not 1 <= self.min_match <= self.max_anchor <= self.max_match:
             raise ValueError("speculative matching needs 1 <= min_match <= max_anchor <= max_match")
         if not 0.0 < self.draft_cost < 1.0:
-            raise ValueError("draft_cost: must be in (0, 1)")
+            raise ValueError("speculative_draft_cost: must be in (0, 1)")
         if not 0.0 <= self.accept_decay < 1.0:
             raise ValueError("accept_decay: must be in [0, 1)")
+        if self.max_corpus_tokens < 1:
+            raise ValueError("speculative_ngram_external_corpus_max_tokens: must be >= 1")
         for name in (
-            "max_corpus_tokens",
             "verify_token_budget",
             "probe_every",
             "max_groups",
@@ -73,3 +75,23 @@ class SpecConfig:
     @property
     def max_drafts(self) -> int:
         return self.num_draft_tokens - 1
+
+
+def spec_config_from(engine_config: Any, cuda: bool) -> SpecConfig | None:
+    """The SpecConfig of an EngineConfig's `speculative_*` fields (None: speculation off).
+
+    Raises ValueError naming the flag for bad values. `speculative_draft_cost` None picks 0.1 on
+    CUDA (decode is memory-bound: extra verified tokens are nearly free) and 0.3 on the CPU.
+    """
+    algorithm = engine_config.speculative_algorithm
+    if algorithm is None:
+        return None
+    if not isinstance(algorithm, str) or algorithm.upper() not in ALGORITHMS:
+        raise ValueError(f"speculative_algorithm: {algorithm!r} is not supported (only NGRAM)")
+    cost = engine_config.speculative_draft_cost
+    return SpecConfig(
+        algorithm=algorithm.upper(),
+        num_draft_tokens=engine_config.speculative_num_draft_tokens,
+        max_corpus_tokens=engine_config.speculative_ngram_external_corpus_max_tokens,
+        draft_cost=(0.1 if cuda else 0.3) if cost is None else cost,
+    )

@@ -60,14 +60,27 @@ class SpecState:
         )
         self.proposer = Proposer(config, self.registry)
         self.totals = SpecTotals()
+        # Off: the engine decodes plainly (and overlaps steps); benchmarks flip it to compare.
+        self.active = True
 
-    def record_verify(self, drafted: int, accepted: int) -> None:
+    def record_verify(self, req: Any, drafted: int, accepted: int) -> None:
+        """A decode step of `req` while speculation is on (engine thread)."""
+        self.proposer.on_verified(req, drafted, accepted)
         t = self.totals
         t.verify_steps += 1
         if drafted:
             t.drafted_rows += 1
             t.draft_tokens += drafted
             t.accepted_tokens += accepted
+
+    def meta(self, req: Any) -> dict[str, Any]:
+        """SGLang's speculative fields for `req`'s meta_info (before `on_finished`)."""
+        return request_meta(self.proposer.requests.get(req.rid), len(req.output_ids))
+
+    def on_finished(self, req: Any) -> None:
+        """The request left the engine: its response joins its group's sibling index (unless
+        it failed) and its drafting state goes."""
+        self.proposer.on_finished(req, add_to_group=getattr(req, "error", None) is None)
 
 
 def request_meta(st: RequestDrafts | None, completion_tokens: int) -> dict[str, Any]:
@@ -85,8 +98,12 @@ def request_meta(st: RequestDrafts | None, completion_tokens: int) -> dict[str, 
     }
 
 
-def attach_spec(engine: Any, config: SpecConfig) -> SpecState:
-    """Create `engine.spec` for this config (tokenizer and vocabulary from the engine)."""
+def attach_spec(engine: Any, config: SpecConfig | None) -> SpecState | None:
+    """Create `engine.spec` for this config (tokenizer and vocabulary from the engine); None
+    (speculation off) when `config` is None or has no algorithm."""
+    if config is None or not config.enabled:
+        engine.spec = None
+        return None
     tokenizer = getattr(engine, "tokenizer", None)
     model_config = getattr(engine, "model_config", None)
     state = SpecState(
