@@ -27,21 +27,21 @@ def verify_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_table: torch.Tensor,
-    q_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
     seq_lens: torch.Tensor,
     page_size: int,
     scale: float,
-    q_stride: int,
+    max_q_len: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows of `q_stride` query slots (q_lens[b] of them real), causal within the row, over the
-    paged prefix: q [B * q_stride, Hq, D] -> same (written into `out` if given)."""
+    """Rows of at most `max_q_len` new tokens each (packed by `cu_q_lens`), causal within the
+    row, over the paged prefix: q [total_q, Hq, D] -> same (written into `out` if given)."""
     if verify_backend(q.device) == "triton":
         assert _triton_impl is not None
         return _triton_impl.paged_verify_attention(
-            q, k_cache, v_cache, block_table, q_lens, seq_lens, page_size, scale, q_stride, out
+            q, k_cache, v_cache, block_table, cu_q_lens, seq_lens, page_size, scale, max_q_len, out
         )
     res = paged_verify_attention_reference(
-        q, k_cache, v_cache, block_table, q_lens, seq_lens, page_size, scale, q_stride
+        q, k_cache, v_cache, block_table, cu_q_lens, seq_lens, page_size, scale, max_q_len
     )
     return res if out is None else out.copy_(res)

@@ -1,16 +1,17 @@
-"""Plain-PyTorch attention of speculative-verify rows: the CPU path and the oracle for Triton.
+"""Plain-PyTorch attention of speculative-verify batches: the CPU path and the oracle for Triton.
 
-A verify row is a sequence whose last token and up to Q - 1 draft tokens are scored in one
-forward: its q_len (1 <= q_len <= Q) new tokens are the last positions of seq_len, attend to the
-whole cached prefix and causally among themselves. Rows are laid out with a *fixed* stride of Q
-query slots (so a batch of B rows always has B * Q query tokens and a CUDA graph can capture it);
-slots i >= q_len of a row are padding and come back as zeros, as does a whole row with q_len == 0.
+A verify row is a sequence whose last token and up to max_q_len - 1 draft tokens are scored in
+one forward: its q_len new tokens (1 <= q_len <= max_q_len, a handful) are the last positions of
+seq_len, attend to the whole cached prefix and causally among themselves. The layout is the
+prefill one of `paged_attention_reference` (packed queries, `cu_q_lens` offsets); a CUDA graph
+uses it with a fixed stride (cu_q_lens = arange * Q, padding rows with q_len < Q). Rows with
+q_len == 0 contribute nothing. The difference from prefill is the bound on q_len, which lets the
+kernel hold a whole row's queries (times the GQA group) in one tile, and lets this reference
+vectorise over the batch instead of looping over rows.
 
-KV layout: the one of `paged_attention_reference` (k_cache/v_cache [num_slots, Hkv, D], block_table
-[B, max_pages], token t of row b in slot block_table[b, t // page_size] * page_size + t % page_size).
-  q:        [B * Q, Hq, D]; query i of row b is q[b * Q + i], at position seq_len - q_len + i.
-  q_lens:   [B] int, new tokens of each row (0 <= q_lens <= Q).
-  seq_lens: [B] int, cached tokens of each row *including* its new ones.
+KV layout: `paged_attention_reference` (k_cache/v_cache [num_slots, Hkv, D], block_table).
+  q:         [total_q, Hq, D]; row b's queries are q[cu_q_lens[b]:cu_q_lens[b + 1]].
+  seq_lens:  [B] int, cached tokens of each row *including* its new ones.
 """
 
 from __future__ import annotations
@@ -23,28 +24,26 @@ def paged_verify_attention_reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_table: torch.Tensor,
-    q_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
     seq_lens: torch.Tensor,
     page_size: int,
     scale: float,
-    q_stride: int,
+    max_q_len: int,
 ) -> torch.Tensor:
-    """q [B * q_stride, Hq, D] -> same shape; causal within each row's new tokens.
-
-    Vectorised over the batch (keys gathered into a padded [B, max_len] block and masked), like
-    the decode reference.
-    """
+    """q [total_q, Hq, D] -> same shape; causal within each row's new tokens (q_len <=
+    max_q_len). Query rows outside every row's range (padding) are returned as zeros."""
     total, num_q_heads, head_dim = q.shape
-    batch = q_lens.shape[0]
-    if total != batch * q_stride:
-        raise ValueError(f"q has {total} rows, expected batch {batch} * q_stride {q_stride}")
+    batch = seq_lens.shape[0]
     out = torch.zeros_like(q)
-    if batch == 0:
+    if batch == 0 or total == 0:
         return out
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
+    dev = q.device
+    cu = cu_q_lens.long()
+    q_lens = cu[1:] - cu[:-1]
     max_len = max(int(seq_lens.max().item()), 1)
-    positions = torch.arange(max_len, device=q.device)
+    positions = torch.arange(max_len, device=dev)
     pages = block_table[:, : (max_len + page_size - 1) // page_size].long()
     slots = pages[:, positions // page_size] * page_size + positions % page_size  # [B, L]
     in_seq = positions[None, :] < seq_lens[:, None].long()
@@ -53,20 +52,22 @@ def paged_verify_attention_reference(
     values = v_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim)
     keys = keys.permute(0, 2, 1, 3).float()  # [B, Hkv, L, D]
     values = values.permute(0, 2, 1, 3).float()
+    qi = torch.arange(max_q_len, device=dev)
+    live = qi[None, :] < q_lens[:, None]  # [B, Q]
+    rows = (cu[:-1, None] + qi[None, :]).masked_fill(~live, 0)  # [B, Q] packed query index
+    qb = q[rows.flatten()].view(batch, max_q_len, num_kv_heads, group, head_dim)
     # [B, Hkv, Q * G, D]: the query rows of one kv head, query-major then group member.
-    qg = q.view(batch, q_stride, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4).float()
-    qg = qg.reshape(batch, num_kv_heads, q_stride * group, head_dim)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, Hkv, Q * G, L]
-    qi = torch.arange(q_stride, device=q.device).repeat_interleave(group)  # [Q * G]
-    q_pos = (seq_lens - q_lens).long()[:, None] + qi[None, :]  # [B, Q * G]
+    qg = qb.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, max_q_len * group, head_dim)
+    scores = torch.matmul(qg.float(), keys.transpose(-1, -2)) * scale  # [B, Hkv, Q * G, L]
+    q_pos = (seq_lens.long() - q_lens)[:, None] + qi[None, :]  # [B, Q]
     visible = (positions[None, None, :] <= q_pos[:, :, None]) & in_seq[:, None, :]
-    live = qi[None, :] < q_lens.long()[:, None]  # [B, Q * G]
     visible &= live[:, :, None]
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    # Padding rows see nothing: softmax over all -inf is NaN, so give them a zero result.
-    probs = torch.softmax(scores.masked_fill(~live[:, None, :, None], 0.0), dim=-1)
+    visible = visible.repeat_interleave(group, dim=1)  # [B, Q * G, L]
+    # Padding queries see nothing: attend to everything instead (finite) and drop the result.
+    visible |= ~live.repeat_interleave(group, dim=1)[:, :, None]
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
     res = torch.matmul(probs, values)  # [B, Hkv, Q * G, D]
-    res = res.masked_fill(~live[:, None, :, None], 0.0)
-    res = res.view(batch, num_kv_heads, q_stride, group, head_dim).permute(0, 2, 1, 3, 4)
-    out.copy_(res.reshape(total, num_q_heads, head_dim).to(q.dtype))
+    res = res.view(batch, num_kv_heads, max_q_len, group, head_dim).permute(0, 2, 1, 3, 4)
+    res = res.reshape(batch, max_q_len, num_q_heads, head_dim)
+    out[rows[live]] = res[live].to(q.dtype)
     return out

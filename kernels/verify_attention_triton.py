@@ -3,14 +3,15 @@
 
 Verification is decode with a few extra queries per row, so it stays memory-bound: like the decode
 kernel, each program owns one (row, kv head, KV chunk) and holds *all* Q * GROUP queries of that
-kv head as one tile (Q <= 8 draft positions times the GQA group: 16 rows for Qwen3's 2:1 group at
-Q = 8), so each K/V tile is read once for every query that needs it. The prefill kernel would read
+kv head as one tile (q_len <= 8 positions times the GQA group: 16 rows for Qwen3's 2:1 group at
+q_len 8), so each K/V tile is read once for every query that needs it. The prefill kernel would read
 it once per q head and spend a 128-row tile on 8 queries. Rows are split into KV chunks
 (flash-decoding) when the batch cannot fill the GPU, and the decode merge kernel combines them.
 
-Invariants: no host syncs; grid and workspace depend only on shapes and `num_splits`, so the call
-is CUDA-graph capturable. Float32 accumulation; float32 inputs use IEEE products. Padding query
-slots (i >= q_len) and rows with q_len == 0 are written as zeros.
+Invariants: no host syncs; grid and workspace depend only on shapes, `max_q_len` and
+`num_splits`, so the call is CUDA-graph capturable. Float32 accumulation; float32 inputs use IEEE
+products. Query rows that belong to no row (padding of a fixed-stride layout) are not written by
+the direct path and are zeros after a split merge.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .paged_attention_triton import (
 )
 
 _LOG2E = 1.4426950408889634
-MAX_Q_STRIDE = 16  # query slots per row; verification drafts a handful of tokens
+MAX_Q_LEN = 16  # queries per row; verification drafts a handful of tokens
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _verify_split_kernel(
     k_ptr,
     v_ptr,
     block_table_ptr,
-    q_lens_ptr,
+    cu_q_lens_ptr,
     seq_lens_ptr,
     out_ptr,
     mid_o_ptr,
@@ -60,7 +61,7 @@ def _verify_split_kernel(
     stride_ms,
     stride_lt,
     stride_lh,
-    Q_STRIDE: tl.constexpr,
+    MAX_Q: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -74,7 +75,8 @@ def _verify_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    q_len = tl.load(q_lens_ptr + b)
+    q_start = tl.load(cu_q_lens_ptr + b)
+    q_len = tl.load(cu_q_lens_ptr + b + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - q_len
     # Chunks cut per row, tile-aligned, as in decode.
@@ -86,11 +88,11 @@ def _verify_split_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     qi = offs_r // GROUP
     heads = kvh * GROUP + offs_r % GROUP
-    r_mask = (offs_r < Q_STRIDE * GROUP) & (qi < q_len)
+    r_mask = (offs_r < MAX_Q * GROUP) & (qi < q_len)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     rd_mask = r_mask[:, None] & d_mask[None, :]
-    tokens = (b * Q_STRIDE + qi).to(tl.int64)
+    tokens = (q_start + qi).to(tl.int64)
     q = tl.load(
         q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=rd_mask,
@@ -128,9 +130,10 @@ def _verify_split_kernel(
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    store_mask = (offs_r < Q_STRIDE * GROUP)[:, None] & d_mask[None, :]
+    # Only the row's own queries are written: rows are packed, a padding slot of one row is
+    # another row's query.
+    store_mask = r_mask[:, None] & d_mask[None, :]
     if DIRECT:
-        o = tl.where(r_mask[:, None], o, 0.0)
         o_ptrs = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
         tl.store(o_ptrs + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
@@ -142,14 +145,9 @@ def _verify_split_kernel(
             + offs_d[None, :]
         )
         tl.store(mid_ptrs, o, mask=store_mask)
-        # -inf marks "nothing here": a chunk past the row's end, past the query's causal limit,
-        # or a padding slot (which the merge then writes as zeros).
+        # -inf marks "nothing here": a chunk past the row's end or the query's causal limit.
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(
-            mid_lse_ptr + tokens * stride_lt + heads * stride_lh + split,
-            lse,
-            mask=offs_r < Q_STRIDE * GROUP,
-        )
+        tl.store(mid_lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
 
 
 def paged_verify_attention(
@@ -157,35 +155,33 @@ def paged_verify_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_table: torch.Tensor,
-    q_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
     seq_lens: torch.Tensor,
     page_size: int,
     scale: float,
-    q_stride: int,
+    max_q_len: int,
     out: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Attention of verify rows (fixed `q_stride` query slots per row) over their paged KV.
-
-    q [B * q_stride, Hq, D] -> same. See `verify_attention_reference` for the layout.
-    """
+    """Attention of verify rows (q_len <= max_q_len each, packed by `cu_q_lens`) over their
+    paged KV: q [total_q, Hq, D] -> same. See `verify_attention_reference` for the layout.
+    Query rows outside every row's range are left untouched."""
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_cache, v_cache, block_table)
     out = _check_out(out, q)
-    batch = q_lens.shape[0]
-    if not 1 <= q_stride <= MAX_Q_STRIDE:
-        raise ValueError(f"q_stride must be in [1, {MAX_Q_STRIDE}], got {q_stride}")
-    if q.shape[0] != batch * q_stride:
-        raise ValueError(f"q has {q.shape[0]} rows, expected batch {batch} * q_stride {q_stride}")
-    for name, t in (("q_lens", q_lens), ("seq_lens", seq_lens)):
-        if t.dim() != 1 or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be int32/int64 of shape [{batch}]")
+    batch = seq_lens.shape[0]
+    if not 1 <= max_q_len <= MAX_Q_LEN:
+        raise ValueError(f"max_q_len must be in [1, {MAX_Q_LEN}], got {max_q_len}")
+    for name, t, size in (("cu_q_lens", cu_q_lens, batch + 1), ("seq_lens", seq_lens, batch)):
+        if t.dim() != 1 or t.shape[0] != size or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32/int64 of shape [{size}]")
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     if block_table.shape[0] < batch:
         raise ValueError(f"block_table has {block_table.shape[0]} rows for batch {batch}")
-    if batch == 0:
+    total = q.shape[0]
+    if batch == 0 or total == 0:
         return out
     cfg = config or default_decode_config(head_dim, q.dtype)
     if num_splits is None:
@@ -194,10 +190,9 @@ def paged_verify_attention(
     if not 1 <= num_splits <= 1024:
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     group = num_q_heads // num_kv_heads
-    block_r = max(16, triton.next_power_of_2(q_stride * group))
+    block_r = max(16, triton.next_power_of_2(max_q_len * group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
-    total = batch * q_stride
     if direct:
         mid_o, mid_lse = out, out  # unused by the kernel
         mid_strides = (0, 0, 0, 0, 0)
@@ -205,8 +200,9 @@ def paged_verify_attention(
         mid_o = torch.empty(
             (total, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
         )
-        mid_lse = torch.empty(
-            (total, num_q_heads, num_splits), dtype=torch.float32, device=q.device
+        # -inf everywhere first: query rows no program owns (padding) merge to zeros.
+        mid_lse = torch.full(
+            (total, num_q_heads, num_splits), float("-inf"), dtype=torch.float32, device=q.device
         )
         mid_strides = (
             mid_o.stride(0),
@@ -220,7 +216,7 @@ def paged_verify_attention(
         k_cache,
         v_cache,
         block_table,
-        q_lens,
+        cu_q_lens,
         seq_lens,
         out,
         mid_o,
@@ -237,7 +233,7 @@ def paged_verify_attention(
         out.stride(0),
         out.stride(1),
         *mid_strides,
-        Q_STRIDE=q_stride,
+        MAX_Q=max_q_len,
         GROUP=group,
         BLOCK_R=block_r,
         HEAD_DIM=head_dim,
@@ -250,7 +246,7 @@ def paged_verify_attention(
         num_stages=cfg.num_stages,
     )
     if not direct:
-        # One merge program per (query token, q head): the decode merge over B * Q "tokens".
+        # One merge program per (query token, q head): the decode merge over total_q "tokens".
         _decode_merge_kernel[(total, num_q_heads)](
             mid_o,
             mid_lse,

@@ -8,8 +8,10 @@ weight times the scale; temperature stays 1), so two samples of one prompt share
 text, as RL policies do between epochs. Epoch 0 samples every prompt `--samples` times. Every
 later epoch registers, per prompt, an external corpus of all its earlier samples (SGLang's
 `/add_external_corpus` semantics, `custom_params.spec_corpus_id` on each request), then runs the
-epoch's seeded requests twice on the same engine, drafts off and on, and checks that the outputs
-are token-identical. Per epoch: mean accepted tokens per verify step, draft hit rate (accepted /
+epoch's seeded requests on the same engine with drafts on and off (`--repeats` times each, best
+time counts; sibling indexes are reset before each drafted run so a plain run's outputs never
+become drafts), and checks that the outputs are token-identical. Per epoch: 4-gram overlap with the
+prompt's earlier samples, mean accepted tokens per verify step, draft hit rate (accepted /
 drafted), tokens/s with and without drafts and the ratio. Prints a table; JSON to
 `--out`/spec_bench.json (default $OUT or ./out).
 """
@@ -26,6 +28,13 @@ from pathlib import Path
 from typing import Any
 
 
+def ngram_overlap(sample: list[int], history: list[list[int]], n: int = 4) -> float:
+    """Share of `sample`'s n-grams found in any of `history` (how much of it was written before)."""
+    seen = {tuple(h[i : i + n]) for h in history for i in range(len(h) - n + 1)}
+    grams = [tuple(sample[i : i + n]) for i in range(len(sample) - n + 1)]
+    return sum(g in seen for g in grams) / max(1, len(grams))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rollout bench --scenario spec",
@@ -38,17 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="samples per prompt per epoch")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--in-len", type=int, default=16)
-    p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--out-len", type=int, default=128)
     p.add_argument("--logit-scale", type=float, default=4.0)
     p.add_argument("--draft-tokens", type=int, default=5, help="verify window (k + 1)")
     p.add_argument("--draft-cost", type=float, default=0.3, help="CPU forwards are compute-bound")
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=8,
+        help="concurrent sequences (fewer than prompts x samples: a stream, not one static batch)",
+    )
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (best counts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     return p
 
 
 def _positive(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for name in ("prompts", "samples", "epochs", "in_len", "out_len"):
+    for name in ("prompts", "samples", "epochs", "in_len", "out_len", "repeats", "max_running"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.epochs < 2:
@@ -67,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.model,
         device=args.device,
         seed=args.seed,
-        max_running_requests=args.prompts * args.samples,
+        max_running_requests=args.max_running,
         speculative_algorithm="NGRAM",
         speculative_num_draft_tokens=args.draft_tokens,
         speculative_draft_cost=args.draft_cost,
@@ -103,15 +119,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         rows = []
         for epoch in range(args.epochs):
-            if epoch > 0:
+            if epoch == 0:
+                plain, _ = generate(epoch, active=False)
+            else:
                 for p, samples in enumerate(history):
                     spec.registry.remove(f"prompt-{p}")
                     spec.registry.add(f"prompt-{p}", token_chunks=samples)
-            plain, t_plain = generate(epoch, active=False)
-            if epoch > 0:
-                before = spec.totals.to_dict()
-                drafted, t_spec = generate(epoch, active=True)
-                after = spec.totals.to_dict()
+                t_plain = t_spec = float("inf")
+                for _ in range(args.repeats):
+                    # Siblings restart from this epoch's own finished samples: a plain run's
+                    # outputs are this run's answers and must not become its drafts.
+                    spec.proposer.groups.clear()
+                    before = spec.totals.to_dict()
+                    drafted, took = generate(epoch, active=True)
+                    after = spec.totals.to_dict()
+                    t_spec = min(t_spec, took)
+                    plain, took = generate(epoch, active=False)
+                    t_plain = min(t_plain, took)
                 steps = after["verify_steps"] - before["verify_steps"]
                 accepted = after["accepted_tokens"] - before["accepted_tokens"]
                 draft_tokens = after["draft_tokens"] - before["draft_tokens"]
@@ -119,10 +143,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 same = sum(
                     a["output_ids"] == b["output_ids"] for a, b in zip(plain, drafted, strict=True)
                 )
+                overlap = sum(
+                    ngram_overlap(o["output_ids"], history[i // args.samples])
+                    for i, o in enumerate(plain)
+                ) / len(plain)
                 rows.append(
                     {
                         "epoch": epoch,
                         "tokens": tokens,
+                        "overlap_4gram": overlap,
                         "tokens_per_verify": (steps + accepted) / max(1, steps),
                         "draft_hit_rate": accepted / max(1, draft_tokens),
                         "plain_tok_s": tokens / t_plain,
@@ -146,13 +175,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     head = (
-        f"{'epoch':>5} {'tok/verify':>10} {'hit rate':>8} {'plain tok/s':>11} "
+        f"{'epoch':>5} {'4-gram ovl':>10} {'tok/verify':>10} {'hit rate':>8} {'plain tok/s':>11} "
         f"{'spec tok/s':>10} {'speed-up':>8} {'identical':>9}"
     )
     lines = [head]
     for r in result["epochs"]:
         lines.append(
-            f"{r['epoch']:>5} {r['tokens_per_verify']:>10.2f} {r['draft_hit_rate']:>8.2f} "
+            f"{r['epoch']:>5} {r['overlap_4gram']:>10.2f} {r['tokens_per_verify']:>10.2f} "
+            f"{r['draft_hit_rate']:>8.2f} "
             f"{r['plain_tok_s']:>11.1f} {r['spec_tok_s']:>10.1f} {r['speedup']:>8.2f} "
             f"{r['identical']:>4}/{r['sequences']:<4}"
         )

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rollout_accel.serving.engine.batch import Batch, CompletedStep, ForwardItem, StepResult
 from rollout_accel.serving.models.paged_kv import AttentionMetadata
 from rollout_accel.serving.spec.acceptance import verify_drafts
 
 if TYPE_CHECKING:
+    from rollout_accel.serving.engine.batch import Batch, CompletedStep, StepResult
     from rollout_accel.serving.engine.model_runner import ModelRunner
     from rollout_accel.serving.engine.request import Request
     from rollout_accel.serving.engine.scheduler import Scheduler
@@ -59,6 +59,9 @@ def schedule_verify(
     scheduler: Scheduler, decode: list[Request], drafts: list[list[int]]
 ) -> Batch | None:
     """A decode-only batch with verify rows, or None when the KV pool cannot hold the drafts."""
+    # Imported here: the engine package imports this module while it initialises.
+    from rollout_accel.serving.engine.batch import Batch, ForwardItem
+
     plain = [r for r, d in zip(decode, drafts, strict=True) if not d]
     verify = [(r, d) for r, d in zip(decode, drafts, strict=True) if d]
     need = len(plain) + sum(1 + len(d) for _, d in verify)
@@ -73,6 +76,8 @@ def schedule_verify(
 @torch.inference_mode()
 def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
     """One eager forward over plain and verify decode rows; results on the host."""
+    from rollout_accel.serving.engine.batch import CompletedStep, StepResult
+
     items = batch.items
     nd = batch.num_decode
     n = len(items)
@@ -114,6 +119,7 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
         is_decode=False,
         max_q_len=int(counts.max()),
         num_decode=nd,
+        verify=True,
     )
     logits = runner.model.forward_paged(
         ids_t, pos_t, meta, runner.kv_cache, max_position=max_len - 1

@@ -25,32 +25,28 @@ def gen() -> torch.Generator:
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (4, 4)])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_reference_matches_dense(gen: torch.Generator, heads: tuple[int, int], page_size: int):
-    q_stride = 5
-    seq_lens = torch.randint(5, 60, (4,), generator=gen).tolist()
-    q_lens = [int(torch.randint(0, q_stride + 1, (1,), generator=gen)) for _ in seq_lens]
-    case = make_verify_case(seq_lens, q_lens, q_stride, *heads, 16, page_size, gen=gen)
-    out = paged_verify_attention_reference(case.q, *case.args(), q_stride)
+    seq_lens = torch.randint(5, 60, (5,), generator=gen).tolist()
+    q_lens = [int(torch.randint(0, 6, (1,), generator=gen)) for _ in seq_lens]
+    case = make_verify_case(seq_lens, q_lens, *heads, 16, page_size, gen=gen, pad=2)
+    out = paged_verify_attention_reference(case.q, *case.args(), max(case.max_q_len, 5))
     err = rel_err(out, dense_verify(case))
     assert err < 1e-5, f"seed={gen.initial_seed()} rel_err={err}"
-    for row, ql in enumerate(q_lens):
-        assert (out[row * q_stride + ql : (row + 1) * q_stride] == 0).all(), "padding not zero"
 
 
-def test_reference_equals_prefill_reference_on_extend_rows(gen: torch.Generator) -> None:
-    """A verify row is an extend row: the prefill path computes the same thing, packed."""
-    case = make_verify_case([30, 12, 44], [4, 1, 3], 4, 4, 2, 32, 1, gen=gen)
-    out = paged_verify_attention_reference(case.q, *case.args(), 4)
+def test_reference_equals_prefill_reference(gen: torch.Generator) -> None:
+    """Verify rows are extend rows: the prefill reference computes the same thing."""
+    case = make_verify_case([30, 12, 44, 9], [4, 1, 3, 1], 4, 2, 32, 1, gen=gen)
     b = case.base
-    packed = paged_prefill_attention_reference(
+    out = paged_verify_attention_reference(case.q, *case.args(), 4)
+    ref = paged_prefill_attention_reference(
         b.q, b.k_cache, b.v_cache, b.block_table, b.cu_q_lens, b.seq_lens, 1, b.scale
     )
-    rows = [r * 4 + i for r, ql in enumerate([4, 1, 3]) for i in range(ql)]
-    assert torch.allclose(out[rows], packed, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_dispatch_uses_reference_on_cpu(gen: torch.Generator, monkeypatch) -> None:
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    case = make_verify_case([10, 20], [2, 3], 3, 4, 2, 16, 1, gen=gen)
+    case = make_verify_case([10, 20], [2, 3], 4, 2, 16, 1, gen=gen)
     out = torch.empty_like(case.q)
     got = verify_attention(case.q, *case.args(), 3, out=out)
     assert got is out
@@ -72,19 +68,16 @@ def test_triton_kernel_under_interpreter() -> None:
 def test_gpu_verify_matches_reference(gen, dtype: torch.dtype, num_splits: int | None) -> None:
     from rollout_accel.kernels.verify_attention_triton import paged_verify_attention
 
-    q_stride = 8
     seq_lens = torch.randint(9, 3000, (24,), generator=gen).tolist()
-    q_lens = torch.randint(0, q_stride + 1, (24,), generator=gen).tolist()
-    case = make_verify_case(
-        seq_lens, q_lens, q_stride, 16, 8, 128, 16, dtype, gen=gen, device="cuda"
-    )
-    out = paged_verify_attention(case.q, *case.args(), q_stride, num_splits=num_splits)
+    q_lens = torch.randint(1, 9, (24,), generator=gen).tolist()
+    case = make_verify_case(seq_lens, q_lens, 16, 8, 128, 16, dtype, gen=gen, device="cuda")
+    out = paged_verify_attention(case.q, *case.args(), 8, num_splits=num_splits)
     ref = paged_verify_attention_reference(
         case.q.float(),
         case.base.k_cache.float(),
         case.base.v_cache.float(),
         *case.args()[2:],
-        q_stride,
+        8,
     )
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert rel_err(out, ref) < tol, f"seed={gen.initial_seed()}"
@@ -92,25 +85,24 @@ def test_gpu_verify_matches_reference(gen, dtype: torch.dtype, num_splits: int |
 
 @pytest.mark.gpu
 def test_gpu_verify_cuda_graph_replay(gen: torch.Generator) -> None:
-    """Captured once, replayed with new lengths and queries: same answer as an eager call."""
+    """Captured once with a fixed stride (6 queries per row), replayed with new lengths and
+    queries: the same answer as an eager call."""
     from rollout_accel.kernels.verify_attention_triton import paged_verify_attention
 
-    q_stride = 6
+    rows, stride = 32, 6
     case = make_verify_case(
-        [200] * 32, [6] * 32, q_stride, 16, 8, 128, 1, torch.bfloat16, gen=gen, device="cuda"
+        [200] * rows, [stride] * rows, 16, 8, 128, 1, torch.bfloat16, gen=gen, device="cuda"
     )
     args = list(case.args())
     out = torch.empty_like(case.q)
-    paged_verify_attention(case.q, *args, q_stride, out)  # compile before capture
+    paged_verify_attention(case.q, *args, stride, out)  # compile before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_verify_attention(case.q, *args, q_stride, out)
-    new_lens = torch.randint(1, q_stride + 1, (32,), generator=gen).to(torch.int32)
-    new_seq = torch.randint(10, 201, (32,), generator=gen).to(torch.int32)
+        paged_verify_attention(case.q, *args, stride, out)
+    new_seq = torch.randint(10, 201, (rows,), generator=gen).to(torch.int32)
     case.q.copy_(torch.randn(case.q.shape, generator=gen).to(case.q))
-    args[3].copy_(new_lens.cuda())
     args[4].copy_(new_seq.cuda())
     graph.replay()
-    eager = paged_verify_attention(case.q, *args, q_stride)
+    eager = paged_verify_attention(case.q, *args, stride)
     assert torch.equal(out, eager)

@@ -1,7 +1,7 @@
-"""Random verify-attention inputs (fixed query stride per row) and their float64 dense answer.
+"""Random verify-attention inputs (packed rows of a few queries each) and their dense answer.
 
-Built on `paged_attention_cases.make_case`: the packed queries are spread into rows of `q_stride`
-slots whose padding holds random garbage, so a kernel that reads a padding slot gets it wrong.
+Built on `paged_attention_cases.make_case` (shuffled pages, garbage spare pages); `pad` extra query
+rows after the last row stand for the unused tail of a fixed-size (CUDA-graph) buffer.
 """
 
 from __future__ import annotations
@@ -16,19 +16,17 @@ from tests.kernels.paged_attention_cases import PagedAttentionCase, dense_attent
 @dataclass
 class VerifyCase:
     base: PagedAttentionCase
-    q: torch.Tensor  # [B * q_stride, Hq, D]
-    q_lens: torch.Tensor  # [B] int32
-    q_stride: int
+    q: torch.Tensor  # [total_q + pad, Hq, D]
+    max_q_len: int
 
     def args(self) -> tuple:
         b = self.base
-        return (b.k_cache, b.v_cache, b.block_table, self.q_lens, b.seq_lens, b.page_size, b.scale)
+        return (b.k_cache, b.v_cache, b.block_table, b.cu_q_lens, b.seq_lens, b.page_size, b.scale)
 
 
 def make_verify_case(
     seq_lens: list[int],
     q_lens: list[int],
-    q_stride: int,
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -37,29 +35,26 @@ def make_verify_case(
     *,
     gen: torch.Generator,
     device: str | torch.device = "cpu",
+    pad: int = 0,
 ) -> VerifyCase:
-    assert all(ql <= q_stride for ql in q_lens)
     base = make_case(
-        seq_lens, q_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype, gen=gen
+        seq_lens,
+        q_lens,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        dtype,
+        gen=gen,
+        device=device,
     )
-    q = torch.randn((len(seq_lens) * q_stride, num_q_heads, head_dim), generator=gen).to(dtype)
-    cu = base.cu_q_lens.tolist()
-    for row, ql in enumerate(q_lens):
-        q[row * q_stride : row * q_stride + ql] = base.q[cu[row] : cu[row + 1]]
-    dev = torch.device(device)
-    base.q = base.q.to(dev)
-    base.k_cache, base.v_cache = base.k_cache.to(dev), base.v_cache.to(dev)
-    base.block_table, base.seq_lens = base.block_table.to(dev), base.seq_lens.to(dev)
-    base.cu_q_lens = base.cu_q_lens.to(dev)
-    q_lens_t = torch.tensor(q_lens, dtype=torch.int32, device=dev)
-    return VerifyCase(base=base, q=q.to(dev), q_lens=q_lens_t, q_stride=q_stride)
+    extra = torch.randn((pad, num_q_heads, head_dim), generator=gen).to(dtype).to(base.q.device)
+    return VerifyCase(base=base, q=torch.cat([base.q, extra]), max_q_len=max(max(q_lens), 1))
 
 
 def dense_verify(case: VerifyCase) -> torch.Tensor:
-    """Float64 answer in the strided layout: padding slots are zeros."""
-    packed = dense_attention(case.base)
+    """Float64 answer; padding rows zero."""
     out = torch.zeros(case.q.shape, dtype=torch.float64, device=case.q.device)
-    cu = case.base.cu_q_lens.tolist()
-    for row, ql in enumerate(case.q_lens.tolist()):
-        out[row * case.q_stride : row * case.q_stride + ql] = packed[cu[row] : cu[row + 1]]
+    total = case.base.q.shape[0]
+    out[:total] = dense_attention(case.base)
     return out

@@ -105,7 +105,9 @@ def test_token_identical_in_process(engine: Engine, extra: dict) -> None:
     assert sum(m["spec_accept_token_num"] for m in metas) == accepted
     assert sum(m["spec_draft_token_num"] for m in metas) == drafted
     for m in metas:
-        assert m["spec_accept_length"] == pytest.approx(m["completion_tokens"] / m["spec_verify_ct"])
+        assert m["spec_accept_length"] == pytest.approx(
+            m["completion_tokens"] / m["spec_verify_ct"]
+        )
     steps = after["verify_steps"] - before["verify_steps"]
     assert steps < N_PROMPTS * N_SAMPLES * (OUT_LEN - 1)  # fewer decode steps than tokens
     _assert_pool_empty(engine)
