@@ -1,11 +1,12 @@
 """`rollout bench --scenario spec`: speculative decoding from earlier epochs' samples.
 
     rollout bench --scenario spec [--model tiny-qwen3] [--prompts 8] [--samples 4] [--epochs 3]
-                                  [--out-len 64] [--logit-scale 4] [--draft-tokens 5] [--out DIR]
+                                  [--out-len 128] [--logit-scale 128] [--draft-tokens 5] [--out DIR]
 
 A policy that repeats itself: the model's logits are scaled by `--logit-scale` (its final norm
 weight times the scale; temperature stays 1), so two samples of one prompt share much of their
-text, as RL policies do between epochs. Epoch 0 samples every prompt `--samples` times. Every
+text, as RL policies do between epochs (SPEC-RL: 50-70%; on tiny-qwen3 the default 128 gives
+about 58% 4-gram overlap with the earlier samples, 32 about 14%). Epoch 0 samples every prompt `--samples` times. Every
 later epoch registers, per prompt, an external corpus of all its earlier samples (SGLang's
 `/add_external_corpus` semantics, `custom_params.spec_corpus_id` on each request), then runs the
 epoch's seeded requests on the same engine with drafts on and off (`--repeats` times each, best
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--in-len", type=int, default=16)
     p.add_argument("--out-len", type=int, default=128)
-    p.add_argument("--logit-scale", type=float, default=4.0)
+    p.add_argument("--logit-scale", type=float, default=128.0)
     p.add_argument("--draft-tokens", type=int, default=5, help="verify window (k + 1)")
     p.add_argument("--draft-cost", type=float, default=0.3, help="CPU forwards are compute-bound")
     p.add_argument(

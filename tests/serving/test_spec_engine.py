@@ -187,3 +187,26 @@ def test_token_identical_over_http(engine: Engine) -> None:
     )
     assert max(m["spec_accept_length"] for m in metas) > 2.0
     _assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"speculative_algorithm": "EAGLE"}, "speculative_algorithm"),
+        ({"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 1}, "num_draft"),
+        ({"speculative_algorithm": "NGRAM", "speculative_draft_cost": 2.0}, "draft_cost"),
+    ],
+)
+def test_bad_speculative_flags_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Engine("tiny-qwen3", **kwargs)
+
+
+def test_speculation_off_by_default() -> None:
+    eng = Engine("tiny-qwen3", max_running_requests=2)
+    try:
+        assert eng.spec is None
+        out = eng.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 3})
+        assert not any(k.startswith("spec_") for k in out["meta_info"])
+    finally:
+        eng.shutdown()
