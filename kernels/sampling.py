@@ -138,7 +138,8 @@ def sample_tokens_fast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_tokens` with the same arguments and draws, one Triton kernel where it applies.
 
-    The kernel serves `need_filter=False` batches of float32 logits contiguous in V (the caller
+    The kernel serves `need_filter=False` batches of logits contiguous in V (float32, or half
+    precision upcast exactly inside the kernel; the caller
     vouches that no row filters: top_ks/top_ps/min_ps are then ignored, as `sample_tokens` does);
     anything else falls back to `sample_tokens`. Both paths are CUDA-graph capturable.
     Tokens match the reference except at float32 near-ties of the Gumbel scores (see
@@ -147,12 +148,14 @@ def sample_tokens_fast(
     if (
         not need_filter
         and logits.dim() == 2
-        and logits.dtype == torch.float32
+        and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and logits.stride(-1) == 1
         and sampling_backend(logits.device) == "triton"
     ):
         assert _triton_impl is not None
         return _triton_impl.sample(logits, temperatures, seeds, steps)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     return sample_tokens(
         logits, temperatures, top_ks, top_ps, min_ps, seeds, steps, need_filter=need_filter
     )

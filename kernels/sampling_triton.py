@@ -46,6 +46,7 @@ POS_INF: tl.constexpr = tl.constexpr(float("inf"))
 BLOCK = 2048
 NUM_WARPS = 16
 UNIFORM_BLOCK = 1024
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -109,7 +110,7 @@ def _sample_kernel(
         cols = start + lanes
         mask = row_mask[:, None] & (cols < vocab)
         # Issued first, used last: the noise below does not depend on it and hides its latency.
-        logit = tl.load(row_ptr + cols, mask=mask, other=NEG_INF)
+        logit = tl.load(row_ptr + cols, mask=mask, other=NEG_INF).to(tl.float32)
         u = _splitmix_uniform(hash_base + lane_hash)
         hash_base += block_hash
         g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))  # greedy rows score the raw logits
@@ -134,7 +135,9 @@ def _sample_kernel(
     m_row = tl.max(m, axis=1)
     s_row = tl.sum(s * tl.exp2(m - m_row[:, None]), axis=1)
     lse = (m_row + tl.log2(s_row)) * 0.6931471805599453
-    chosen = tl.load(logits_ptr + rows.to(tl.int64) * stride_row + token, mask=row_mask)
+    chosen = tl.load(logits_ptr + rows.to(tl.int64) * stride_row + token, mask=row_mask).to(
+        tl.float32
+    )
     logprob = chosen / t_safe - lse
     tl.store(tok_ptr + rows, token.to(tl.int64), mask=row_mask)
     tl.store(lp_ptr + rows, logprob, mask=row_mask)
@@ -176,15 +179,16 @@ def sample(
     out_tokens: torch.Tensor | None = None,
     out_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B] int64, logprobs [B] float32) for logits [B, V] float32 contiguous in V.
+    """(tokens [B] int64, logprobs [B] float32) for logits [B, V] contiguous in V, float32 or
+    bfloat16 / float16 (upcast exactly in the kernel: the same draws as on `logits.float()`).
 
     Same draws as `sampling.sample_tokens(..., need_filter=False)`: temperatures [B] (<= 0 means
     greedy), seeds and steps [B] integers. One launch, no host sync; given outputs must be
     contiguous [B] int64 / float32.
     """
-    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(-1) != 1:
+    if logits.dim() != 2 or logits.dtype not in _LOGIT_DTYPES or logits.stride(-1) != 1:
         raise ValueError(
-            f"logits must be [B, V] float32 contiguous in V, got {tuple(logits.shape)} "
+            f"logits must be [B, V] float32/bfloat16/float16 contiguous in V, got {tuple(logits.shape)} "
             f"{logits.dtype} strides {logits.stride()}"
         )
     batch, vocab = logits.shape

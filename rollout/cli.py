@@ -86,10 +86,22 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _serve(args: argparse.Namespace) -> int:
     from rollout_accel.serving.engine import Engine
     from rollout_accel.serving.server import serve
+    from rollout_accel.serving.server.server_args import parse_server_args
+    from rollout_accel.serving.server.settings import ServerSettings
 
-    engine = Engine(**engine_kwargs(args))
+    settings = ServerSettings.from_args(args)
+    kwargs, server_args = parse_server_args(args, engine_kwargs(args))
+    engine = Engine(**kwargs)
     print(f"rollout-accel serving {args.model_path} on http://{args.host}:{args.port}", flush=True)
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        settings=settings,
+        server_args=server_args,
+    )
     return 0
 
 
@@ -151,10 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the SGLang-protocol HTTP server on the embedded engine"
     )
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    serve.add_argument("--port", type=int, default=30000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--log-level", default="warning")
+    # SGLang's server-arg names (--host, --port, --api-key, --mem-fraction-static, --tp-size, ...),
+    # kept in the server package so the flags and their checks live next to /server_info; then
+    # the serving limits and trust settings.
+    from rollout_accel.serving.server.server_args import add_server_args
+    from rollout_accel.serving.server.settings import add_server_args as add_server_settings
+
+    add_server_settings(serve)
+
+    add_server_args(serve)
     serve.set_defaults(handler=_serve)
     gen = sub.add_parser("generate", help="generate from a prompt on the embedded engine (a demo)")
     _add_engine_args(gen)

@@ -28,6 +28,7 @@ import math
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class HistoryConfig:
     prior_decay: weight kept by the global priors per recorded step.
     max_responses_per_prompt / max_response_tokens: bound the draft corpus per prompt.
     busy_timeout_s: how long a call waits for another connection's lock.
+    max_snapshots: `save` keeps this many newest snapshots per directory (by rollout id) and
+      deletes older ones; 0 keeps all.
     """
 
     decay: float = 0.7
@@ -148,6 +151,7 @@ class HistoryConfig:
     max_responses_per_prompt: int = 16
     max_response_tokens: int = 8192
     busy_timeout_s: float = 30.0
+    max_snapshots: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay <= 1.0:
@@ -158,6 +162,8 @@ class HistoryConfig:
             )
         if not math.isfinite(self.pass_threshold):
             raise InvalidConfigError("HistoryConfig.pass_threshold must be finite")
+        if self.max_snapshots < 0:
+            raise InvalidConfigError("HistoryConfig.max_snapshots must be >= 0 (0 keeps all)")
         if self.max_responses_per_prompt < 0 or self.max_response_tokens < 1:
             raise InvalidConfigError(
                 "HistoryConfig.max_responses_per_prompt must be >= 0 and max_response_tokens >= 1"
@@ -486,11 +492,16 @@ class HistoryStore:
     def save(self, rollout_id: int, directory: str | os.PathLike[str] | None = None) -> Path:
         """Snapshot the whole history (consistent, online) for `rollout_id`; returns the file.
 
-        Written to a temporary file and renamed, so a crash never leaves a half snapshot.
+        Written to a temporary file, fsynced and renamed (the directory fsynced too), so a crash
+        never leaves a half snapshot. Temporary files of saves that died (their process is gone)
+        are deleted first, and only the newest `config.max_snapshots` snapshots are kept.
         """
         target = self.checkpoint_path(rollout_id, directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+        remove_stale_temporaries(target.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+        )
         os.close(fd)
         try:
             dest = sqlite3.connect(tmp)
@@ -501,10 +512,14 @@ class HistoryStore:
                 dest.execute("PRAGMA journal_mode = DELETE")
             finally:
                 dest.close()
+            _fsync_path(tmp)
             os.replace(tmp, target)
+            _fsync_path(target.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.config.max_snapshots:
+            prune_snapshots(target.parent, self.config.max_snapshots)
         return target
 
     def load(self, rollout_id: int, directory: str | os.PathLike[str] | None = None) -> None:
@@ -810,3 +825,65 @@ def _create(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     conn.execute("COMMIT")
+
+
+# --- snapshot files -----------------------------------------------------------------------------
+
+_SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "history_", ".db"
+# A temporary file without a parsable writer pid (older versions) is stale after this long.
+_ORPHAN_AGE_S = 3600.0
+
+
+def _fsync_path(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Deletes `history_*.db.*.tmp` files whose writing process is gone; returns them.
+
+    A save names its temporary `history_<id>.db.<pid>.<random>.tmp`; one whose pid is not running
+    was killed mid-save. Our own pid's files are in-progress saves of this process (kept), and
+    files without a pid are removed once older than an hour."""
+    removed: list[Path] = []
+    for path in Path(directory).glob(f"{_SNAPSHOT_PREFIX}*{_SNAPSHOT_SUFFIX}*.tmp"):
+        parts = path.name.split(".")
+        pid = int(parts[2]) if len(parts) >= 5 and parts[2].isdigit() else None
+        try:
+            if pid is None:
+                stale = time.time() - path.stat().st_mtime > _ORPHAN_AGE_S
+            else:
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
+
+
+def prune_snapshots(directory: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Deletes all but the `keep` newest (highest rollout id) snapshots in `directory`."""
+    found: list[tuple[int, Path]] = []
+    for path in Path(directory).glob(f"{_SNAPSHOT_PREFIX}*{_SNAPSHOT_SUFFIX}"):
+        middle = path.name[len(_SNAPSHOT_PREFIX) : -len(_SNAPSHOT_SUFFIX)]
+        if middle.isdigit():
+            found.append((int(middle), path))
+    found.sort()
+    doomed = [path for _, path in found[: max(len(found) - keep, 0)]]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

@@ -6,7 +6,9 @@ Every engine speaks SGLang's /generate protocol (payload in, SGLang-shaped dict 
   * otherwise places work on the healthy engine with the fewest outstanding tokens,
   * bounds in-flight requests per engine (slime's --sglang-server-concurrency),
   * marks an engine that fails (connection lost, actor killed) unhealthy and re-dispatches its
-    requests elsewhere from scratch, so no sample is lost while any engine is alive.
+    requests elsewhere from scratch, so no sample is lost while any engine is alive,
+  * re-admits an engine whose handle reports `alive` again (HttpEngine probes its server), and
+    while no engine is healthy but some may come back, waits up to `readmit_wait_s` for one.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class EngineState:
 class PoolStats:
     redispatched: int = 0
     failed_engines: list[str] = field(default_factory=list)
+    readmitted_engines: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +99,17 @@ def aborted_output(payload: dict[str, Any]) -> dict[str, Any]:
 class EnginePool:
     """Routes SGLang /generate payloads to engines; see the module docstring for the rules."""
 
-    def __init__(self, handles: Sequence[EngineHandle], concurrency_per_engine: int = 512) -> None:
+    def __init__(
+        self,
+        handles: Sequence[EngineHandle],
+        concurrency_per_engine: int = 512,
+        readmit_wait_s: float = 30.0,
+    ) -> None:
         if not handles:
             raise ValueError("engines: a pool needs at least one engine")
         self.engines = [EngineState(h) for h in handles]
         self.concurrency_per_engine = concurrency_per_engine
+        self.readmit_wait_s = readmit_wait_s
         self._affinity: dict[str, int] = {}
         self.stats = PoolStats()
         self.timeline: list[RequestSpan] = []
@@ -108,7 +117,39 @@ class EnginePool:
 
     @property
     def healthy(self) -> list[EngineState]:
+        self._sync_health()
         return [e for e in self.engines if e.healthy]
+
+    def _sync_health(self) -> None:
+        """Follows handles that report their own health (`alive`): down ones are failed, ones
+        that answer again are re-admitted."""
+        for index, state in enumerate(self.engines):
+            alive = getattr(state.handle, "alive", None)
+            if alive is None or alive == state.healthy:
+                continue
+            if alive:
+                state.healthy = True
+                self.stats.readmitted_engines.append(state.handle.name)
+                log.warning("engine %s re-admitted", state.handle.name)
+            else:
+                self._mark_failed(index, EngineFailure("health probes failed"))
+
+    async def _wait_for_engine(self) -> None:
+        """Waits for a probing engine to come back; NoHealthyEngineError if none can or none
+        does within `readmit_wait_s`."""
+        if not any(getattr(e.handle, "alive", None) is not None for e in self.engines):
+            raise NoHealthyEngineError("every engine in the pool has failed")
+        deadline = asyncio.get_running_loop().time() + self.readmit_wait_s
+        while not self.healthy:
+            if asyncio.get_running_loop().time() > deadline:
+                raise NoHealthyEngineError(
+                    f"every engine in the pool has failed; none came back in {self.readmit_wait_s} s"
+                )
+            for state in self.engines:  # keep their probes running while we wait
+                watch = getattr(state.handle, "watch", None)
+                if watch is not None:
+                    watch()
+            await asyncio.sleep(0.1)
 
     def _gate(self, state: EngineState) -> asyncio.Semaphore:
         if state.gate is None:  # created lazily inside the running loop
@@ -117,6 +158,7 @@ class EnginePool:
 
     def place(self, group_key: str | None) -> int:
         """The engine index for a request of `group_key` (sticky per group while healthy)."""
+        self._sync_health()
         if group_key is not None:
             index = self._affinity.get(group_key)
             if index is not None and self.engines[index].healthy:
@@ -142,7 +184,11 @@ class EnginePool:
         queued for an engine when `abort_all` is called is answered as aborted without being sent."""
         epoch = self._abort_epoch
         while True:
-            index = self.place(group_key)
+            try:
+                index = self.place(group_key)
+            except NoHealthyEngineError:
+                await self._wait_for_engine()
+                continue
             state = self.engines[index]
             state.outstanding_tokens += cost
             state.in_flight += 1
@@ -179,6 +225,9 @@ class EnginePool:
     def _mark_failed(self, index: int, exc: Exception) -> None:
         state = self.engines[index]
         state.failures += 1
+        mark_down = getattr(state.handle, "mark_down", None)
+        if mark_down is not None:  # down until its own probe sees it answer again
+            mark_down(str(exc))
         if state.healthy:
             state.healthy = False
             self.stats.failed_engines.append(state.handle.name)

@@ -422,11 +422,10 @@ class Engine:
         group_name: str = "weight_update_group",
         backend: str | None = None,
     ) -> tuple[bool, str]:
-        """Joins the trainer's broadcast group (blocks until every rank has joined)."""
-        return self.loop.call(
-            lambda: self.receiver.init_group(
-                master_address, master_port, rank_offset, world_size, group_name, backend
-            )
+        """Joins the trainer's broadcast group (blocks the caller until every rank has joined or
+        the receiver's timeout passes). Runs on the caller's thread: generation continues."""
+        return self.receiver.init_group(
+            master_address, master_port, rank_offset, world_size, group_name, backend
         )
 
     def update_weights_from_distributed(

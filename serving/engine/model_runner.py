@@ -197,7 +197,7 @@ class ModelRunner:
                 req = it.request
                 nxt = req.token_slice(it.start + 1, it.start + it.count + 1)
                 usable = min(len(nxt), it.count, len(req.input_ids) - it.start - 1)
-                lp = torch.log_softmax(block[:usable], dim=-1)
+                lp = torch.log_softmax(block[:usable].float(), dim=-1)
                 picked = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
                 input_logprobs[index] = picked.squeeze(1).tolist()
                 if it.emits_token:

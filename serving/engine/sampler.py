@@ -45,6 +45,7 @@ class BatchSampler:
         if any(p.min_new_tokens for p in params):
             self._ban_early_stops(requests, logits, host_output_positions)
         if logits.device.type != "cuda" and all(p.greedy for p in params):
+            logits = logits.float()
             tokens = torch.argmax(logits, dim=-1)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
             return tokens, logprobs
@@ -65,6 +66,7 @@ class BatchSampler:
 
     def _penalize(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         dev = logits.device
+        logits = logits.float()
         counts = torch.zeros_like(logits)
         for row, req in enumerate(requests):
             if req.params.has_penalties and req.output_ids:

@@ -13,6 +13,11 @@ from rollout_accel.serving.engine.errors import InvalidRequestError
 _UNSUPPORTED = {"json_schema", "regex", "ebnf", "structural_tag"}
 # Accepted and ignored: they change nothing in our outputs.
 _IGNORED = {"spaces_between_special_tokens", "stream_interval", "logit_bias", "lora_path"}
+# Integer fields reach the sampler as int64 tensors: anything outside this range would fail inside
+# an engine step (hurting every request in it) instead of at the edge.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Engine-wide bound of `n` (one call's fan-out); the HTTP server's --max-n is usually lower.
+MAX_N = 1024
 
 
 @dataclass(slots=True)
@@ -95,6 +100,10 @@ class SamplingParams:
                 raise InvalidRequestError(f"sampling_params.{name}: expected {kind}, got {value!r}")
             if not integer and not math.isfinite(value):
                 raise InvalidRequestError(f"sampling_params.{name}: must be finite, got {value!r}")
+            if integer and not INT64_MIN <= value <= INT64_MAX:
+                raise InvalidRequestError(
+                    f"sampling_params.{name}: outside the signed 64-bit range, got {_short(value)}"
+                )
             return value
 
         if number("max_new_tokens", integer=True) < 0:
@@ -121,8 +130,8 @@ class SamplingParams:
                 raise InvalidRequestError(f"sampling_params.{name}: must be in [-2, 2]")
         if not 0.0 < number("repetition_penalty") <= 2.0:
             raise InvalidRequestError("sampling_params.repetition_penalty: must be in (0, 2]")
-        if number("n", integer=True) < 1:
-            raise InvalidRequestError(f"sampling_params.n: must be >= 1, got {self.n}")
+        if not 1 <= number("n", integer=True) <= MAX_N:
+            raise InvalidRequestError(f"sampling_params.n: must be in [1, {MAX_N}], got {self.n}")
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"sampling_params.{name}: expected true or false")
@@ -152,5 +161,18 @@ class SamplingParams:
             isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)
         ):
             raise InvalidRequestError("sampling_params.sampling_seed: expected an integer")
+        # Sample i of n uses seed + i, an int64 on the device: the whole range must fit.
+        if self.sampling_seed is not None and not (
+            INT64_MIN <= self.sampling_seed <= INT64_MAX - (self.n - 1)
+        ):
+            raise InvalidRequestError(
+                f"sampling_params.sampling_seed: must be in [-2**63, 2**63 - n], "
+                f"got {_short(self.sampling_seed)}"
+            )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise InvalidRequestError("sampling_params.custom_params: expected an object")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"

@@ -4,10 +4,14 @@ The trainer is rank 0 of a dedicated process group; each engine joins as `rank_o
 tensor-parallel rank, 0 here). The group is built the way SGLang builds it — a TCP rendezvous,
 a store prefixed with the group name, then a backend group that is *not* the default group — so a
 trainer written for SGLang (slime's) connects to us unchanged. gloo on CPU, nccl on GPU.
+
+Joining blocks until every rank arrives, so it runs on the caller's thread (never the engine
+thread: generation continues meanwhile) and gives up after `timeout_s` with a message.
 """
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import torch
@@ -66,11 +70,18 @@ def init_custom_process_group(
 
 
 class DistributedWeightReceiver:
-    """Holds the engine's update groups by name and receives broadcast weights into them."""
+    """Holds the engine's update groups by name and receives broadcast weights into them.
 
-    def __init__(self, device: torch.device) -> None:
+    `init_group` is thread-safe and may run on any thread; `receive` runs on the engine thread
+    (it writes weights). `timeout_s` bounds a rendezvous (the server sets it from
+    --weight-group-timeout)."""
+
+    def __init__(self, device: torch.device, timeout_s: float = 30.0) -> None:
         self.device = device
+        self.timeout_s = timeout_s
         self.groups: dict[str, dist.ProcessGroup] = {}
+        self._lock = threading.Lock()
+        self._joining: set[str] = set()
 
     def init_group(
         self,
@@ -81,21 +92,33 @@ class DistributedWeightReceiver:
         group_name: str,
         backend: str | None,
     ) -> tuple[bool, str]:
-        if group_name in self.groups:
-            return False, f"group_name: {group_name!r} already exists"
         backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
         if backend == "nccl" and self.device.type != "cuda":
             return False, "backend: nccl needs a GPU engine; use gloo on the CPU"
+        with self._lock:
+            if group_name in self.groups or group_name in self._joining:
+                return False, f"group_name: {group_name!r} already exists"
+            self._joining.add(group_name)
+        timeout = self.timeout_s
         try:
-            self.groups[group_name] = init_custom_process_group(
+            group = init_custom_process_group(
                 backend,
                 f"tcp://{master_address}:{master_port}",
                 world_size,
                 rank_offset,
                 group_name,
+                timeout=timedelta(seconds=timeout),
             )
         except Exception as exc:  # rendezvous timeouts, refused connections
-            return False, f"init_weights_update_group failed: {exc}"
+            return False, (
+                f"init_weights_update_group failed: could not join {group_name!r} at "
+                f"{master_address}:{master_port} within {timeout:g} s ({exc})"
+            )
+        finally:
+            with self._lock:
+                self._joining.discard(group_name)
+        with self._lock:
+            self.groups[group_name] = group
         return True, f"joined {group_name!r} as rank {rank_offset} of {world_size}"
 
     def receive(
@@ -117,7 +140,8 @@ class DistributedWeightReceiver:
         return list(zip(names, tensors, strict=True))
 
     def destroy(self, group_name: str) -> tuple[bool, str]:
-        group = self.groups.pop(group_name, None)
+        with self._lock:
+            group = self.groups.pop(group_name, None)
         if group is None:
             return False, f"group_name: no update group {group_name!r}"
         dist.destroy_process_group(group)

@@ -318,7 +318,10 @@ class CausalLM(nn.Module):
         logit_rows: torch.Tensor | None = None,
         max_position: int | None = None,
     ) -> torch.Tensor:
-        """Packed tokens through every layer; logits only for `logit_rows` (e.g. last tokens)."""
+        """Packed tokens through every layer; logits only for `logit_rows` (e.g. last tokens).
+
+        Logits come in the model's dtype (bf16 on GPUs: the sampler upcasts inside its kernel,
+        which saves a [batch, vocab] float32 copy per step); callers upcast where they need to."""
         hidden, residual = self._run_layers(
             self.embed(input_ids), positions, meta, cache, 0, None, max_position
         )
@@ -330,4 +333,4 @@ class CausalLM(nn.Module):
             normed = rms_norm(hidden, norm.weight, norm.eps)
         else:
             normed, _ = add_rms_norm(hidden, residual, norm.weight, norm.eps)
-        return self.lm_head(normed).float()
+        return self.lm_head(normed)

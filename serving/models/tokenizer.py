@@ -21,6 +21,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Texts longer than this are tokenised without holding the GIL (see `encode`).
+_GIL_FREE_CHARS = 4096
+
 
 class TokenizerError(ValueError):
     """A tokenizer directory we cannot use."""
@@ -97,6 +100,10 @@ class TextTokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:
+            # `encode` holds the GIL throughout (seconds for a long text: every other thread,
+            # the server's event loop included, stops); `encode_batch` releases it.
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

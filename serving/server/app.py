@@ -3,13 +3,18 @@
 Routes, bodies, status codes and response shapes follow SGLang 0.5.x's http_server.py so slime,
 SGLang's clients and our own controller talk to this server unchanged. Control calls that block on
 the engine thread run in worker threads so the event loop keeps serving generations.
+
+Reliability rules kept here: every body is validated before it reaches the engine (a bad one is a
+400 naming the field); tokenising runs in a worker thread; a client that hangs up has its requests
+aborted; `/health_generate` is answered by a real one-token generation. Who may call at all is
+decided by `security.RequestGuard`, in front of every route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,18 +22,34 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rollout_accel.serving.engine import Engine, InvalidRequestError, RequestNotFoundError
+from rollout_accel.serving.engine import (
+    Engine,
+    EngineDeadError,
+    InvalidRequestError,
+    RequestNotFoundError,
+)
+from rollout_accel.serving.server import schemas
 from rollout_accel.serving.server.corpus_routes import router as corpus_router
+from rollout_accel.serving.server.dispatch import (
+    run_requests,
+    stream_until_disconnect,
+    wait_for_disconnect,
+)
 from rollout_accel.serving.server.openai_api import register_openai_routes
 from rollout_accel.serving.server.protocol import (
     check_fields,
-    deserialize_named_tensors,
     parse_generate,
     parse_json_object,
     require,
 )
+from rollout_accel.serving.server.security import RequestGuard
+from rollout_accel.serving.server.settings import ServerSettings
+from rollout_accel.serving.server.slime_routes import slime_router
+from rollout_accel.serving.server.weight_payload import deserialize_named_tensors
 
-_UNAUTHENTICATED_PREFIXES = ("/health", "/metrics")
+# The health probe jumps the waiting queue: it measures whether the engine makes progress, not
+# how long the queue is.
+_HEALTH_PRIORITY = 2**62
 
 
 def error_response(message: str, status: int = 400) -> JSONResponse:
@@ -51,45 +72,61 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: Engine,
+    api_key: str | None = None,
+    settings: ServerSettings | None = None,
+    bound_host: str = "127.0.0.1",
+) -> FastAPI:
+    settings = settings or ServerSettings()
     app = FastAPI(title="rollout-accel (SGLang protocol)", version="0.1.0")
     app.state.engine = engine
+    app.state.settings = settings
+    engine.receiver.timeout_s = settings.weight_group_timeout_s
+    app.add_middleware(RequestGuard, settings=settings, bound_host=bound_host, api_key=api_key)
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
         return error_response(str(exc), 400)
 
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(str(exc), 500)
+
     @app.exception_handler(RequestNotFoundError)
     async def _missing(_: Request, exc: RequestNotFoundError) -> JSONResponse:
         return error_response(str(exc), 404)
 
-    if api_key:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = schemas.publish(FastAPI.openapi(app))
+        return app.openapi_schema
 
-        @app.middleware("http")
-        async def _authenticate(request: Request, call_next):
-            path = request.url.path
-            if request.method == "OPTIONS" or path.startswith(_UNAUTHENTICATED_PREFIXES):
-                return await call_next(request)
-            if request.headers.get("Authorization") != f"Bearer {api_key}":
-                return JSONResponse({"error": "Unauthorized"}, status_code=401)
-            return await call_next(request)
+    app.openapi = openapi  # type: ignore[method-assign]
 
     async def body_of(request: Request, endpoint: str) -> dict[str, Any]:
-        return parse_json_object(await request.body(), endpoint)
+        return parse_json_object(await request.body(), endpoint, settings.max_json_depth)
 
     # -- generation -------------------------------------------------------------------------
-    @app.api_route("/generate", methods=["POST", "PUT"])
+    @app.put("/generate", include_in_schema=False)
+    @app.post("/generate")
     async def generate(request: Request) -> Response:
-        kwargs = parse_generate(await body_of(request, "generate"))
+        kwargs = parse_generate(
+            await body_of(request, "generate"), settings.max_n, settings.max_text_chars
+        )
+        # Tokenising (and validating long id lists) is CPU work: keep it off the event loop.
+        requests, batched = await asyncio.to_thread(engine.make_requests, **kwargs)
         if kwargs["stream"]:
-            requests, batched = engine.make_requests(**kwargs)
             if batched:
                 raise InvalidRequestError("stream: supported for a single prompt only")
+            chunks = sse(engine.stream_request(requests[0]))
             return StreamingResponse(
-                sse(engine.stream_request(requests[0])), media_type="text/event-stream"
+                stream_until_disconnect(chunks, request.receive), media_type="text/event-stream"
             )
-        out = await engine.async_generate(**kwargs)
-        return JSONResponse(out)
+        outs = await run_requests(engine, requests, wait_for_disconnect(request.receive))
+        if outs is None:  # the client hung up; its requests were aborted
+            return Response(status_code=499)
+        return JSONResponse(outs if batched else outs[0])
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
@@ -119,7 +156,10 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         await asyncio.to_thread(engine.continue_generation)
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    # GET stays (SGLang's scripts use it); a flush loses no data and cross-site GETs are refused
+    # by the guard (Sec-Fetch-Site).
+    @app.get("/flush_cache", include_in_schema=False)
+    @app.post("/flush_cache")
     async def flush_cache() -> Response:
         ok = await asyncio.to_thread(engine.flush_cache)
         if ok:
@@ -129,32 +169,37 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     # -- health and info --------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
+        if not engine.alive:
+            return error_response("the engine thread failed or was shut down", 503)
         return Response(status_code=200)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
-        loads = await asyncio.to_thread(engine.get_loads)
-        if loads["num_running_reqs"] or loads["num_waiting_reqs"] or engine.paused:
-            return Response(status_code=200)  # busy means alive, as SGLang treats it
+        """200 only when one real token was generated within the timeout; 503 (with the reason)
+        when the engine is paused, wedged, released or answers with an abort or error."""
+        if not engine.alive:
+            return error_response("the engine thread failed or was shut down", 503)
+        if engine.paused:
+            return error_response("generation is paused", 503)
+        if engine.memory_released:
+            return error_response("weights or KV cache are released", 503)
+        requests, _ = engine.make_requests(
+            input_ids=[0],
+            sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
+            rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+            priority=_HEALTH_PRIORITY,
+        )
+        timeout = settings.health_generate_timeout_s
         try:
-            await asyncio.wait_for(
-                engine.async_generate(
-                    input_ids=[0],
-                    sampling_params={"max_new_tokens": 1, "temperature": 0},
-                    rid=f"HEALTH_CHECK_{time.time()}",
-                ),
-                timeout=20,
-            )
-        except (TimeoutError, Exception):
-            return Response(status_code=503)
+            outs = await run_requests(engine, requests, timeout=timeout)
+        except Exception as exc:  # the engine refused or failed the probe
+            return error_response(f"health probe failed: {exc}", 503)
+        if outs is None:
+            return error_response(f"no token within {timeout:g} s", 503)
+        reason = outs[0]["meta_info"].get("finish_reason") or {}
+        if reason.get("type") not in ("length", "stop") or not outs[0].get("output_ids"):
+            return error_response(f"health probe did not generate: {reason}", 503)
         return Response(status_code=200)
-
-    async def server_info() -> JSONResponse:
-        loads = await asyncio.to_thread(engine.get_loads)
-        return JSONResponse({**engine.server_info(), "internal_states": [loads]})
-
-    app.add_api_route("/server_info", server_info, methods=["GET"])
-    app.add_api_route("/get_server_info", server_info, methods=["GET"])
 
     async def model_info() -> JSONResponse:
         return JSONResponse(
@@ -248,7 +293,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if not payloads:
             raise InvalidRequestError("serialized_named_tensors: empty")
         # One payload per tensor-parallel rank; this engine is rank 0.
-        named = deserialize_named_tensors(payloads[0])
+        named = deserialize_named_tensors(payloads[0], unsafe=settings.unsafe_pickle)
         ok, message = await asyncio.to_thread(
             engine.update_weights_from_tensor,
             named,
@@ -328,16 +373,18 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         ok, message = await asyncio.to_thread(call, tags)
         if not ok:
             return error_response(message, 400)
-        return Response(status_code=200)
+        return JSONResponse(None)  # SGLang answers `null`; slime parses the body as JSON
 
-    @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    # POST only: a GET is what any web page can send (an <img> tag) and must not change state.
+    @app.post("/release_memory_occupation")
     async def release_memory_occupation(request: Request) -> Response:
         return await _memory(request, True)
 
-    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+    @app.post("/resume_memory_occupation")
     async def resume_memory_occupation(request: Request) -> Response:
         return await _memory(request, False)
 
     register_openai_routes(app, engine)
+    app.include_router(slime_router(engine))  # /server_info, weights checker, profiler, ...
     app.include_router(corpus_router)  # /add_external_corpus, /remove_..., /list_external_corpora
     return app

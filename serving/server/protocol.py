@@ -7,15 +7,14 @@ ignore are listed in one place.
 
 from __future__ import annotations
 
-import base64
 import json
-import pickle
 from typing import Any
 
-import torch
-import torch.multiprocessing
-
 from rollout_accel.serving.engine.errors import InvalidRequestError
+from rollout_accel.serving.server.weight_payload import (  # noqa: F401  (re-exported)
+    deserialize_named_tensors,
+    serialize_named_tensors,
+)
 
 GENERATE_FIELDS = {
     "text",
@@ -47,8 +46,8 @@ GENERATE_DEFAULT_ONLY = {
     "bootstrap_port",
     "bootstrap_room",
     "data_parallel_rank",
-    "log_metrics",
     "background",
+    "return_bytes",
     "extra_key",
     "no_logs",
     "custom_labels",
@@ -56,17 +55,71 @@ GENERATE_DEFAULT_ONLY = {
     "return_entropy",
 }
 
+# Fields with no effect on the output that sglang-router fills in when it forwards a /generate
+# (the model id it routed on, SGLang's default `log_metrics: true`); accepted at any value.
+ROUTER_ADDED_FIELDS = {"model", "log_metrics"}
 
-def parse_json_object(raw: bytes, endpoint: str) -> dict[str, Any]:
+
+# Bounds of integer fields handed to torch as int64 (seeds) or compared by the scheduler
+# (priority); a signed 64-bit range is what SGLang's int fields can hold too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_JSON_DEPTH = 32
+
+
+def parse_json_object(raw: bytes, endpoint: str, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Parses a JSON object body; any malformed, oversized-number or too-deep body is a 400."""
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
+        if "digits" in str(exc):  # an integer past Python's 4,300-digit conversion limit
+            raise InvalidRequestError(f"{endpoint}: an integer in the body is too long") from exc
         raise InvalidRequestError(f"{endpoint}: the body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError(
+            f"{endpoint}: the body is nested deeper than {max_depth} levels"
+        ) from exc
     if not isinstance(body, dict):
         raise InvalidRequestError(f"{endpoint}: the body must be a JSON object")
+    path = _too_deep(body, max_depth)
+    if path is not None:
+        raise InvalidRequestError(f"{path}: nested deeper than {max_depth} levels")
     return body
+
+
+def _too_deep(body: dict[str, Any], max_depth: int) -> str | None:
+    """The first field (dotted path) whose value nests deeper than `max_depth`, else None.
+    Iterative, so checking a deep body cannot itself overflow the stack."""
+    stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > max_depth:
+            return path or "body"
+        if isinstance(value, dict):
+            stack.extend(
+                (v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+            )
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, path) for v in value)
+    return None
+
+
+def check_int(value: Any, name: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """`value` as an int in [low, high]; InvalidRequestError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name}: expected an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name}: must be in [{low}, {high}], got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value for an error message (never a 5,000-digit echo)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None:
@@ -75,9 +128,17 @@ def check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None
             raise InvalidRequestError(f"{endpoint}: unknown field {key!r}")
 
 
-def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
-    """Validates a /generate body; returns Engine.make_requests keyword arguments."""
+def parse_generate(
+    body: dict[str, Any], max_n: int | None = None, max_text_chars: int | None = None
+) -> dict[str, Any]:
+    """Validates a /generate body; returns Engine.make_requests keyword arguments.
+
+    Checks here are the ones the engine cannot make itself (fields it would only trip over
+    inside a step, like a non-integer `priority`) and the server's own limits (`max_n`,
+    `max_text_chars`); the engine validates token ids and sampling parameters."""
     for key, value in body.items():
+        if key in ROUTER_ADDED_FIELDS:
+            continue
         if key in GENERATE_DEFAULT_ONLY:
             if value not in (None, False, [], {}):
                 raise InvalidRequestError(f"{key}: not supported by this server")
@@ -94,6 +155,11 @@ def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
     text_flag = body.get("return_text_in_logprobs", False)
     if not isinstance(text_flag, bool):
         raise InvalidRequestError("return_text_in_logprobs: expected true or false")
+    priority = body.get("priority")
+    if priority is not None:
+        check_int(priority, "priority")
+    _check_text(body.get("text"), max_text_chars)
+    _check_n(body.get("sampling_params"), max_n)
     return {
         "prompt": body.get("text"),
         "input_ids": body.get("input_ids"),
@@ -103,8 +169,31 @@ def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
         "rid": body.get("rid"),
         "stream": stream,
         "return_text_in_logprobs": text_flag,
-        "priority": body.get("priority"),
+        "priority": priority,
     }
+
+
+def _check_text(text: Any, max_chars: int | None) -> None:
+    if max_chars is None or text is None:
+        return
+    for item in text if isinstance(text, list) else [text]:
+        if isinstance(item, str) and len(item) > max_chars:
+            raise InvalidRequestError(
+                f"text: {len(item)} characters; this server tokenises at most {max_chars}"
+            )
+
+
+def _check_n(params: Any, max_n: int | None) -> None:
+    if max_n is None:
+        return
+    for item in params if isinstance(params, list) else [params]:
+        if not isinstance(item, dict):
+            continue
+        n = item.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > max_n:
+            raise InvalidRequestError(
+                f"sampling_params.n: {_show(n)} exceeds this server's limit of {max_n}"
+            )
 
 
 def require(body: dict[str, Any], key: str, kind: type | tuple[type, ...], endpoint: str) -> Any:
@@ -114,34 +203,3 @@ def require(body: dict[str, Any], key: str, kind: type | tuple[type, ...], endpo
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidRequestError(f"{endpoint}: {key!r} has the wrong type")
     return value
-
-
-def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """The client side of `/update_weights_from_tensor`: pickled (name, tensor) pairs, base64.
-
-    SGLang's trainers send the same shape (torch's multiprocessing pickler; CUDA tensors travel as
-    IPC handles to a server on the same GPU)."""
-    return base64.b64encode(pickle.dumps(list(named_tensors))).decode("ascii")
-
-
-def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of `serialize_named_tensors`. The payload is pickle: accept it only from a trusted
-    trainer (set --api-key when the port is reachable by others)."""
-    try:
-        raw = base64.b64decode(payload) if isinstance(payload, str) else payload
-        named = pickle.loads(raw)
-    except Exception as exc:
-        raise InvalidRequestError(f"serialized_named_tensors: cannot decode ({exc})") from exc
-    if isinstance(named, dict):
-        named = list(named.items())
-    if not isinstance(named, list) or not all(
-        isinstance(item, tuple | list)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], torch.Tensor)
-        for item in named
-    ):
-        raise InvalidRequestError(
-            "serialized_named_tensors: expected a list of (name, tensor) pairs"
-        )
-    return [(name, tensor) for name, tensor in named]

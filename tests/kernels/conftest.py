@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rollout_accel.kernels import backend
+
 _HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_overrides():
+    """Tests flip the backend variables with monkeypatch: re-read them around every test."""
+    backend.reload_overrides()
+    yield
+    backend.reload_overrides()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

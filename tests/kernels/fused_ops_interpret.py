@@ -34,6 +34,7 @@ import triton.runtime.interpreter as _interp
 
 from rollout_accel.kernels import fused_ops
 from rollout_accel.kernels import fused_ops_triton as ft
+from rollout_accel.kernels.backend import reload_overrides
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
@@ -258,6 +259,7 @@ def run_silu(gen: torch.Generator) -> None:
 def run_dispatch(gen: torch.Generator) -> None:
     """ROLLOUT_ACCEL_FUSED=triton routes CPU tensors to the (interpreted) kernels."""
     os.environ[fused_ops.ENV_VAR] = "triton"
+    reload_overrides()
     backend = fused_ops.fused_backend(torch.device("cpu"))
     report("dispatch forced triton", backend == "triton", f"backend={backend}")
     x, res, w = (

@@ -20,6 +20,7 @@ import time
 import torch
 
 from rollout_accel.kernels import attention
+from rollout_accel.kernels.backend import reload_overrides
 from rollout_accel.kernels.paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
@@ -174,6 +175,7 @@ def run_prefill(gen: torch.Generator) -> None:
 def run_dispatch(gen: torch.Generator) -> None:
     """ROLLOUT_ACCEL_ATTENTION=triton routes CPU tensors to the (interpreted) Triton kernels."""
     os.environ[attention.ENV_VAR] = "triton"
+    reload_overrides()
     report(
         "dispatch forced triton",
         attention.attention_backend(torch.device("cpu")) == "triton",

@@ -32,6 +32,7 @@ import torch
 
 from rollout_accel.kernels import sampling
 from rollout_accel.kernels import sampling_triton as st
+from rollout_accel.kernels.backend import reload_overrides
 
 # -inf - -inf in the online logsumexp is computed, then discarded by a select; numpy warns.
 warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -213,6 +214,7 @@ def run_dispatch(gen: torch.Generator) -> None:
     top_ps, min_ps = torch.full((batch,), 0.5), torch.full((batch,), 0.1)
     args = (logits, temps, top_ks, top_ps, min_ps, seeds, steps)
     os.environ[sampling.ENV_VAR] = "triton"
+    reload_overrides()
     backend = sampling.sampling_backend(torch.device("cpu"))
     report("dispatch forced triton", backend == "triton", f"backend={backend}")
     fast = sampling.sample_tokens_fast(*args, need_filter=False)
@@ -223,11 +225,17 @@ def run_dispatch(gen: torch.Generator) -> None:
     ref = sampling.sample_tokens(*args, need_filter=True)
     same = all(torch.equal(a, b) for a, b in zip(fast, ref, strict=True))
     report("dispatch need_filter=True -> reference", same, "")
+    half = logits.bfloat16()
+    fast = sampling.sample_tokens_fast(half, *args[1:], need_filter=False)
+    kernel = st.sample(half.float(), temps, seeds, steps)
+    same = all(torch.equal(a, b) for a, b in zip(fast, kernel, strict=True))
+    report("dispatch bf16 logits == kernel on their exact float32 upcast", same, "")
     fast = sampling.sample_tokens_fast(logits.double(), *args[1:], need_filter=False)
     ref = sampling.sample_tokens(logits.double(), *args[1:], need_filter=False)
     same = all(torch.equal(a, b) for a, b in zip(fast, ref, strict=True))
     report("dispatch float64 logits -> reference", same, "")
     del os.environ[sampling.ENV_VAR]
+    reload_overrides()
 
 
 def main(argv: list[str]) -> int:

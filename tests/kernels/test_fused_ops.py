@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import fused_ops
+from rollout_accel.kernels.backend import reload_overrides
 from tests.kernels.interpreter import run_interpreter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +117,7 @@ def test_dispatch_reference_path_on_cpu(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(fused_ops.ENV_VAR, raising=False)
+    reload_overrides()
     x, res, w = (
         torch.randn(3, 64, generator=gen),
         torch.randn(3, 64, generator=gen),
@@ -404,6 +405,7 @@ def test_gpu_silu_and_mul_matches_reference(
 def test_gpu_cuda_graph_replay(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """All four ops (through the dispatch) captured once, replayed on new inputs."""
     monkeypatch.delenv(fused_ops.ENV_VAR, raising=False)
+    reload_overrides()
     t, h, hq, hkv, d, inter, dtype = 64, 1024, 16, 8, 128, 3072, torch.bfloat16
     x = torch.empty(t, h, dtype=dtype, device="cuda")
     res = torch.empty_like(x)
@@ -445,67 +447,9 @@ def test_gpu_cuda_graph_replay(gen: torch.Generator, monkeypatch: pytest.MonkeyP
         torch.cuda.synchronize()
         with monkeypatch.context() as m:
             m.setenv(fused_ops.ENV_VAR, "reference")
+            reload_overrides()
             refs = step()
+        reload_overrides()
         for out, ref in zip(outs, refs, strict=True):
             assert torch.isfinite(out).all()
             assert _ulp_err(out, ref) <= GPU_ULPS, f"seed {gen.initial_seed()}"
-
-
-def _bench_us(fn: Callable[[], Any], calls_per_graph: int = 20) -> tuple[float, float]:
-    """(eager, CUDA-graph) median microseconds per call; the graph holds calls_per_graph calls."""
-    from triton.testing import do_bench
-
-    eager = do_bench(fn, return_mode="median") * 1e3
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    replay = do_bench(graph.replay, return_mode="median") * 1e3 / calls_per_graph
-    return eager, replay
-
-
-@pytest.mark.gpu
-def test_gpu_timing_print(gen: torch.Generator) -> None:
-    """Fused vs reference at decode size (T=256, H=1024, Qwen3-0.6B); prints, asserts nothing."""
-    ft = _triton()
-    t, h, hq, hkv, d, inter, dtype = 256, 1024, 16, 8, 128, 3072, torch.bfloat16
-    x = torch.randn(t, h, generator=gen).to(dtype).cuda()
-    res = torch.randn(t, h, generator=gen).to(dtype).cuda()
-    w, qw, kw = (_weight(gen, n, dtype, "cuda") for n in (h, d, d))
-    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(dtype).cuda()
-    q = qkv[:, : hq * d].view(t, hq, d)
-    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
-    cos, sin = _rope_tables(gen, t, d, "cuda")
-    gate_up = torch.randn(t, 2 * inter, generator=gen).to(dtype).cuda()
-    gate, up = gate_up[:, :inter], gate_up[:, inter:]
-    ops: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-        "rms_norm": (
-            lambda: ft.rms_norm(x, w, 1e-6),
-            lambda: fused_ops.rms_norm_reference(x, w, 1e-6),
-        ),
-        "add_rms_norm": (
-            lambda: ft.add_rms_norm(x, res, w, 1e-6),
-            lambda: fused_ops.add_rms_norm_reference(x, res, w, 1e-6),
-        ),
-        "qk_norm_rope": (
-            lambda: ft.qk_norm_rope(q, k, cos, sin, qw, kw, 1e-6),
-            lambda: fused_ops.qk_norm_rope_reference(q, k, cos, sin, qw, kw, 1e-6),
-        ),
-        "silu_and_mul": (
-            lambda: ft.silu_and_mul(gate, up),
-            lambda: fused_ops.silu_and_mul_reference(gate, up),
-        ),
-    }
-    print(f"\n{torch.cuda.get_device_name()} bf16 T={t} H={h} heads={hq}/{hkv}x{d} I={inter}")
-    print(
-        f"{'op':14s} {'fused eager':>12s} {'ref eager':>10s} {'fused graph':>12s} {'ref graph':>10s}"
-    )
-    for name, (fused, ref) in ops.items():
-        fe, fg = _bench_us(fused)
-        re_, rg = _bench_us(ref)
-        print(f"{name:14s} {fe:10.1f}us {re_:8.1f}us {fg:10.1f}us {rg:8.1f}us")

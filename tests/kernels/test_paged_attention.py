@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import attention
+from rollout_accel.kernels.backend import reload_overrides
 from rollout_accel.kernels.paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
@@ -136,6 +137,7 @@ def test_dispatch_reference_writes_out(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    reload_overrides()
     case = make_case([7, 20], [1, 1], 4, 2, 16, 1, gen=gen)
     out = torch.full_like(case.q, float("nan"))
     res = attention.decode_attention(

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rollout_accel.kernels import sampling
+from rollout_accel.kernels.backend import reload_overrides
 from tests.kernels.interpreter import run_interpreter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +60,7 @@ def test_fast_equals_reference_on_cpu(
 ) -> None:
     """On CPU tensors `sample_tokens_fast` is `sample_tokens`, bit for bit."""
     monkeypatch.delenv(sampling.ENV_VAR, raising=False)
+    reload_overrides()
     batch, vocab = 8, 500
     logits = torch.randn(batch, vocab, generator=gen) * 3
     temps = torch.tensor(TEMPS).repeat(2)
@@ -253,6 +255,7 @@ def test_gpu_distribution(gen: torch.Generator, temp: float) -> None:
 def test_gpu_cuda_graph_replay(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sample_tokens_fast` captured once, replayed on new logits/temperatures/seeds/steps."""
     monkeypatch.delenv(sampling.ENV_VAR, raising=False)
+    reload_overrides()
     batch = 64
     logits = torch.empty(batch, QWEN_VOCAB, device="cuda")
     temps = torch.empty(batch, device="cuda")
@@ -287,40 +290,3 @@ def test_gpu_cuda_graph_replay(gen: torch.Generator, monkeypatch: pytest.MonkeyP
         assert torch.equal(tok, eager_tok) and torch.equal(lp, eager_lp)
         ref_tok, _ = _reference(logits, temps, seeds, steps)
         assert float((tok == ref_tok).float().mean()) >= 0.98, f"seed {gen.initial_seed()}"
-
-
-@pytest.mark.gpu
-def test_gpu_timing_print(gen: torch.Generator) -> None:
-    """Kernel vs torch sampler at decode size (B=256, V=151936, T=1); prints, asserts nothing.
-
-    Also times a few (BLOCK, num_warps) configs of the kernel, for tuning.
-    """
-    from triton.testing import do_bench
-
-    st = _st()
-    batch = 256
-    logits = (torch.randn(batch, QWEN_VOCAB, generator=gen) * 3).cuda()
-    temps = torch.ones(batch, device="cuda")
-    seeds, steps = _seeds(gen, batch, "cuda")
-    filters = _filters(batch, "cuda")
-    tokens = torch.empty(batch, dtype=torch.int64, device="cuda")
-    logprobs = torch.empty(batch, device="cuda")
-    kernel_ms = do_bench(lambda: st.sample(logits, temps, seeds, steps), return_mode="median")
-    ref_ms = do_bench(
-        lambda: sampling.sample_tokens(logits, temps, *filters, seeds, steps, need_filter=False),
-        return_mode="median",
-    )
-    gbps = logits.numel() * 4 / (kernel_ms * 1e-3) / 1e9
-    print(f"\n{torch.cuda.get_device_name()} B={batch} V={QWEN_VOCAB} float32 logits")
-    print(
-        f"triton {kernel_ms * 1e3:8.1f}us ({gbps:.0f} GB/s of logits)  "
-        f"torch {ref_ms * 1e3:8.1f}us  speedup {ref_ms / kernel_ms:.1f}x"
-    )
-    for block, warps in ((1024, 8), (2048, 8), (2048, 16), (4096, 16), (4096, 32)):
-        ms = do_bench(
-            lambda block=block, warps=warps: st._launch(
-                logits, temps, seeds, steps, tokens, logprobs, block, 1, warps
-            ),
-            return_mode="median",
-        )
-        print(f"  BLOCK={block:5d} num_warps={warps:2d}: {ms * 1e3:8.1f}us")
