@@ -43,24 +43,6 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--seed", type=int, default=0, help="preset weight seed and sampling seed base"
     )
-    group.add_argument(
-        "--speculative-algorithm",
-        default=None,
-        choices=["NGRAM"],
-        help="speculative decoding from n-gram drafts (external corpora, siblings, the request)",
-    )
-    group.add_argument(
-        "--speculative-num-draft-tokens",
-        type=int,
-        default=6,
-        help="verify window: the last token plus up to this many - 1 draft tokens",
-    )
-    group.add_argument(
-        "--speculative-ngram-external-corpus-max-tokens",
-        type=int,
-        default=10_000_000,
-        help="token budget of all external corpora (/add_external_corpus)",
-    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -75,11 +57,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "enable_prefix_caching": not args.disable_radix_cache,
         "cuda_graph": not args.disable_cuda_graph,
         "seed": args.seed,
-        "speculative_algorithm": args.speculative_algorithm,
-        "speculative_num_draft_tokens": args.speculative_num_draft_tokens,
-        "speculative_ngram_external_corpus_max_tokens": (
-            args.speculative_ngram_external_corpus_max_tokens
-        ),
     }
 
 

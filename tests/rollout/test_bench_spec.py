@@ -51,9 +51,15 @@ def test_spec_scenario_bad_flag_is_one_line(capsys) -> None:
 
 
 def test_serve_takes_speculative_flags() -> None:
-    args = build_parser().parse_args(
-        ["serve", "--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "4"]
+    from rollout_accel.serving.server.server_args import ServerArgsError, parse_server_args
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--speculative-algorithm", "ngram", "--speculative-num-draft-tokens", "4"]
     )
-    kwargs = engine_kwargs(args)
+    kwargs, _ = parse_server_args(args, engine_kwargs(args))
     assert kwargs["speculative_algorithm"] == "NGRAM"
     assert kwargs["speculative_num_draft_tokens"] == 4
+    args = parser.parse_args(["serve", "--speculative-algorithm", "EAGLE"])
+    with pytest.raises(ServerArgsError, match="--speculative-algorithm=EAGLE"):
+        parse_server_args(args, engine_kwargs(args))
