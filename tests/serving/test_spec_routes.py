@@ -96,7 +96,11 @@ def test_duplicate_and_remove_errors(http) -> None:
         "success": False,
         "message": "corpus_id is required.",
     }
-    r = http.post("/remove_external_corpus", content=b"{not json")
+    r = http.post(
+        "/remove_external_corpus",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
     assert http.post("/remove_external_corpus", json={"corpus_id": "d"}).is_success
     # The server keeps serving generations.
