@@ -63,9 +63,12 @@ def paged_verify_attention_reference(
     visible = (positions[None, None, :] <= q_pos[:, :, None]) & in_seq[:, None, :]
     visible &= live[:, :, None]
     visible = visible.repeat_interleave(group, dim=1)  # [B, Q * G, L]
-    # Padding queries see nothing: attend to everything instead (finite) and drop the result.
-    visible |= ~live.repeat_interleave(group, dim=1)[:, :, None]
-    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    # A query that sees no key (padding, or a seq_len-0 row of a CUDA-graph bucket) gets zeros,
+    # as in the Triton kernel: never NaN, which would reach the KV it writes (slot 0) and, as
+    # 0 * NaN, every query that reads that slot even masked.
+    blind = ~visible.any(dim=-1)  # [B, Q * G]
+    probs = torch.softmax(scores.masked_fill(~(visible | blind[:, :, None])[:, None], -1e30), -1)
+    probs = probs.masked_fill(blind[:, None, :, None], 0.0)
     res = torch.matmul(probs, values)  # [B, Hkv, Q * G, D]
     res = res.view(batch, num_kv_heads, max_q_len, group, head_dim).permute(0, 2, 1, 3, 4)
     res = res.reshape(batch, max_q_len, num_q_heads, head_dim)

@@ -132,6 +132,7 @@ class Engine:
         )
         self.spec = attach_spec(self, spec_config_from(self.config, self.device.type == "cuda"))
         self.scheduler.spec = self.spec
+        self.runner.verify_stride = self.spec.config.num_draft_tokens if self.spec else 0
         self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
         overlap = self.config.overlap_schedule

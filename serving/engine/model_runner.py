@@ -215,6 +215,8 @@ class ModelRunner:
         flushed the prefix cache); graphs go whenever weights or KV move."""
         if ("weights" in tags or "kv_cache" in tags or "cuda_graph" in tags) and self.graphs:
             self.graphs.release()
+            if getattr(self, "verify_graphs", None) is not None:  # serving/spec
+                self.verify_graphs.release()
         if "weights" in tags and "weights" not in self.released:
             for name, param in self.model.named_parameters():
                 self._offloaded[name] = param.data.to("cpu", copy=True)
@@ -247,6 +249,8 @@ class ModelRunner:
         GB of KV alive after `shutdown()`."""
         if self.graphs is not None:
             self.graphs.release()
+        if getattr(self, "verify_graphs", None) is not None:  # serving/spec
+            self.verify_graphs.release()
         if not self.kv_cache.released:
             self.kv_cache.release()
         for param in self.model.parameters():

@@ -18,6 +18,7 @@ waiting prompts to admit does not draft (prefill goes first).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from rollout_accel.serving.engine.request import Request
     from rollout_accel.serving.engine.scheduler import Scheduler
     from rollout_accel.serving.spec.state import SpecState
+    from rollout_accel.serving.spec.verify_graphs import VerifyGraphs
+
+GRAPHS_ENV = "ROLLOUT_ACCEL_VERIFY_GRAPHS"  # "0": verify batches run eagerly on GPUs too
 
 
 def forces_sync(spec: SpecState | None, in_flight: bool) -> bool:
@@ -73,9 +77,35 @@ def schedule_verify(
     return scheduler._commit(Batch(items, slots, len(plain)))
 
 
+def _verify_graphs(runner: ModelRunner, ends: np.ndarray, n: int) -> VerifyGraphs | None:
+    """The runner's verify graphs when this batch can replay them (CUDA graphs on, memory in,
+    the batch within the largest bucket and every row's padded window inside the context)."""
+    stride = getattr(runner, "verify_stride", 0)
+    if (
+        not stride
+        or runner.graphs is None
+        or runner.released
+        or os.environ.get(GRAPHS_ENV, "1") == "0"
+    ):
+        return None
+    graphs = getattr(runner, "verify_graphs", None)
+    if graphs is None:
+        from rollout_accel.serving.spec.verify_graphs import VerifyGraphs
+
+        graphs = VerifyGraphs(
+            runner.model, runner.kv_cache, runner.table, runner.graphs.max_bs, stride
+        )
+        runner.verify_graphs = graphs
+    if not graphs.fits(n) or int(ends.max()) > runner.table.max_context - stride:
+        return None
+    return graphs
+
+
 @torch.inference_mode()
 def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
-    """One eager forward over plain and verify decode rows; results on the host."""
+    """One forward over plain and verify decode rows (a CUDA graph when one fits, else eager);
+    plain rows sampled by the engine's sampler, verify rows by `verify_drafts`; results on the
+    host."""
     from rollout_accel.serving.engine.batch import CompletedStep, StepResult
 
     items = batch.items
@@ -90,7 +120,6 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
     np.cumsum(counts, out=cu[1:])
     total = int(cu[-1])
     ids = np.empty(total, dtype=np.int64)
-    positions = np.empty(total, dtype=np.int64)
     for index, it in enumerate(items):
         lo = int(cu[index])
         last = it.request.token_slice(it.start, it.start + 1)
@@ -98,32 +127,40 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
         ids[lo] = last[0]
         if it.draft:
             ids[lo + 1 : lo + it.count] = it.draft
-        positions[lo : lo + it.count] = np.arange(it.start, it.start + it.count)
     rows = batch.rows
-    token_rows = np.repeat(rows, counts)
-    parts = [ids, positions, rows, ends, cu, batch.slots.numpy(), token_rows]
-    packed = torch.from_numpy(np.concatenate(parts))
+    slots_np = batch.slots.numpy()
+    lens_np = counts - 1
+    drafts_np = np.zeros((n, int(lens_np.max())), dtype=np.int64)
+    for r, it in enumerate(items):
+        if it.draft:
+            drafts_np[r, : len(it.draft)] = it.draft
+    # Per row on the device: table row, sequence end, draft length, drafts.
+    aux = torch.from_numpy(np.concatenate([rows, ends, lens_np, drafts_np.reshape(-1)]))
     if runner.is_cuda:
-        packed = packed.pin_memory().to(dev, non_blocking=True)
-    ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, token_rows_t = torch.split(
-        packed, [p.size for p in parts]
-    )
-    table.req_to_token[token_rows_t, pos_t] = slots_t.to(torch.int32)
-    max_len = int(ends.max())
-    meta = AttentionMetadata(
-        slot_mapping=slots_t,
-        block_table=table.req_to_token[rows_t, :max_len],
-        seq_lens=ends_t.to(torch.int32),
-        cu_q_lens=cu_t.to(torch.int32),
-        page_size=1,
-        is_decode=False,
-        max_q_len=int(counts.max()),
-        num_decode=nd,
-        verify=True,
-    )
-    logits = runner.model.forward_paged(
-        ids_t, pos_t, meta, runner.kv_cache, max_position=max_len - 1
-    )
+        aux = aux.pin_memory().to(dev, non_blocking=True)
+    rows_t, ends_t, lens_t, drafts_t = torch.split(aux, [n, n, n, drafts_np.size])
+    drafts_t = drafts_t.view(n, -1)
+    graphs = _verify_graphs(runner, ends, n)
+    if graphs is not None:
+        stride = graphs.q_stride
+        logits = graphs.run(
+            [ids[cu[r] : cu[r + 1]] for r in range(n)],
+            starts,
+            rows,
+            [slots_np[cu[r] : cu[r + 1]] for r in range(n)],
+        )
+        per_row = logits.view(n, stride, -1)
+        plain_logits = per_row[:nd, 0]
+        verify_logits = per_row[nd:]
+    else:
+        logits = _forward_eager(runner, batch, ids, starts, counts, cu)
+        plain_logits = logits[torch.from_numpy(cu[:nd]).to(dev)]
+        width = int(counts[nd:].max())
+        # Row r, position i scores the token after draft[:i]: logits row cu[r] + i (padded with
+        # the row's last position; padding is ignored through the draft lengths).
+        offsets = np.minimum(np.arange(width)[None, :], counts[nd:, None] - 1)
+        gather = torch.from_numpy((cu[nd:-1, None] + offsets).reshape(-1)).to(dev)
+        verify_logits = logits[gather].view(n - nd, width, -1)
     requests = [it.request for it in items]
     params = [r.params for r in requests]
     vocab = runner.vocab_size
@@ -137,7 +174,7 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
     if nd:
         plain_t, plain_lp = runner.sampler.sample(
             requests[:nd],
-            logits[cu_t[:nd]],
+            plain_logits,
             rows_t[:nd],
             ends_t[:nd],
             ends[:nd] - np.fromiter((len(r.input_ids) for r in requests[:nd]), np.int64, nd),
@@ -148,34 +185,24 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
             write_pos.append(int(ends[i]))
             write_tok.append(tok)
     nv = n - nd
-    width = int(counts[nd:].max())
-    # Row r, position i scores the token after draft[:i]: logits row cu[r] + i (padded with the
-    # row's last position; padding is ignored through the draft lengths).
-    offsets = np.minimum(np.arange(width)[None, :], counts[nd:, None] - 1)
-    gather = torch.from_numpy((cu[nd:-1, None] + offsets).reshape(-1)).to(dev)
-    drafts = np.zeros((nv, width - 1), dtype=np.int64)
-    for r, it in enumerate(items[nd:]):
-        assert it.draft is not None
-        drafts[r, : len(it.draft)] = it.draft
-    lens_np = counts[nd:] - 1
-    aux = torch.from_numpy(np.concatenate([drafts.reshape(-1), lens_np]))
-    if runner.is_cuda:
-        aux = aux.pin_memory().to(dev, non_blocking=True)
-    drafts_t, lens_t = torch.split(aux, [drafts.size, nv])
+    width = verify_logits.shape[1]
     vrows = rows_t[nd:]
     floats = table.row_floats[vrows]
     ints = table.row_ints[vrows]
+    vdrafts = torch.zeros((nv, width - 1), dtype=torch.int64, device=dev)
+    k = min(width - 1, drafts_t.shape[1])
+    vdrafts[:, :k] = drafts_t[nd:, :k]
     result = verify_drafts(
-        logits[gather].view(nv, width, -1),
-        drafts_t.view(nv, width - 1),
-        lens_t,
+        verify_logits,
+        vdrafts,
+        lens_t[nd:],
         temperatures=floats[:, 0],
         top_ks=ints[:, 0],
         top_ps=floats[:, 1],
         min_ps=floats[:, 2],
         seeds=ints[:, 1],
         # Output position of each row's first scored token (sequence position start + 1).
-        steps=ends_t[nd:] - lens_t - ints[:, 2],
+        steps=ends_t[nd:] - lens_t[nd:] - ints[:, 2],
         need_filter=need_filter,
     )
     for r, (emitted, lps) in enumerate(result.emitted()):
@@ -194,6 +221,43 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
         scatter = scatter.pin_memory().to(dev, non_blocking=True)
     table.token_ids[scatter[0], scatter[1]] = scatter[2]
     return CompletedStep(batch, StepResult(tokens, logprobs, {}, extra))
+
+
+def _forward_eager(
+    runner: ModelRunner,
+    batch: Batch,
+    ids: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    cu: np.ndarray,
+) -> torch.Tensor:
+    """The packed forward without graphs: logits of every computed token [total, vocab]."""
+    n = len(counts)
+    positions = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)])
+    ends = starts + counts
+    rows = batch.rows
+    parts = [ids, positions, rows, ends, cu, batch.slots.numpy(), np.repeat(rows, counts)]
+    packed = torch.from_numpy(np.concatenate(parts))
+    if runner.is_cuda:
+        packed = packed.pin_memory().to(runner.device, non_blocking=True)
+    ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, token_rows_t = torch.split(
+        packed, [p.size for p in parts]
+    )
+    runner.table.req_to_token[token_rows_t, pos_t] = slots_t.to(torch.int32)
+    max_len = int(ends.max())
+    meta = AttentionMetadata(
+        slot_mapping=slots_t,
+        block_table=runner.table.req_to_token[rows_t, :max_len],
+        seq_lens=ends_t.to(torch.int32),
+        cu_q_lens=cu_t.to(torch.int32),
+        page_size=1,
+        is_decode=False,
+        max_q_len=int(counts.max()),
+        num_decode=batch.num_decode,
+        verify=True,
+    )
+    assert n == len(batch.items)
+    return runner.model.forward_paged(ids_t, pos_t, meta, runner.kv_cache, max_position=max_len - 1)
 
 
 def settle_verified(scheduler: Scheduler, batch: Batch, result: StepResult, now: float) -> None:

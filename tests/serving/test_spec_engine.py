@@ -210,3 +210,46 @@ def test_speculation_off_by_default() -> None:
         assert not any(k.startswith("spec_") for k in out["meta_info"])
     finally:
         eng.shutdown()
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay runs the captured body eagerly."""
+
+    def __init__(self, owner, bs: int) -> None:
+        self.owner, self.bs = owner, bs
+
+    def replay(self) -> None:
+        self.owner.outputs[self.bs] = self.owner._body(self.bs)
+
+
+def test_graph_layout_matches_eager_verify(engine: Engine) -> None:
+    """The fixed-stride layout of the verify graphs (padding tokens and rows, slot 0, the spare
+    table row) gives the outputs of the packed eager path. Replay is eager here (no GPU)."""
+    from rollout_accel.serving.spec.verify_graphs import VerifyGraphs
+
+    class CpuVerifyGraphs(VerifyGraphs):
+        def capture(self) -> None:
+            self.graphs = {b: _EagerGraph(self, b) for b in self.buckets}
+
+    runner = engine.runner
+    extra = {"temperature": 1.0, "top_p": 0.95}
+    _register_history(engine, extra)
+    spec_eager = _run(engine, _params(40, extra), active=True)
+    graphs = CpuVerifyGraphs(runner.model, runner.kv_cache, runner.table, 12, 5)
+
+    class Stub:  # decode graphs "on" (so verify graphs are used), never fitting a batch
+        max_bs = 12
+
+        def fits(self, batch_size: int) -> bool:
+            return False
+
+    runner.graphs, runner.verify_graphs = Stub(), graphs
+    try:
+        engine.spec.proposer.groups.clear()
+        spec_graph = _run(engine, _params(40, extra), active=True)
+    finally:
+        runner.graphs = None
+        del runner.verify_graphs
+    assert graphs.replays > 0
+    _assert_same(spec_eager, spec_graph)
+    _assert_pool_empty(engine)
