@@ -163,10 +163,10 @@ class Scheduler:
         return self._commit(Batch(items, slots, len(decode)))
 
     def _decode_candidates(self, in_flight: bool) -> list[Request] | None:
-        if forces_sync(self.spec, in_flight):
-            return None  # drafting needs every row's last token on the host
         limit = self.limits.context_length
         ready = [r for r in self.running.values() if r.decode_ready and r.seq_len < limit]
+        if forces_sync(self.spec, in_flight, ready):
+            return None  # a row may draft: its last token must reach the host first
         if in_flight and any(r.inflight and r.needs_host_history for r in ready):
             return None
         return ready

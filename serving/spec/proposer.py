@@ -9,11 +9,13 @@ Sources, per request:
   (c) self: the request's own prompt + output so far (prompt lookup).
 A request that keeps accepting follows its cursor in (a) or (b) with no lookup; after a mismatch
 all sources are looked up and the longest match wins (ties: corpus, siblings, self). A lookup that
-finds nothing backs off (1, 2, 4, ... steps, up to `probe_every`).
+finds nothing backs off (1, 2, 4, ... engine steps, up to `probe_every`).
 
 Adaptivity: each request keeps a decayed count of accepted and rejected draft tokens; it drafts
 k tokens while its per-token acceptance estimate a has a**k >= draft_cost, so a request whose
-drafts fail stops drafting (and probes one token every `probe_every` steps). The batch caps k so
+drafts fail stops drafting and probes one token at every multiple of `probe_every` engine steps
+(all such requests on the same steps, so the steps between stay plain decode steps, overlapped on
+a GPU). `wants_draft` tells the scheduler whether a step may draft at all. The batch caps k so
 rows x (1 + k) stays within `verify_token_budget`.
 
 Requests with repetition/frequency/presence penalties, or still under min_new_tokens, do not
@@ -96,8 +98,8 @@ class RequestDrafts:
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
     cursor: _Cursor | None = None
     synced: int = 0  # output tokens folded into `own` and the cursor
-    idle: int = 0  # steps without drafting (probe clock)
-    backoff: int = 0  # steps to skip lookups after a miss
+    next_probe: int = -1  # engine step at which a request that stopped drafting probes again
+    retry_at: int = 0  # engine step before which lookups are skipped (after a miss)
     next_backoff: int = 1
     verify_ct: int = 0
     draft_token_num: int = 0
@@ -123,6 +125,33 @@ class Proposer:
         )
         self.groups: OrderedDict[Any, NgramIndex] = OrderedDict()
         self.requests: dict[str, RequestDrafts] = {}
+        # Processed engine steps (`tick`). Probes fall on multiples of probe_every for every
+        # request at once, so the steps in between stay plain (and overlapped) decode steps.
+        self.steps = 0
+
+    def tick(self) -> None:
+        """One engine step was processed."""
+        self.steps += 1
+
+    def _next_probe_step(self) -> int:
+        every = self.config.probe_every
+        return (self.steps // every + 1) * every
+
+    def _eligible(self, req: DraftRequest) -> bool:
+        params = req.params
+        return not params.has_penalties and len(req.output_ids) >= params.min_new_tokens
+
+    def wants_draft(self, req: DraftRequest, k_batch: int) -> bool:
+        """Whether `req` may draft at the next step (then its last token must be on the host);
+        cheap, and without side effects."""
+        if k_batch <= 0 or not self._eligible(req):
+            return False
+        st = self.requests.get(req.rid)
+        if st is None:
+            return True
+        if st.tracker.draft_len(k_batch, self.config.draft_cost) == 0:
+            return st.next_probe <= self.steps
+        return st.cursor is not None or st.retry_at <= self.steps
 
     # -- per-request state ------------------------------------------------------------------
 
@@ -180,23 +209,24 @@ class Proposer:
         st = self.state(req)
         self._sync(st, req.output_ids)
         params = req.params
-        if k_batch <= 0 or params.has_penalties or len(req.output_ids) < params.min_new_tokens:
+        if k_batch <= 0 or not self._eligible(req):
             return []
         k = st.tracker.draft_len(k_batch, self.config.draft_cost)
         if k == 0:
-            st.idle += 1
-            if st.idle < self.config.probe_every:
+            if st.next_probe < 0:
+                st.next_probe = self._next_probe_step()
+            if st.next_probe > self.steps:
                 return []
+            st.next_probe = self._next_probe_step()
             k = 1  # probe
+        else:
+            st.next_probe = -1
         if params.max_new_tokens is not None:
             # The bonus token is always emitted: drafts beyond max_new_tokens - 1 are wasted.
             k = min(k, params.max_new_tokens - len(req.output_ids) - 1)
         if k <= 0:
             return []
-        draft = self._draft(st, req, k)
-        if draft:
-            st.idle = 0
-        return draft
+        return self._draft(st, req, k)
 
     def _draft(self, st: RequestDrafts, req: DraftRequest, k: int) -> list[int]:
         cur = st.cursor
@@ -205,8 +235,7 @@ class Proposer:
             if draft:
                 return draft
             st.cursor = None
-        if st.backoff > 0:
-            st.backoff -= 1
+        if st.retry_at > self.steps:
             return []
         best: tuple[str, NgramIndex | None, Match] | None = None
         for source, index in self._sources(st):
@@ -217,7 +246,7 @@ class Proposer:
             if found is not None and (best is None or found.match_len > best[2].match_len):
                 best = (source, index, found)
         if best is None:
-            st.backoff = st.next_backoff
+            st.retry_at = self.steps + st.next_backoff
             st.next_backoff = min(2 * st.next_backoff, self.config.probe_every)
             return []
         st.next_backoff = 1

@@ -38,9 +38,14 @@ if TYPE_CHECKING:
 GRAPHS_ENV = "ROLLOUT_ACCEL_VERIFY_GRAPHS"  # "0": verify batches run eagerly on GPUs too
 
 
-def forces_sync(spec: SpecState | None, in_flight: bool) -> bool:
-    """While speculation is on, a step is scheduled only once the previous one is processed."""
-    return in_flight and spec is not None and spec.active
+def forces_sync(spec: SpecState | None, in_flight: bool, ready: list[Request]) -> bool:
+    """A step in which some row may draft is scheduled only once the previous step is processed
+    (drafting reads each row's last token on the host); other steps overlap as usual."""
+    if not in_flight or spec is None or not spec.active or not ready:
+        return False
+    proposer = spec.proposer
+    k_batch = proposer.batch_draft_len(len(ready))
+    return any(proposer.wants_draft(r, k_batch) for r in ready)
 
 
 def plan_drafts(scheduler: Scheduler, decode: list[Request]) -> list[list[int]] | None:
@@ -48,6 +53,8 @@ def plan_drafts(scheduler: Scheduler, decode: list[Request]) -> list[list[int]] 
     spec = scheduler.spec
     if spec is None or not spec.active or not decode:
         return None
+    if any(r.inflight for r in decode):
+        return None  # a launched step's tokens are not on the host yet: decode plainly
     limits = scheduler.limits
     if scheduler.waiting and len(scheduler.running) < limits.max_running_requests:
         return None  # admit prompts first
@@ -266,6 +273,7 @@ def settle_verified(scheduler: Scheduler, batch: Batch, result: StepResult, now:
     spec = scheduler.spec
     if spec is None:
         return
+    spec.proposer.tick()
     offset = 0
     freed: list[torch.Tensor] = []
     for index, item in enumerate(batch.items):

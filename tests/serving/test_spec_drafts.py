@@ -157,6 +157,7 @@ def _proposer(**cfg: Any) -> Proposer:
 def _emit(prop: Proposer, req: Req, truth: list[int]) -> list[int]:
     """One verify step against `truth`: accept the matching draft prefix, then one token."""
     draft = prop.propose([req])[0]
+    prop.tick()
     pos = len(req.output_ids)
     accepted = 0
     while accepted < len(draft) and draft[accepted] == truth[pos + accepted]:

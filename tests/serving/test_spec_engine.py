@@ -253,3 +253,28 @@ def test_graph_layout_matches_eager_verify(engine: Engine) -> None:
     assert graphs.replays > 0
     _assert_same(spec_eager, spec_graph)
     _assert_pool_empty(engine)
+
+
+def test_overlap_schedule_drafts_only_on_settled_steps() -> None:
+    """With overlap on (the GPU default; the same code path on the CPU), steps where no row may
+    draft stay overlapped and drafting steps wait for the previous step: outputs unchanged."""
+    eng = Engine(
+        "tiny-qwen3",
+        max_running_requests=32,
+        overlap_schedule=True,
+        speculative_algorithm="NGRAM",
+        speculative_num_draft_tokens=4,
+    )
+    try:
+        with torch.no_grad():
+            eng.model.model.norm.weight.mul_(64.0)
+        extra = {"temperature": 1.0}
+        _register_history(eng, extra)
+        eng.spec.proposer.groups.clear()
+        spec = _run(eng, _params(0, extra), active=True)
+        plain = _run(eng, _params(0, extra), active=False)
+        _assert_same(plain, spec)
+        assert eng.spec.totals.accepted_tokens > 0
+        _assert_pool_empty(eng)
+    finally:
+        eng.shutdown()
