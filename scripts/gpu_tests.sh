@@ -7,4 +7,4 @@ pp=$(mktemp -d)
 ln -s "$PWD" "$pp/rollout_accel"
 export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
 # Only modules whose imports exist on a bare GPU image (no FastAPI there).
-python3 -m pytest -q -m gpu -p no:cacheprovider ${*:-tests/kernels tests/serving/test_engine_gpu.py}
+python3 -m pytest -q -m gpu -p no:cacheprovider ${*:-tests/kernels tests/serving/test_engine_gpu.py tests/serving/test_logprob_options_gpu.py tests/serving/test_grammar_gpu.py}

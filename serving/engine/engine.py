@@ -115,7 +115,7 @@ class Engine:
         )
         self._weight_version = self.config.weight_version
         self.requests = RequestFactory(
-            self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed
+            self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed, self.eos_ids
         )
         self.scheduler = Scheduler(
             self.allocator,

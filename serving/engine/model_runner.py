@@ -24,6 +24,7 @@ from rollout_accel.serving.engine.batch import (
     StepResult,
 )
 from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.logprob_options import record_input
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -200,6 +201,7 @@ class ModelRunner:
                 lp = torch.log_softmax(block[:usable].float(), dim=-1)
                 picked = lp.gather(1, torch.tensor(nxt[:usable], device=lp.device)[:, None])
                 input_logprobs[index] = picked.squeeze(1).tolist()
+                record_input(req, lp, it.start + 1)
                 if it.emits_token:
                     sample_index.append(cursor + it.count - 1)
                 cursor += it.count

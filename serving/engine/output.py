@@ -37,20 +37,28 @@ def build_output(
         "e2e_latency": end - req.arrival_time,
     }
     if req.return_logprob:
-        with_text = req.return_text_in_logprobs
+        token_text = tokenizer.token_text if req.return_text_in_logprobs else None
+
+        def triple(logprob: float | None, token_id: int) -> list[Any]:
+            return [logprob, token_id, token_text(token_id) if token_text else None]
+
         meta["output_token_logprobs"] = [
-            [lp, tid, tokenizer.token_text(tid) if with_text else None]
-            for lp, tid in zip(req.output_logprobs, req.output_ids, strict=True)
+            triple(lp, tid) for lp, tid in zip(req.output_logprobs, req.output_ids, strict=True)
         ]
-        start = max(req.logprob_start_len, 0)
-        meta["input_token_logprobs"] = (
-            [
-                [lp, tid, tokenizer.token_text(tid) if with_text else None]
-                for lp, tid in zip(req.input_logprobs[start:], req.input_ids[start:], strict=False)
-            ]
-            if req.logprob_start_len >= 0
-            else []
-        )
+        # SGLang's shape: prompt positions logprob_start_len.. (none by default); the first entry
+        # has no logprob even when logprob_start_len > 0.
+        start = req.logprob_start_len if req.logprob_start_len >= 0 else len(req.input_ids)
+        positions = range(start, len(req.input_ids))
+        known = req.input_logprobs
+        meta["input_token_logprobs"] = [
+            triple(
+                known[p] if index > 0 and p < len(known) else None,
+                req.input_ids[p],
+            )
+            for index, p in enumerate(positions)
+        ]
+        if req.extra_logprobs is not None:
+            meta.update(req.extra_logprobs.meta_fields(positions, len(req.output_ids), token_text))
     return {
         "text": output_text(req, tokenizer, text),
         "output_ids": list(req.output_ids),

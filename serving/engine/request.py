@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout_accel.serving.engine.errors import InvalidRequestError
+from rollout_accel.serving.engine.grammar import GrammarState
+from rollout_accel.serving.engine.logprob_options import ExtraLogprobs
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 
 
@@ -30,6 +33,9 @@ class Request:
     `slots[row, :num_computed]`; the first `prefix_len` of those belong to the radix cache (locked
     through `prefix_node`), the rest to this request. `inflight` tokens were sampled by launched
     steps whose results are not processed yet: the sequence is `fill_ids` plus those.
+    `logprob_start_len` is -1 unless return_logprob asks for prompt logprobs; `input_logprobs[p]`
+    is prompt token p's logprob (None where nothing predicted it); `extra_logprobs` is set only
+    with return_logprob and SGLang's top_logprobs_num / token_ids_logprob.
     """
 
     rid: str
@@ -42,6 +48,8 @@ class Request:
     stream: bool = False
     sink: Callable[[dict[str, Any], bool], None] | None = None
     priority: int = 0
+    extra_logprobs: ExtraLogprobs | None = None
+    grammar: GrammarState | None = None
 
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -64,6 +72,31 @@ class Request:
     inflight: int = 0
     error: dict[str, Any] | None = None
     detok: Any = None  # incremental detokenizer state (streams and stop strings only)
+
+    def __post_init__(self) -> None:
+        if not self.return_logprob:
+            self.logprob_start_len = -1  # SGLang ignores it without return_logprob
+            self.extra_logprobs = None
+        elif self.logprob_start_len > len(self.input_ids):
+            raise InvalidRequestError(
+                f"logprob_start_len: {self.logprob_start_len} is past the prompt's "
+                f"{len(self.input_ids)} tokens"
+            )
+
+    @property
+    def prefix_match_limit(self) -> int:
+        """How many leading tokens the prefix cache may supply: all but the newest, and none from
+        logprob_start_len on (their prompt logprobs must be computed, SGLang's rule too)."""
+        if self.logprob_start_len >= 0:
+            return min(self.fill_len - 1, self.logprob_start_len)
+        return self.fill_len - 1
+
+    def record_input_logprobs(self, first_position: int, values: list[float]) -> None:
+        """Stores prompt logprobs by position (a recomputation after retraction overwrites)."""
+        end = first_position + len(values)
+        if len(self.input_logprobs) < end:
+            self.input_logprobs.extend([None] * (end - len(self.input_logprobs)))
+        self.input_logprobs[first_position:end] = values
 
     @property
     def fill_ids(self) -> list[int]:
@@ -100,8 +133,9 @@ class Request:
     @property
     def needs_host_history(self) -> bool:
         """Sampling its next token needs its output so far on the host (penalties count output
-        tokens), so it cannot be scheduled while a token of it is still in flight."""
-        return self.params.has_penalties
+        tokens; a grammar advances over them), so it cannot be scheduled while a token of it is
+        still in flight."""
+        return self.params.has_penalties or self.grammar is not None
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,8 @@ import uuid
 from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
+from rollout_accel.serving.engine.grammar import make_grammar
+from rollout_accel.serving.engine.logprob_options import make_extra_logprobs, parse_logprob_options
 from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 from rollout_accel.serving.models.tokenizer import TextTokenizer
@@ -21,9 +23,15 @@ class RequestFactory:
     """Builds `Request`s for one engine (its tokenizer, vocabulary and context length)."""
 
     def __init__(
-        self, tokenizer: TextTokenizer, vocab_size: int, context_length: int, seed: int
+        self,
+        tokenizer: TextTokenizer,
+        vocab_size: int,
+        context_length: int,
+        seed: int,
+        eos_ids: tuple[int, ...] = (),
     ) -> None:
         self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self.context_length = context_length
         self._rng = random.Random(seed)
@@ -42,6 +50,8 @@ class RequestFactory:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         priority: int | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        token_ids_logprob: list[int] | list[list[int]] | None = None,
     ) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
@@ -66,6 +76,7 @@ class RequestFactory:
         params_list = self._per_item(sampling_params, count, "sampling_params")
         logprob_list = self._per_item(return_logprob, count, "return_logprob")
         start_list = self._per_item(logprob_start_len, count, "logprob_start_len")
+        extras = parse_logprob_options(top_logprobs_num, token_ids_logprob, count, self.vocab_size)
         rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
         if not isinstance(rid, list) and rid is not None and count > 1:
             raise InvalidRequestError("rid: a batched request needs a list of rids")
@@ -98,6 +109,8 @@ class RequestFactory:
                         return_text_in_logprobs=return_text_in_logprobs,
                         stream=stream,
                         priority=priority or 0,
+                        extra_logprobs=make_extra_logprobs(logprob_list[index], extras[index]),
+                        grammar=make_grammar(params, self.tokenizer, self.vocab_size, self.eos_ids),
                     )
                 )
         if len({r.rid for r in requests}) != len(requests):

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from rollout_accel.kernels.sampling import apply_penalties, sample_tokens_fast
+from rollout_accel.serving.engine.grammar import apply_grammars
 from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.logprob_options import record_output
 from rollout_accel.serving.engine.request import Request
 
 
@@ -44,6 +46,10 @@ class BatchSampler:
             logits = self._penalize(requests, logits)
         if any(p.min_new_tokens for p in params):
             self._ban_early_stops(requests, logits, host_output_positions)
+        if any(r.grammar is not None for r in requests):
+            logits = logits.float()
+            apply_grammars(requests, logits)
+        record_output(requests, logits, host_output_positions)
         if logits.device.type != "cuda" and all(p.greedy for p in params):
             logits = logits.float()
             tokens = torch.argmax(logits, dim=-1)

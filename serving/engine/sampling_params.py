@@ -8,9 +8,9 @@ from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
 
-# Keys SGLang accepts that constrain decoding with a grammar; we refuse them explicitly rather than
-# silently ignoring a constraint the caller relies on.
-_UNSUPPORTED = {"json_schema", "regex", "ebnf", "structural_tag"}
+# SGLang's structural tags are refused explicitly rather than silently ignored (json_schema,
+# regex and ebnf are implemented by engine/grammar.py).
+_UNSUPPORTED = {"structural_tag"}
 # Accepted and ignored: they change nothing in our outputs.
 _IGNORED = {"spaces_between_special_tokens", "stream_interval", "logit_bias", "lora_path"}
 # Integer fields reach the sampler as int64 tensors: anything outside this range would fail inside
@@ -44,6 +44,9 @@ class SamplingParams:
     n: int = 1
     sampling_seed: int | None = None
     custom_params: dict[str, Any] | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -74,14 +77,15 @@ class SamplingParams:
             if key in _UNSUPPORTED:
                 if value is None:
                     continue
-                raise InvalidRequestError(
-                    f"sampling_params.{key}: constrained decoding is not supported"
-                )
+                raise InvalidRequestError(f"sampling_params.{key}: not supported by this server")
             if key not in known:
                 raise InvalidRequestError(f"sampling_params.{key}: unknown key")
             if value is None and key not in (
                 "sampling_seed",
                 "custom_params",
+                "json_schema",
+                "regex",
+                "ebnf",
                 "stop",
                 "stop_token_ids",
             ):
@@ -168,6 +172,14 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"sampling_params.sampling_seed: must be in [-2**63, 2**63 - n], "
                 f"got {_short(self.sampling_seed)}"
+            )
+        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        for key in grammars:
+            if not isinstance(getattr(self, key), str):
+                raise InvalidRequestError(f"sampling_params.{key}: expected a string")
+        if len(grammars) > 1:
+            raise InvalidRequestError(
+                f"sampling_params.{grammars[1]}: give only one of json_schema, regex, ebnf"
             )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise InvalidRequestError("sampling_params.custom_params: expected an object")

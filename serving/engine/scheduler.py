@@ -189,15 +189,19 @@ class Scheduler:
             decode.remove(victim)
         return decode
 
-    def _schedule_prefill(self, num_decode: int) -> tuple[list[ForwardItem], list[torch.Tensor]]:
+    def _schedule_prefill(
+        self, num_decode: int, candidates: list[Request] | None = None
+    ) -> tuple[list[ForwardItem], list[torch.Tensor]]:
         if not self.waiting:
             return [], []
+        if candidates is None:
+            candidates = self.policy.order(self.waiting, self.cache)
         budget = self.limits.max_prefill_tokens
         items: list[ForwardItem] = []
         slot_parts: list[torch.Tensor] = []
         in_batch: set[int] = set()
         active = len(self.running)
-        for req in self.policy.order(self.waiting, self.cache):
+        for req in candidates:
             if budget <= 0:
                 break
             if req.row is None:
@@ -253,11 +257,7 @@ class Scheduler:
             return self._commit(
                 Batch([ForwardItem(req, req.num_computed, 1, True, False)], slots, 1)
             )
-        waiting, self.waiting = self.waiting, [req] if req in self.waiting else []
-        try:
-            items, parts = self._schedule_prefill(0)
-        finally:
-            self.waiting = waiting
+        items, parts = self._schedule_prefill(0, [req] if req in self.waiting else [])
         if not items:
             self.suspects.pop(0)  # nothing to run for it now; it rejoins the normal schedule
             return self.schedule()
@@ -332,9 +332,7 @@ class Scheduler:
             else:
                 self.stats.decode_tokens += 1
             if index in result.input_logprobs:
-                if not req.input_logprobs:
-                    req.input_logprobs.append(None)  # the first prompt token has no logprob
-                req.input_logprobs.extend(result.input_logprobs[index])
+                req.record_input_logprobs(item.start + 1, result.input_logprobs[index])
             if not item.emits_token:
                 continue
             token, logprob = result.tokens[sampled], result.logprobs[sampled]
@@ -390,7 +388,7 @@ class Scheduler:
             (0.0 if params.greedy else params.temperature, params.top_p, params.min_p),
             (params.top_k, req.seed, len(req.input_ids)),
         )
-        slots, node = self.cache.match_prefix(req.fill_ids[:-1])
+        slots, node = self.cache.match_prefix(req.fill_ids[: req.prefix_match_limit])
         self.cache.lock(node)
         req.prefix_node = node
         req.prefix_len = req.num_computed = int(slots.numel())

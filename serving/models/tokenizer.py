@@ -6,7 +6,10 @@ The engine only needs encode, decode, special-token ids and the chat template, s
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import string
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +48,46 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    return {ch: b for b, ch in enumerate(_byte_alphabet())}
+
+
+def _filler_pieces(count: int) -> list[str]:
+    """`count` lowercase letter strings, shortest first, those with a leading space ("Ġ" in the
+    byte alphabet) before the bare ones, as in GPT-style vocabularies: " aa", " ab", ..., "aa",
+    ... Letters and one leading space stay in one ByteLevel pre-token, so a whole piece reaches
+    the model and can match as one token."""
+    pieces: list[str] = []
+    for length in itertools.count(2):
+        words = [
+            "".join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=length)
+        ]
+        for piece in ["Ġ" + word for word in words] + words:
+            pieces.append(piece)
+            if len(pieces) == count:
+                return pieces
+    raise AssertionError("unreachable")
+
+
 def build_byte_level_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE tokenizer with exactly `vocab_size` ids: 256 bytes, the ChatML specials,
-    then filler tokens `<N>` (never produced by encoding; they decode to their name)."""
+    """A byte-level tokenizer with exactly `vocab_size` ids: 256 bytes (ids 0-255), the ChatML
+    specials (256-258), then multi-letter pieces (`_filler_pieces`).
+
+    It is a Unigram model with one score for every piece, so encoding picks the segmentation with
+    the fewest tokens: a piece's own text encodes back to that one piece, i.e. every id from 256
+    up round-trips through decode and encode (clients that re-tokenise outputs count right).
+    Bytes above 127 alone are not valid UTF-8 and cannot round-trip on their own."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise TokenizerError(
             f"vocab_size: need at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
         )
-    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
-    specials = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for i in range(256 + len(SPECIAL_TOKENS), vocab_size):
-        vocab[f"<{i}>"] = i
-    vocab.update(specials)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    pieces = (
+        _byte_alphabet()
+        + list(SPECIAL_TOKENS)
+        + _filler_pieces(vocab_size - 256 - len(SPECIAL_TOKENS))
+    )
+    tok = Tokenizer(models.Unigram([(piece, -1.0) for piece in pieces], None, False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -71,6 +101,8 @@ class TextTokenizer:
         self._tok = tokenizer
         self.config = config or {}
         self.chat_template: str | None = self.config.get("chat_template")
+        # Byte-level pieces (GPT-2 / Qwen style) spell raw bytes in a printable alphabet.
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self.special_ids = frozenset(
             idx for idx, added in tokenizer.get_added_tokens_decoder().items() if added.special
         )
@@ -111,6 +143,26 @@ class TextTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def is_byte_level(self) -> bool:
+        """Whether pieces spell raw bytes in GPT-2's printable alphabet."""
+        return self._byte_level
+
+    def piece(self, token_id: int) -> str | None:
+        """The token's vocabulary entry as stored (byte-alphabet form for byte-level)."""
+        return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's raw bytes (OpenAI's `bytes` field). Byte-level pieces map back exactly,
+        so a lone byte of a multi-byte character keeps its value where `token_text` shows
+        U+FFFD; other tokens fall back to the UTF-8 of their text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and self._byte_level and token_id not in self.special_ids:
+            decoder = _byte_decoder()
+            if all(ch in decoder for ch in piece):
+                return [decoder[ch] for ch in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

@@ -145,10 +145,6 @@ def parse_generate(
             continue
         if key not in GENERATE_FIELDS:
             raise InvalidRequestError(f"unknown field {key!r}")
-    if body.get("top_logprobs_num") not in (None, 0):
-        raise InvalidRequestError("top_logprobs_num: top-k logprobs are not supported")
-    if body.get("token_ids_logprob") is not None:
-        raise InvalidRequestError("token_ids_logprob: not supported")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequestError("stream: expected true or false")
@@ -170,6 +166,8 @@ def parse_generate(
         "stream": stream,
         "return_text_in_logprobs": text_flag,
         "priority": priority,
+        "top_logprobs_num": body.get("top_logprobs_num"),
+        "token_ids_logprob": body.get("token_ids_logprob"),
     }
 
 

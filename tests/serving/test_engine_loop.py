@@ -198,3 +198,35 @@ def test_release_resume_keeps_outputs_and_weight_update_between_changes_them() -
         expected = fresh.generate(input_ids=prompts, sampling_params=greedy)
     assert [o["output_ids"] for o in changed] == [o["output_ids"] for o in expected]
     assert [o["output_ids"] for o in changed] != before
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_transient_failure_runs_suspects_alone_then_resumes(overlap: bool) -> None:
+    """A step that fails once (not because of any request): its requests run alone, pass, and
+    every output equals an undisturbed run."""
+    prompts = _prompts()
+    params = [{"temperature": 0.8, "max_new_tokens": 12, "sampling_seed": i} for i in range(8)]
+    with Engine("tiny-qwen3", overlap_schedule=overlap, max_prefill_tokens=32) as eng:
+        clean = eng.generate(input_ids=prompts, sampling_params=params)
+        assert eng.flush_cache()
+        launch = eng.runner.launch
+        calls = {"n": 0, "failed": 0}
+
+        def flaky(batch: Batch):
+            calls["n"] += 1
+            # Fail a prefill step, then (once the suspects passed alone) a later batched step.
+            late = calls["failed"] == 1 and len(batch.items) > 1 and not eng.scheduler.suspects
+            if calls["n"] == 2 or late:
+                calls["failed"] += 1
+                raise RuntimeError("transient")
+            return launch(batch)
+
+        eng.runner.launch = flaky
+        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in clean]
+        assert calls["failed"] == 2
+        assert eng.scheduler.stats.isolated_failures == 0
+        assert not eng.scheduler.suspects
+        loads = _settled_loads(eng)
+        assert loads["num_used_tokens"] == loads["num_cached_tokens"]
+        assert not any(r for r in eng.scheduler.waiting)
