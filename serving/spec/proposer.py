@@ -18,8 +18,9 @@ drafts fail stops drafting and probes one token at every multiple of `probe_ever
 a GPU). `wants_draft` tells the scheduler whether a step may draft at all. The batch caps k so
 rows x (1 + k) stays within `verify_token_budget`.
 
-Requests with repetition/frequency/presence penalties, or still under min_new_tokens, do not
-draft: their logits depend on the tokens before each position (see `acceptance`).
+Requests with repetition/frequency/presence penalties, still under min_new_tokens, under a
+grammar, or asking for top / token-id logprobs do not draft: their logits (or what is recorded of
+them) depend on the tokens before each position (see `acceptance`).
 """
 
 from __future__ import annotations
@@ -138,8 +139,16 @@ class Proposer:
         return (self.steps // every + 1) * every
 
     def _eligible(self, req: DraftRequest) -> bool:
+        """Rows whose next-token distribution depends only on the logits: no penalties, past
+        min_new_tokens, no grammar (its mask advances per token), no top/ids logprobs (recorded
+        by the plain sampler only)."""
         params = req.params
-        return not params.has_penalties and len(req.output_ids) >= params.min_new_tokens
+        return (
+            not params.has_penalties
+            and len(req.output_ids) >= params.min_new_tokens
+            and getattr(req, "grammar", None) is None
+            and getattr(req, "extra_logprobs", None) is None
+        )
 
     def wants_draft(self, req: DraftRequest, k_batch: int) -> bool:
         """Whether `req` may draft at the next step (then its last token must be on the host);
