@@ -278,3 +278,19 @@ def test_overlap_schedule_drafts_only_on_settled_steps() -> None:
         _assert_pool_empty(eng)
     finally:
         eng.shutdown()
+
+
+def test_top_logprob_rows_do_not_draft(engine: Engine) -> None:
+    extra = {"temperature": 1.0}
+    _register_history(engine, extra)
+    engine.spec.active = True
+    ids = [p for p in _prompts() for _ in range(N_SAMPLES)]
+    kwargs = {"return_logprob": True, "top_logprobs_num": 2}
+    spec = engine.generate(input_ids=ids, sampling_params=_params(0, extra), **kwargs)
+    engine.spec.active = False
+    plain = engine.generate(input_ids=ids, sampling_params=_params(0, extra), **kwargs)
+    _assert_same(plain, spec)
+    for a, b in zip(plain, spec, strict=True):
+        assert b["meta_info"]["spec_draft_token_num"] == 0
+        assert a["meta_info"]["output_top_logprobs"] == b["meta_info"]["output_top_logprobs"]
+    _assert_pool_empty(engine)
