@@ -284,7 +284,8 @@ def settle_verified(scheduler: Scheduler, batch: Batch, result: StepResult, now:
         drafted = len(item.draft) if item.draft else 0
         more_tokens, more_lps = result.extra.get(index, ([], []))
         accepted = len(more_tokens)
-        spec.record_verify(req, drafted, accepted)
+        if drafted or spec.active:  # plain runs of a speculative engine keep no drafting state
+            spec.record_verify(req, drafted, accepted)
         if not drafted:
             continue
         appended = 1
