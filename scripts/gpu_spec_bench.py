@@ -78,12 +78,11 @@ def kernel_timing(torch, rows: int, q_stride: int, context: int) -> dict[str, fl
     table = torch.randperm(slots - 1, device=dev)[: rows * (context + q_stride)].view(rows, -1)
     table = (table + 1).to(torch.int32)
     seq = torch.full((rows,), context + q_stride, device=dev, dtype=torch.int32)
-    q_lens = torch.full((rows,), q_stride, device=dev, dtype=torch.int32)
     q = torch.randn(rows * q_stride, hq, d, device=dev, dtype=dt)
     cu = torch.arange(rows + 1, device=dev, dtype=torch.int32) * q_stride
     scale = d**-0.5
     verify_ms = do_bench(
-        lambda: paged_verify_attention(q, k, v, table, q_lens, seq, 1, scale, q_stride)
+        lambda: paged_verify_attention(q, k, v, table, cu, seq, 1, scale, q_stride)
     )
     prefill_ms = do_bench(
         lambda: paged_prefill_attention(q, k, v, table, cu, seq, 1, scale, q_stride)
