@@ -6,7 +6,8 @@ synthetic long-tail workload, and one table compares them (ratios against sync i
 Other scenarios: `sampler` (history layer vs uniform selection on the trace, no engine),
 `frontier` (train under each policy: time-to-accuracy), `engine` (our engine vs transformers),
 `server` (HTTP vs in-process throughput), `smshare` (prefill/decode SM sharing vs time-sharing,
-GPU only), `kvreuse` (cross-agent KV reuse vs full prefill).
+GPU only), `kvreuse` (cross-agent KV reuse vs full prefill), `spec` (speculative decoding from
+earlier epochs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "smshare", "kvreuse")
+SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "smshare", "kvreuse", "spec")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -264,6 +265,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "server": "rollout_accel.serving.http_benchmark",
         "smshare": "rollout_accel.rollout.bench.smshare_scenario",
         "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
+        "spec": "rollout_accel.rollout.bench.spec",
     }[scenario]
     result = importlib.import_module(module).main(rest)
     return result if isinstance(result, int) else 0

@@ -32,6 +32,7 @@ class ForwardItem:
     emits_token: bool
     is_prefill: bool
     wants_input_logprobs: bool = False
+    draft: list[int] | None = None  # a verify row: count = 1 + len(draft) (serving/spec)
 
 
 @dataclass(slots=True)
@@ -60,6 +61,8 @@ class StepResult:
     tokens: list[int]
     logprobs: list[float]
     input_logprobs: dict[int, list[float]] = field(default_factory=dict)
+    # Verify rows: item index -> the tokens (and logprobs) emitted after `tokens`' entry.
+    extra: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 class StepHandle(Protocol):

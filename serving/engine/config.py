@@ -42,6 +42,11 @@ class EngineConfig:
     kv_reuse_check_layer: int = 1
     kv_reuse_max_chunk_fraction: float = 0.5
     kv_reuse_separator: str | None = None
+    # Speculative decoding (serving/spec): SGLang's NGRAM flags; draft_cost None = by device.
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int = 6
+    speculative_ngram_external_corpus_max_tokens: int = 10_000_000
+    speculative_draft_cost: float | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -75,6 +80,9 @@ class EngineConfig:
             raise ValueError("kv_reuse_check_layer: must be >= 1")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        from rollout_accel.serving.spec.config import spec_config_from
+
+        spec_config_from(self, cuda=False)  # raises ValueError naming a bad speculative flag
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

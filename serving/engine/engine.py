@@ -37,6 +37,8 @@ from rollout_accel.serving.engine.weight_sync import DistributedWeightReceiver
 from rollout_accel.serving.engine.weights import WeightUpdater
 from rollout_accel.serving.models.loader import load_model
 from rollout_accel.serving.models.paged_kv import PagedKVCache
+from rollout_accel.serving.spec.config import spec_config_from
+from rollout_accel.serving.spec.state import attach_spec
 
 log = logging.getLogger(__name__)
 Sink = Callable[[dict[str, Any], bool], None]
@@ -135,6 +137,9 @@ class Engine:
         )
         self.kvreuse = self._make_kvreuse()
         self.scheduler.kvreuse = self.runner.kvreuse = self.kvreuse
+        self.spec = attach_spec(self, spec_config_from(self.config, self.device.type == "cuda"))
+        self.scheduler.spec = self.spec
+        self.runner.verify_stride = self.spec.config.num_draft_tokens if self.spec else 0
         self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
         overlap = self.config.overlap_schedule
@@ -186,6 +191,8 @@ class Engine:
             out: dict[str, Any] = {"error": req.error}
         elif finished:
             out = build_output(req, self.tokenizer, self._weight_version)
+            if self.spec is not None:
+                out["meta_info"].update(self.spec.meta(req))
         else:
             if req.detok is None:
                 req.detok = DetokenizerState()

@@ -29,6 +29,7 @@ from rollout_accel.serving.engine.logprob_options import record_input
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+from rollout_accel.serving.spec.verify_step import launch_verify
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class ModelRunner:
             )
         self.table.flush()
         items = batch.items
+        if items and items[-1].draft is not None:  # verify rows come last (serving/spec)
+            return launch_verify(self, batch)
         emitting = [i for i, it in enumerate(items) if it.emits_token]
         if batch.is_decode_only and self.graphs is not None and self.graphs.fits(len(items)):
             positions = np.fromiter((it.start for it in items), np.int64, len(items))
@@ -218,6 +221,8 @@ class ModelRunner:
         flushed the prefix cache); graphs go whenever weights or KV move."""
         if ("weights" in tags or "kv_cache" in tags or "cuda_graph" in tags) and self.graphs:
             self.graphs.release()
+            if getattr(self, "verify_graphs", None) is not None:  # serving/spec
+                self.verify_graphs.release()
         if "weights" in tags and "weights" not in self.released:
             for name, param in self.model.named_parameters():
                 self._offloaded[name] = param.data.to("cpu", copy=True)
@@ -250,6 +255,8 @@ class ModelRunner:
         GB of KV alive after `shutdown()`."""
         if self.graphs is not None:
             self.graphs.release()
+        if getattr(self, "verify_graphs", None) is not None:  # serving/spec
+            self.verify_graphs.release()
         if not self.kv_cache.released:
             self.kv_cache.release()
         for param in self.model.parameters():

@@ -24,6 +24,12 @@ from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request, RequestStatus
 from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
 from rollout_accel.serving.engine.stop_rules import StopRules
+from rollout_accel.serving.spec.verify_step import (
+    forces_sync,
+    plan_drafts,
+    schedule_verify,
+    settle_verified,
+)
 
 Emit = Callable[[Request, bool], None]
 _FINISHED = RequestStatus.FINISHED
@@ -81,6 +87,7 @@ class Scheduler:
         self._finished: list[Request] = []
         self._prefilling: dict[int, int] = {}  # prompt hash -> last chunks in flight
         self.kvreuse: Any = None  # serving.kvreuse.engine_hook.KVReuse when enabled
+        self.spec: Any = None  # serving.spec.SpecState when speculative decoding is on
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -146,6 +153,9 @@ class Scheduler:
         decode = self._decode_candidates(in_flight)
         if decode is None:
             return None
+        drafts = plan_drafts(self, decode)
+        if drafts is not None and (verify := schedule_verify(self, decode, drafts)) is not None:
+            return verify
         decode_slots = self._alloc(len(decode)) if decode else torch.empty(0, dtype=torch.int64)
         if decode_slots is None:
             if in_flight:
@@ -175,6 +185,8 @@ class Scheduler:
                 and seq_len < limit
             ):
                 ready.append(r)
+        if forces_sync(self.spec, in_flight, ready):
+            return None  # a row may draft: its last token must reach the host first
         if in_flight and any(r.inflight and r.needs_host_history for r in ready):
             return None
         return ready
@@ -280,7 +292,7 @@ class Scheduler:
         for item in batch.items:
             req = item.request
             assert req.row is not None
-            if item.is_prefill:
+            if item.is_prefill or item.draft:
                 self.table.note(req.row, item.start, batch.slots[offset : offset + item.count])
             else:
                 decode_rows.append(req.row)
@@ -357,10 +369,15 @@ class Scheduler:
             except Exception as exc:  # one request's bookkeeping must not fail the others
                 self.fail(req, exc)
         sampled = nd
+        # Then prefill rows and speculative verify rows (their first token here, the accepted
+        # rest in settle_verified below).
         for index in range(nd, len(items)):
             item = items[index]
             req = item.request
-            self.stats.prefill_tokens += item.count
+            if item.is_prefill:
+                self.stats.prefill_tokens += item.count
+            else:
+                self.stats.decode_tokens += 1
             if index in result.input_logprobs:
                 req.record_input_logprobs(item.start + 1, result.input_logprobs[index])
             if not item.emits_token:
@@ -368,14 +385,18 @@ class Scheduler:
             token, logprob = result.tokens[sampled], result.logprobs[sampled]
             sampled += 1
             req.inflight -= 1
-            self._done_prefilling(req)
+            if item.is_prefill:
+                self._done_prefilling(req)
             if req.finished:
                 continue
             try:
-                self._cache_prefix(req, item.start + item.count)
+                if item.is_prefill:
+                    self._cache_prefix(req, item.start + item.count)
                 self._append_token(req, token, logprob, now)
             except Exception as exc:
                 self.fail(req, exc)
+        if self.spec is not None:
+            settle_verified(self, batch, result, now)
         self.release_finished()
 
     def _done_prefilling(self, req: Request) -> None:
@@ -508,3 +529,5 @@ class Scheduler:
                 self.waiting.remove(req)
             self.by_rid.pop(req.rid, None)
             self.emit(req, True)
+            if self.spec is not None:
+                self.spec.on_finished(req)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rollout_accel.kernels.attention import decode_attention, prefill_attention
+from rollout_accel.kernels.verify_attention import verify_attention
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class AttentionMetadata:
     is_decode: bool  # every sequence has exactly one new token
     max_q_len: int = 1
     num_decode: int = 0  # the first num_decode sequences have exactly one new token each
+    verify: bool = False  # every sequence has at most max_q_len (<= 16) new tokens (serving/spec)
 
 
 class PagedKVCache:
@@ -78,6 +80,18 @@ def paged_attention(
     k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
     k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
+    if meta.verify:
+        return verify_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_table,
+            meta.cu_q_lens,
+            meta.seq_lens,
+            meta.page_size,
+            scale,
+            meta.max_q_len,
+        )
     if meta.is_decode:
         return decode_attention(
             q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.page_size, scale

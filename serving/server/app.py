@@ -29,6 +29,7 @@ from rollout_accel.serving.engine import (
     RequestNotFoundError,
 )
 from rollout_accel.serving.server import schemas
+from rollout_accel.serving.server.corpus_routes import router as corpus_router
 from rollout_accel.serving.server.dispatch import (
     run_requests,
     stream_until_disconnect,
@@ -385,4 +386,5 @@ def build_app(
 
     register_openai_routes(app, engine)
     app.include_router(slime_router(engine))  # /server_info, weights checker, profiler, ...
+    app.include_router(corpus_router)  # /add_external_corpus, /remove_..., /list_external_corpora
     return app

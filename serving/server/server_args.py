@@ -68,6 +68,7 @@ _OFF_ONLY_SWITCHES = {
 }
 _PARALLEL = ("tp_size", "dp_size", "pp_size", "ep_size", "nnodes")
 SPECULATIVE_ALGORITHMS = ("NGRAM", "EAGLE", "EAGLE3", "STANDALONE")
+SUPPORTED_SPECULATIVE = ("NGRAM",)  # serving/spec: n-gram drafts, exact verification
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +114,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         type=str.upper,
         help=f"one of {', '.join(SPECULATIVE_ALGORITHMS)} where this engine build supports it",
+    )
+    engine.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        default=None,
+        help="NGRAM: verify window, the last token plus up to this many - 1 drafts (default 6)",
+    )
+    engine.add_argument(
+        "--speculative-ngram-external-corpus-max-tokens",
+        type=int,
+        default=None,
+        help="NGRAM: token budget of all /add_external_corpus corpora (default 10M)",
     )
     # Accepted for compatibility; true here whatever is passed.
     engine.add_argument(
@@ -181,7 +194,15 @@ def parse_server_args(
                 f"--speculative-algorithm={args.speculative_algorithm}: speculative decoding is "
                 "not in this engine build"
             )
+        if args.speculative_algorithm not in SUPPORTED_SPECULATIVE:
+            raise ServerArgsError(
+                f"--speculative-algorithm={args.speculative_algorithm}: not supported by this "
+                f"engine (supported: {', '.join(SUPPORTED_SPECULATIVE)})"
+            )
         kwargs["speculative_algorithm"] = args.speculative_algorithm
+    for flag in ("speculative_num_draft_tokens", "speculative_ngram_external_corpus_max_tokens"):
+        if getattr(args, flag) is not None:
+            kwargs[flag] = getattr(args, flag)
     server = ServerArgs(
         host=args.host,
         port=args.port,

@@ -1,0 +1,307 @@
+"""Per-step drafts for decode rows, from three sources, with per-request adaptivity.
+
+Sources, per request:
+  (a) corpus: the external corpus the request names (`custom_params["spec_corpus_id"]`), e.g.
+      the controller's earlier-epoch responses to this prompt, registered through
+      `/add_external_corpus`;
+  (b) siblings: finished responses of the same group (same prompt, or
+      `custom_params["spec_group"]`), added as they finish (`SpecState.on_finished`);
+  (c) self: the request's own prompt + output so far (prompt lookup).
+A request that keeps accepting follows its cursor in (a) or (b) with no lookup; after a mismatch
+all sources are looked up and the longest match wins (ties: corpus, siblings, self). A lookup that
+finds nothing backs off (1, 2, 4, ... engine steps, up to `probe_every`).
+
+Adaptivity: each request keeps a decayed count of accepted and rejected draft tokens; it drafts
+k tokens while its per-token acceptance estimate a has a**k >= draft_cost, so a request whose
+drafts fail stops drafting and probes one token at every multiple of `probe_every` engine steps
+(all such requests on the same steps, so the steps between stay plain decode steps, overlapped on
+a GPU). `wants_draft` tells the scheduler whether a step may draft at all. The batch caps k so
+rows x (1 + k) stays within `verify_token_budget`.
+
+Requests with repetition/frequency/presence penalties, still under min_new_tokens, under a
+grammar, or asking for top / token-id logprobs do not draft: their logits (or what is recorded of
+them) depend on the tokens before each position (see `acceptance`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rollout_accel.serving.spec.config import SpecConfig
+from rollout_accel.serving.spec.corpus import CorpusRegistry
+from rollout_accel.serving.spec.draft_index import IndexConfig, Match, NgramIndex, SelfIndex
+
+CORPUS_FIELD = "spec_corpus_id"  # custom_params key naming a request's external corpus
+GROUP_FIELD = "spec_group"  # custom_params key naming a request's sibling group
+
+# Prior pseudo-counts of the acceptance estimate: starts at 2/3, and a request whose drafts
+# always fail settles below any draft_cost >= 0.1 (0.5 / (0.5 + 1 / (1 - decay) + 0.25)).
+_PRIOR_HIT, _PRIOR_MISS = 0.5, 0.25
+
+
+class DraftParams(Protocol):
+    custom_params: dict[str, Any] | None
+    has_penalties: bool
+    min_new_tokens: int
+    max_new_tokens: int | None
+
+
+class DraftRequest(Protocol):
+    """What the proposer reads of an engine request."""
+
+    rid: str
+    input_ids: list[int]
+    output_ids: list[int]
+    params: DraftParams
+
+
+@dataclass(slots=True)
+class AcceptanceTracker:
+    """Decayed counts of accepted draft tokens and first rejections."""
+
+    hits: float = 0.0
+    misses: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.hits + _PRIOR_HIT) / (self.hits + self.misses + _PRIOR_HIT + _PRIOR_MISS)
+
+    def record(self, drafted: int, accepted: int, decay: float) -> None:
+        self.hits = self.hits * decay + accepted
+        self.misses = self.misses * decay + (1.0 if accepted < drafted else 0.0)
+
+    def draft_len(self, k_max: int, cost: float) -> int:
+        """Largest k <= k_max with rate**k >= cost (0 when even one token does not pay)."""
+        a = self.rate
+        if a <= cost:
+            return 0
+        return min(k_max, int(math.log(cost) / math.log(a)) if a < 1.0 else k_max)
+
+
+@dataclass(slots=True)
+class _Cursor:
+    source: str
+    index: NgramIndex
+    position: int  # corpus position of the request's next token
+
+
+@dataclass(slots=True)
+class RequestDrafts:
+    """One request's drafting state: sources, the followed cursor, acceptance, counters."""
+
+    corpus_id: str | None
+    group_key: Any
+    own: SelfIndex
+    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    cursor: _Cursor | None = None
+    synced: int = 0  # output tokens folded into `own` and the cursor
+    next_probe: int = -1  # engine step at which a request that stopped drafting probes again
+    retry_at: int = 0  # engine step before which lookups are skipped (after a miss)
+    next_backoff: int = 1
+    verify_ct: int = 0
+    draft_token_num: int = 0
+    accept_token_num: int = 0
+
+
+def group_key_of(req: DraftRequest) -> Any:
+    custom = req.params.custom_params or {}
+    group = custom.get(GROUP_FIELD)
+    if isinstance(group, str) and group:
+        return ("group", group)
+    return ("prompt", len(req.input_ids), hash(tuple(req.input_ids)))
+
+
+class Proposer:
+    """Drafts for a batch of decode rows; owns per-request state and the sibling indexes."""
+
+    def __init__(self, config: SpecConfig, registry: CorpusRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.index_config = IndexConfig(
+            min_anchor=config.min_match, max_anchor=config.max_anchor, max_match=config.max_match
+        )
+        self.groups: OrderedDict[Any, NgramIndex] = OrderedDict()
+        self.requests: dict[str, RequestDrafts] = {}
+        # Processed engine steps (`tick`). Probes fall on multiples of probe_every for every
+        # request at once, so the steps in between stay plain (and overlapped) decode steps.
+        self.steps = 0
+
+    def tick(self) -> None:
+        """One engine step was processed."""
+        self.steps += 1
+
+    def _next_probe_step(self) -> int:
+        every = self.config.probe_every
+        return (self.steps // every + 1) * every
+
+    def _eligible(self, req: DraftRequest) -> bool:
+        """Rows whose next-token distribution depends only on the logits: no penalties, past
+        min_new_tokens, no grammar (its mask advances per token), no top/ids logprobs (recorded
+        by the plain sampler only)."""
+        params = req.params
+        return (
+            not params.has_penalties
+            and len(req.output_ids) >= params.min_new_tokens
+            and getattr(req, "grammar", None) is None
+            and getattr(req, "extra_logprobs", None) is None
+        )
+
+    def wants_draft(self, req: DraftRequest, k_batch: int) -> bool:
+        """Whether `req` may draft at the next step (then its last token must be on the host);
+        cheap, and without side effects."""
+        if k_batch <= 0 or not self._eligible(req):
+            return False
+        st = self.requests.get(req.rid)
+        if st is None:
+            return True
+        if st.tracker.draft_len(k_batch, self.config.draft_cost) == 0:
+            return st.next_probe <= self.steps
+        return st.cursor is not None or st.retry_at <= self.steps
+
+    # -- per-request state ------------------------------------------------------------------
+
+    def state(self, req: DraftRequest) -> RequestDrafts:
+        st = self.requests.get(req.rid)
+        if st is None:
+            custom = req.params.custom_params or {}
+            corpus = custom.get(CORPUS_FIELD)
+            own = SelfIndex(self.index_config)
+            own.extend(req.input_ids)
+            st = RequestDrafts(
+                corpus_id=corpus if isinstance(corpus, str) and corpus else None,
+                group_key=group_key_of(req),
+                own=own,
+            )
+            self.requests[req.rid] = st
+        return st
+
+    def _sync(self, st: RequestDrafts, output: list[int]) -> None:
+        """Fold tokens emitted since the last call into the self index and the cursor."""
+        if len(output) < st.synced:  # cannot happen in the engine; start over if it does
+            st.synced, st.cursor = 0, None
+        new = output[st.synced :]
+        if not new:
+            return
+        st.own.extend(new)
+        cur = st.cursor
+        if cur is not None:
+            if cur.index.follow(cur.position, len(new)) == new and self._live(st, cur):
+                cur.position += len(new)
+            else:
+                st.cursor = None
+        st.synced = len(output)
+
+    def _live(self, st: RequestDrafts, cur: _Cursor) -> bool:
+        """The index a cursor points into is still served (a corpus may have been removed)."""
+        if cur.source == "corpus":
+            return st.corpus_id is not None and self.registry.get(st.corpus_id) is cur.index
+        return self.groups.get(st.group_key) is cur.index
+
+    # -- drafting ---------------------------------------------------------------------------
+
+    def batch_draft_len(self, rows: int) -> int:
+        cfg = self.config
+        if rows <= 0:
+            return 0
+        return max(0, min(cfg.max_drafts, cfg.verify_token_budget // rows - 1))
+
+    def propose(self, batch: Sequence[DraftRequest]) -> list[list[int]]:
+        """Draft tokens per row (possibly empty) for these decode rows."""
+        k_batch = self.batch_draft_len(len(batch))
+        return [self.propose_one(req, k_batch) for req in batch]
+
+    def propose_one(self, req: DraftRequest, k_batch: int) -> list[int]:
+        st = self.state(req)
+        self._sync(st, req.output_ids)
+        params = req.params
+        if k_batch <= 0 or not self._eligible(req):
+            return []
+        k = st.tracker.draft_len(k_batch, self.config.draft_cost)
+        if k == 0:
+            if st.next_probe < 0:
+                st.next_probe = self._next_probe_step()
+            if st.next_probe > self.steps:
+                return []
+            st.next_probe = self._next_probe_step()
+            k = 1  # probe
+        else:
+            st.next_probe = -1
+        if params.max_new_tokens is not None:
+            # The bonus token is always emitted: drafts beyond max_new_tokens - 1 are wasted.
+            k = min(k, params.max_new_tokens - len(req.output_ids) - 1)
+        if k <= 0:
+            return []
+        return self._draft(st, req, k)
+
+    def _draft(self, st: RequestDrafts, req: DraftRequest, k: int) -> list[int]:
+        cur = st.cursor
+        if cur is not None:
+            draft = cur.index.follow(cur.position, k)
+            if draft:
+                return draft
+            st.cursor = None
+        if st.retry_at > self.steps:
+            return []
+        best: tuple[str, NgramIndex | None, Match] | None = None
+        for source, index in self._sources(st):
+            if index is None:
+                found = st.own.lookup(k)
+            else:
+                found = index.lookup(req.output_ids, k)
+            if found is not None and (best is None or found.match_len > best[2].match_len):
+                best = (source, index, found)
+        if best is None:
+            st.retry_at = self.steps + st.next_backoff
+            st.next_backoff = min(2 * st.next_backoff, self.config.probe_every)
+            return []
+        st.next_backoff = 1
+        source, index, found = best
+        if index is not None:
+            st.cursor = _Cursor(source, index, found.cursor)
+        return found.draft
+
+    def _sources(self, st: RequestDrafts) -> list[tuple[str, NgramIndex | None]]:
+        out: list[tuple[str, NgramIndex | None]] = []
+        if st.corpus_id is not None:
+            corpus = self.registry.get(st.corpus_id)
+            if corpus is not None:
+                out.append(("corpus", corpus))
+        group = self.groups.get(st.group_key)
+        if group is not None:
+            out.append(("siblings", group))
+        out.append(("self", None))
+        return out
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    def on_verified(self, req: DraftRequest, drafted: int, accepted: int) -> None:
+        """A decode step of `req` scored `drafted` draft tokens and accepted `accepted`."""
+        st = self.state(req)
+        st.verify_ct += 1
+        if drafted:
+            st.draft_token_num += drafted
+            st.accept_token_num += accepted
+            st.tracker.record(drafted, accepted, self.config.accept_decay)
+
+    def on_finished(self, req: DraftRequest, add_to_group: bool = True) -> RequestDrafts | None:
+        """Drop the request's state; its response joins its group's sibling index."""
+        st = self.requests.pop(req.rid, None)
+        if add_to_group and req.output_ids:
+            key = st.group_key if st is not None else group_key_of(req)
+            self.add_sibling(key, req.output_ids)
+        return st
+
+    def add_sibling(self, key: Any, tokens: Sequence[int]) -> None:
+        index = self.groups.get(key)
+        if index is None:
+            index = self.groups[key] = NgramIndex(self.index_config)
+            while len(self.groups) > self.config.max_groups:
+                self.groups.popitem(last=False)
+        else:
+            self.groups.move_to_end(key)
+        if index.num_tokens + len(tokens) <= self.config.max_group_tokens:
+            index.add_document(tokens)

@@ -1,0 +1,174 @@
+"""Verify steps replayed from CUDA graphs (GPU only).
+
+A verify batch of up to `max_bs` rows is laid out with a fixed stride of Q = num_draft_tokens
+query slots per row: row r's last token and its d <= Q - 1 drafts take slots r * Q .. r * Q + d,
+the rest of its slots are padding tokens (id 0, K/V into the reserved slot 0, positions after the
+row's real ones, so causality hides them from the real queries). Rows are padded up to the
+bucket with the table's spare row and seq_len 0. The graph covers the slot-table update, the
+block-table gather and the forward (verify attention, `kernels/verify_attention*`); sampling and
+acceptance run after it, as in the eager path. Buckets and the memory-pool discipline follow
+`engine/cuda_graphs.DecodeGraphs`; the runner drops these graphs whenever it releases memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.cuda_graphs import batch_buckets
+from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+
+
+class VerifyGraphs:
+    """Captured verify graphs over static inputs; `run` stages a batch and replays."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        max_bs: int,
+        q_stride: int,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.table = table
+        self.max_bs = max_bs
+        self.q_stride = q_stride
+        self.buckets = batch_buckets(max_bs)
+        self.device = table.device
+        self.width = table.max_context
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.replays = 0
+        n = max_bs * q_stride
+        # Per token: ids, positions, table rows, slots; per row: rows, seq_lens. One copy a step.
+        self.static = torch.zeros(4 * n + 2 * max_bs, dtype=torch.int64, device=self.device)
+        self._hosts = [torch.zeros_like(self.static, device="cpu") for _ in range(2)]
+        if self.device.type == "cuda":
+            self._hosts = [h.pin_memory() for h in self._hosts]
+        self._flip = 0
+        self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device) * q_stride
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def fits(self, batch_size: int) -> bool:
+        return 0 < batch_size <= self.max_bs
+
+    def _views(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = self.max_bs * self.q_stride
+        ids, pos, trows, slots = t[:n], t[n : 2 * n], t[2 * n : 3 * n], t[3 * n : 4 * n]
+        rows, seq = t[4 * n : 4 * n + self.max_bs], t[4 * n + self.max_bs :]
+        return ids, pos, trows, slots, rows, seq
+
+    def _body(self, bs: int) -> torch.Tensor:
+        n = bs * self.q_stride
+        ids, pos, trows, slots, rows, seq = self._views(self.static)
+        table = self.table
+        table.req_to_token[trows[:n], pos[:n]] = slots[:n].to(torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=slots[:n],
+            block_table=table.req_to_token.index_select(0, rows[:bs]),
+            seq_lens=seq[:bs].to(torch.int32),
+            cu_q_lens=self.cu_q_lens[: bs + 1],
+            page_size=1,
+            is_decode=False,
+            max_q_len=self.q_stride,
+            num_decode=0,
+            verify=True,
+        )
+        return self.model.forward_paged(
+            ids[:n], pos[:n], meta, self.kv_cache, logit_rows=None, max_position=self.width - 1
+        )
+
+    def _stage_padding(self, host: np.ndarray, start_row: int, end_row: int) -> None:
+        q = self.q_stride
+        ids, pos, trows, slots, rows, seq = self._views_np(host)
+        for arr in (ids, pos, slots):
+            arr[start_row * q : end_row * q] = 0
+        trows[start_row * q : end_row * q] = self.table.pad_row
+        rows[start_row:end_row] = self.table.pad_row
+        seq[start_row:end_row] = 0
+
+    def _views_np(self, host: np.ndarray) -> tuple[np.ndarray, ...]:
+        n = self.max_bs * self.q_stride
+        return (
+            host[:n],
+            host[n : 2 * n],
+            host[2 * n : 3 * n],
+            host[3 * n : 4 * n],
+            host[4 * n : 4 * n + self.max_bs],
+            host[4 * n + self.max_bs :],
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.release()
+        self.model.model.rotary.tables(self.width, self.device)
+        host_t = self._hosts[0]
+        self._stage_padding(host_t.numpy(), 0, self.max_bs)
+        self.static.copy_(host_t)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                self._body(bs)  # warm-up: Triton compiles outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bs] = self._body(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        if not self.graphs and self.pool is None:
+            return
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def run(
+        self,
+        ids: list[np.ndarray],
+        starts: np.ndarray,
+        rows: np.ndarray,
+        slots: list[np.ndarray],
+    ) -> torch.Tensor:
+        """Row r computes tokens `ids[r]` (1 <= len <= Q) at positions starts[r].. into
+        `slots[r]`. Returns logits [bs * Q, vocab]: row r position i at r * Q + i (a view of
+        the graph's output, valid until the next replay)."""
+        if not self.captured:
+            self.capture()
+        bs = len(ids)
+        q = self.q_stride
+        bucket = next(b for b in self.buckets if b >= bs)
+        self._flip ^= 1
+        host_t = self._hosts[self._flip]
+        h_ids, h_pos, h_trows, h_slots, h_rows, h_seq = self._views_np(host_t.numpy())
+        offs = np.arange(q)
+        pos = np.minimum(starts[:, None] + offs[None, :], self.width - 1)
+        h_pos[: bs * q] = pos.reshape(-1)
+        h_trows[: bs * q] = np.repeat(rows, q)
+        h_ids[: bs * q] = 0
+        h_slots[: bs * q] = 0
+        for r in range(bs):
+            k = len(ids[r])
+            h_ids[r * q : r * q + k] = ids[r]
+            h_slots[r * q : r * q + k] = slots[r]
+        h_rows[:bs] = rows
+        h_seq[:bs] = starts + q
+        self._stage_padding(host_t.numpy(), bs, bucket)
+        self.static.copy_(host_t, non_blocking=True)
+        self.graphs[bucket].replay()
+        self.replays += 1
+        return self.outputs[bucket][: bs * q]

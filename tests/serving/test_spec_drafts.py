@@ -1,0 +1,219 @@
+"""Draft indexes, the corpus registry and the proposer's sources and adaptivity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from rollout_accel.serving.spec.config import SpecConfig
+from rollout_accel.serving.spec.corpus import SGLANG_SEPARATOR, CorpusError, CorpusRegistry
+from rollout_accel.serving.spec.draft_index import IndexConfig, NgramIndex, SelfIndex
+from rollout_accel.serving.spec.proposer import CORPUS_FIELD, GROUP_FIELD, Proposer
+
+# -- NgramIndex -------------------------------------------------------------------------------
+
+
+def test_longest_match_wins_over_frequent_short_match() -> None:
+    ix = NgramIndex(IndexConfig(min_anchor=1, max_anchor=3, max_match=8))
+    ix.add_document([1, 2, 3, 4, 5, 6])
+    for _ in range(3):
+        ix.add_document([9, 3, 7, 7, 7])  # "3" is followed by 7 three times
+    m = ix.lookup([1, 2, 3], 3)
+    assert m is not None and m.draft == [4, 5, 6] and m.match_len == 3
+    m = ix.lookup([8, 8, 3], 2)  # only "3" matches: the frequent continuation
+    assert m is not None and m.draft == [7, 7]
+
+
+def test_vote_ties_go_to_latest_and_drafts_stop_at_document_end() -> None:
+    ix = NgramIndex()
+    ix.add_document([5, 6, 1, 2])
+    ix.add_document([5, 6, 3])
+    m = ix.lookup([0, 5, 6], 4)
+    assert m is not None and m.draft == [3]  # tie 1 vs 3: latest; document ends after 3
+    assert ix.follow(m.cursor, 5) == [3]
+
+
+def test_short_context_matches_document_openings() -> None:
+    ix = NgramIndex(IndexConfig(max_anchor=4))
+    ix.add_document([7, 8, 9, 10])
+    ix.add_document([1, 7, 8, 2])
+    m = ix.lookup([], 3)  # nothing generated yet: the openings vote
+    assert m is not None and m.draft in ([7, 8, 9], [1, 7, 8])
+    m = ix.lookup([7], 3)  # "7" opens document 0; mid-document 7 8 2 is not preferred
+    assert m is not None and m.draft == [8, 9, 10]
+
+
+def test_cursor_follows_and_documents_append() -> None:
+    ix = NgramIndex()
+    ix.add_document([1, 2, 3, 4, 5, 6, 7])
+    m = ix.lookup([1, 2], 2)
+    assert m is not None and m.draft == [3, 4]
+    assert ix.follow(m.cursor + 2, 10) == [5, 6, 7]
+    ix.add_document([2, 3, 9])  # positions of the first document do not move
+    assert ix.follow(m.cursor, 3) == [3, 4, 5]
+    assert ix.num_tokens == 10 and ix.num_documents == 2
+    with pytest.raises(ValueError):
+        ix.add_document([1, -3])
+
+
+def test_self_index_finds_earlier_occurrence_only() -> None:
+    own = SelfIndex(IndexConfig(min_anchor=1, max_anchor=3))
+    own.extend([4, 5, 6, 7])
+    assert own.lookup(2) is None  # 7 never occurred before the end
+    own.extend([4, 5])
+    m = own.lookup(3)
+    assert m is not None and m.draft == [6, 7, 4] and m.match_len == 2
+
+
+# -- CorpusRegistry ---------------------------------------------------------------------------
+
+
+def encode(text: str) -> list[int]:
+    return [ord(c) % 100 for c in text]
+
+
+def test_registry_add_list_remove_and_budget() -> None:
+    reg = CorpusRegistry(max_total_tokens=20, vocab_size=100)
+    a = reg.add("a", documents=["hello", "", "abc"], encode=encode)
+    assert a.corpus_id == "a" and a.loaded_token_count == 8
+    b = reg.add(token_chunks=[[1, 2, SGLANG_SEPARATOR, 3], [4]])
+    assert len(b.corpus_id) == 32 and b.loaded_token_count == 4  # generated hex id
+    assert reg.get(b.corpus_id).num_documents == 3  # the separator split the first chunk
+    assert reg.list() == {"a": 8, b.corpus_id: 4}
+    with pytest.raises(CorpusError, match="already exists"):
+        reg.add("a", token_chunks=[[1]])
+    with pytest.raises(CorpusError, match="budget of 20 tokens"):
+        reg.add("c", token_chunks=[list(range(9))])
+    assert "c" not in reg.list()  # refused whole
+    reg.remove("a")
+    reg.remove("never-added")  # SGLang erases silently
+    assert reg.add("c", token_chunks=[list(range(9))]).loaded_token_count == 9
+    assert set(reg.list()) == {b.corpus_id, "c"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, "exactly one of"),
+        ({"documents": ["x"], "token_chunks": [[1]]}, "exactly one of"),
+        ({"token_chunks": [[1, "x"]]}, r"token_chunks\[0\]\[1\]"),
+        ({"token_chunks": [[1, 100]]}, r"token_chunks\[0\]\[1\].*outside the vocabulary"),
+        ({"token_chunks": [[1], 5]}, r"token_chunks\[1\]"),
+        ({"documents": "abc"}, "documents: expected a list"),
+        ({"documents": ["a", 3]}, r"documents\[1\]"),
+        ({"token_chunks": [[]]}, "empty"),
+        ({"file_path": "/no/such/file.jsonl"}, "does not exist"),
+    ],
+)
+def test_registry_errors_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    reg = CorpusRegistry(vocab_size=100)
+    with pytest.raises(CorpusError, match=field):
+        reg.add("x", encode=encode, **kwargs)
+    assert reg.list() == {}
+
+
+def test_registry_reads_jsonl_and_text_files(tmp_path) -> None:
+    reg = CorpusRegistry(vocab_size=100)
+    jl = tmp_path / "c.jsonl"
+    jl.write_text(json.dumps("hi there") + "\n\n" + json.dumps([5, 6, 7]) + "\n")
+    assert reg.add("j", file_path=str(jl), encode=encode).loaded_token_count == 11
+    assert reg.get("j").num_documents == 2
+    txt = tmp_path / "c.txt"
+    txt.write_text("line one\nline two")
+    assert reg.add("t", file_path=str(txt), encode=encode).loaded_token_count == 17
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\n{"text": 1}\n')
+    with pytest.raises(CorpusError, match="line 2"):
+        reg.add("b", file_path=str(bad), encode=encode)
+
+
+# -- Proposer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Params:
+    custom_params: dict[str, Any] | None = None
+    has_penalties: bool = False
+    min_new_tokens: int = 0
+    max_new_tokens: int | None = 100
+
+
+@dataclass
+class Req:
+    rid: str
+    input_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    params: Params = field(default_factory=Params)
+
+
+def _proposer(**cfg: Any) -> Proposer:
+    config = SpecConfig(algorithm="NGRAM", num_draft_tokens=5, **cfg)
+    return Proposer(config, CorpusRegistry(vocab_size=1000))
+
+
+def _emit(prop: Proposer, req: Req, truth: list[int]) -> list[int]:
+    """One verify step against `truth`: accept the matching draft prefix, then one token."""
+    draft = prop.propose([req])[0]
+    prop.tick()
+    pos = len(req.output_ids)
+    accepted = 0
+    while accepted < len(draft) and draft[accepted] == truth[pos + accepted]:
+        accepted += 1
+    prop.on_verified(req, len(draft), accepted)
+    req.output_ids += truth[pos : pos + accepted + 1]
+    return draft
+
+
+def test_corpus_drafts_follow_cursor_and_count() -> None:
+    prop = _proposer()
+    truth = list(range(100, 160))
+    prop.registry.add("p0", token_chunks=[truth])
+    req = Req("r", [1, 2], [truth[0]], Params(custom_params={CORPUS_FIELD: "p0"}))
+    steps = 0
+    while len(req.output_ids) < 50:
+        _emit(prop, req, truth)
+        steps += 1
+    st = prop.requests["r"]
+    assert st.cursor is not None and st.cursor.source == "corpus"
+    assert st.accept_token_num == st.draft_token_num > 0  # the corpus is the truth
+    assert steps <= 50 / 4  # ~k + 1 tokens per verify step
+
+
+def test_bad_drafts_stop_and_probe() -> None:
+    prop = _proposer(probe_every=4)
+    prop.registry.add("p0", token_chunks=[list(range(600))])  # always proposes x -> x + 1
+    truth = list(range(0, 1200, 2))  # but the text goes x -> x + 2, and never repeats
+    req = Req("r", [1], [0], Params(custom_params={CORPUS_FIELD: "p0"}))
+    drafted = [len(_emit(prop, req, truth)) for _ in range(60)]
+    assert drafted[0] == 4  # optimistic start
+    tail = drafted[30:]
+    assert 0 < sum(1 for d in tail if d) <= len(tail) // 4 + 1  # mostly off, probing
+    assert max(tail) <= 1
+    assert prop.requests["r"].accept_token_num == 0
+
+
+def test_siblings_and_batch_cap_and_ineligible_rows() -> None:
+    prop = _proposer(verify_token_budget=8)
+    sib = Req("s1", [3, 3, 3], [50, 51, 52, 53, 54, 55])
+    prop.on_finished(sib)  # a finished sibling of the same prompt
+    req = Req("s2", [3, 3, 3], [50])
+    assert prop.propose([req])[0] == [51, 52, 53, 54]
+    assert prop.requests["s2"].cursor.source == "siblings"
+    other = Req("o", [3, 3, 3], [50], Params(custom_params={GROUP_FIELD: "elsewhere"}))
+    assert prop.propose([other])[0] == []  # another group: no siblings, nothing to copy
+    four = [Req(f"b{i}", [3, 3, 3], [50]) for i in range(4)]
+    assert all(len(d) == 1 for d in prop.propose(four))  # 8 tokens / 4 rows: 1 draft each
+    pen = Req("pen", [3, 3, 3], [50], Params(has_penalties=True))
+    short = Req("mn", [3, 3, 3], [50], Params(min_new_tokens=5))
+    near_end = Req("end", [3, 3, 3], [50], Params(max_new_tokens=3))
+    assert prop.propose([pen])[0] == [] and prop.propose([short])[0] == []
+    assert prop.propose([near_end])[0] == [51]  # max_new_tokens - 1 - 1 more
+
+
+def test_self_source_when_no_corpus() -> None:
+    prop = _proposer()
+    req = Req("r", [9, 8, 7, 6, 5, 4], [9, 8])
+    assert prop.propose([req])[0] == [7, 6, 5, 4]
