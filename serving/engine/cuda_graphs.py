@@ -142,7 +142,9 @@ class DecodeGraphs:
         host[3, :bs] = positions + 1
         host[:, bs:bucket] = 0
         host[1, bs:bucket] = self.table.pad_row
-        self.static[:, :bucket].copy_(host_t[:, :bucket], non_blocking=True)
+        # The whole pinned block (16 bytes a row): a sliced, non-contiguous source would be
+        # staged through pageable memory, and that copy waits for the stream (a full stall).
+        self.static.copy_(host_t, non_blocking=True)
         self.graphs[bucket].replay()
         self.replays += 1
         return self.outputs[bucket][:bs]
