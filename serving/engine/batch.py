@@ -85,8 +85,8 @@ class CompletedStep:
 
 
 class QueuedStep:
-    """A step queued on the GPU: results land in a pinned host buffer ([2, n] float64: tokens,
-    logprobs), then an event fires. `wait()` is idempotent."""
+    """A step queued on the GPU: results land in pinned host memory (`host`, [2, count] float64:
+    tokens, logprobs), then an event fires. `wait()` is idempotent."""
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class QueuedStep:
         """Blocks until the results are on the host; later calls return the same result."""
         if self._result is None:
             self._event.synchronize()
-            values = self._host[:, : self._count].numpy()
+            values = self._host.numpy()
             self._result = StepResult(
                 values[0].astype(np.int64).tolist(), values[1].tolist(), self._input_logprobs
             )

@@ -72,7 +72,7 @@ class ModelRunner:
             # step N+1 is launched. Tokens and logprobs travel together as float64 (token ids
             # are exact in it): one device-to-host copy per step.
             self._results = [
-                torch.zeros((2, table.max_rows), dtype=torch.float64).pin_memory() for _ in range(2)
+                torch.zeros(2 * table.max_rows, dtype=torch.float64).pin_memory() for _ in range(2)
             ]
             self._flip = 0
 
@@ -120,10 +120,13 @@ class ModelRunner:
         self._flip ^= 1
         host = self._results[self._flip]
         count = len(emitting)
-        host[:, :count].copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        # A contiguous prefix of the pinned buffer: a copy into a strided slice would go through
+        # a pageable temporary and block until this step finishes (no overlap at all).
+        packed = host[: 2 * count].view(2, count)
+        packed.copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return QueuedStep(batch, host, event, count, input_logprobs)
+        return QueuedStep(batch, packed, event, count, input_logprobs)
 
     def _forward_eager(
         self, batch: Batch, emitting: list[int]

@@ -351,10 +351,11 @@ class SmShareRunner(ModelRunner):
         self._flip ^= 1
         host = self._results[self._flip]
         count = int(tokens.numel())
-        host[:, :count].copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        packed = host[: 2 * count].view(2, count)
+        packed.copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return QueuedStep(batch, host, event, count, input_logprobs)
+        return QueuedStep(batch, packed, event, count, input_logprobs)
 
     @contextlib.contextmanager
     def _join(self, main: torch.cuda.Stream, preset: Preset) -> Iterator[None]:
