@@ -102,15 +102,22 @@ class Engine:
         )
         self.cache = RadixCache(self.allocator.free, enabled=self.config.enable_prefix_caching)
         graphs = self.config.cuda_graph and self.device.type == "cuda"
-        self.runner = ModelRunner(
-            self.model,
-            self.kv_cache,
-            self.table,
-            self.eos_ids,
-            cuda_graph_max_bs=min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
-            if graphs
-            else 0,
-        )
+        if self.config.pp_size > 1:
+            from rollout_accel.serving.pipeline.runner import PipelineRunner
+
+            self.runner = PipelineRunner.start(self)
+        else:
+            self.runner = ModelRunner(
+                self.model,
+                self.kv_cache,
+                self.table,
+                self.eos_ids,
+                cuda_graph_max_bs=min(
+                    self.config.cuda_graph_max_bs, self.config.max_running_requests
+                )
+                if graphs
+                else 0,
+            )
         self._weight_version = self.config.weight_version
         self.requests = RequestFactory(
             self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed
@@ -128,7 +135,10 @@ class Engine:
             StopRules(self.tokenizer, self.eos_ids, self.context_length),
             self._emit,
         )
-        self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
+        if self.config.pp_size > 1:
+            self.weights = self.runner.weight_updater(self.cache, cfg, self.set_weight_version)
+        else:
+            self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
         overlap = self.config.overlap_schedule
         if overlap is None:

@@ -1,0 +1,369 @@
+"""One pipeline stage's device state and work: its layers' parameters and KV buffers, a mirror of
+the request table, and the forward of its layer range for each micro-batch of a step.
+
+Stage 0 embeds, the last stage runs the final norm, the LM head and the sampler; hidden states
+and the residual stream travel stage to stage on the data group. Layers outside [start, end)
+hold empty parameters and KV (their memory is given back); `send_layer` / `recv_layer` move one
+layer's weights and the K/V of every used slot to a neighbour, and ownership changes right after,
+at a step boundary. KV slot ids are global (stage 0 allocates them): every stage holds its
+layers' K/V for every slot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rollout_accel.kernels.fused_ops import add_rms_norm, rms_norm
+from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.engine.sampler import BatchSampler
+from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.loader import load_named_tensors
+from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+from rollout_accel.serving.pipeline.partition import Bounds, owner_of
+from rollout_accel.serving.pipeline.plan import MicroBatch, StepPlan
+
+
+@dataclass(slots=True)
+class _RowView:
+    """What the sampler reads of a request: its parameters and (for penalties) its outputs."""
+
+    params: Any
+    output_ids: list[int]
+
+
+def names_owned(name: str, stage: int, bounds: Bounds, tied: bool) -> bool:
+    """Whether `stage` holds parameter `name` under `bounds` (tied head: first and last stage)."""
+    last = len(bounds) - 2
+    if name.startswith("model.layers."):
+        return owner_of(bounds, int(name.split(".")[2])) == stage
+    if name == "model.embed_tokens.weight":
+        return stage == 0 or (tied and stage == last)
+    if name == "lm_head.weight":
+        return stage == last or (tied and stage == 0)
+    return stage == last  # model.norm.weight
+
+
+class StageExecutor:
+    """Runs layer range [bounds[stage], bounds[stage + 1]) of `model` for each micro-batch."""
+
+    def __init__(
+        self,
+        stage: int,
+        bounds: Bounds,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        eos_ids: tuple[int, ...],
+        data_group: dist.ProcessGroup,
+        mirror_table: bool,
+    ) -> None:
+        self.stage = stage
+        self.bounds = bounds
+        self.model = model
+        self.kv = kv_cache
+        self.table = table
+        self.mirror_table = mirror_table
+        self.group = data_group
+        self.device = table.device
+        self.is_cuda = self.device.type == "cuda"
+        cfg = model.config
+        self.tied = cfg.tie_word_embeddings
+        self.hidden_size = cfg.hidden_size
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.sampler = BatchSampler(table, cfg.vocab_size, eos_ids)
+        self.samplers: dict[int, Any] = {}
+        self._outputs: dict[int, list[int]] = {}
+        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        owned_kv = next(k for k in kv_cache.k if k.numel())
+        self.kv_shape = tuple(owned_kv.shape)
+        self.kv_dtype = owned_kv.dtype
+        self.released: set[str] = set()
+        self._offloaded: dict[str, torch.Tensor] = {}
+        self.strip()
+
+    # -- ownership ------------------------------------------------------------------------------
+    @property
+    def pp_size(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.pp_size - 1
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return self.bounds[self.stage], self.bounds[self.stage + 1]
+
+    def owns(self, name: str) -> bool:
+        return names_owned(name, self.stage, self.bounds, self.tied)
+
+    def _empty(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=like.dtype, device=like.device)
+
+    def strip(self) -> None:
+        """Gives back the memory of every parameter and KV buffer this stage does not own."""
+        for name, param in self.model.named_parameters():
+            if not self.owns(name):
+                param.data = self._empty(param.data)
+        start, end = self.layer_range
+        for index, layer in enumerate(self.model.model.layers):
+            if not start <= index < end:
+                self._unfuse(layer)
+                self.kv.k[index] = self._empty(self.kv.k[index])
+                self.kv.v[index] = self._empty(self.kv.v[index])
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _unfuse(layer: torch.nn.Module) -> None:
+        layer.self_attn.qkv_weight = None
+        layer.self_attn.qkv_bias = None
+        layer.mlp.gate_up_weight = None
+
+    def _fuse(self, layer: torch.nn.Module) -> None:
+        if self.is_cuda:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_step(
+        self, plan: StepPlan, first_ids: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, list[float]], list[list[float]]]:
+        """This stage's part of a step. Returns (per micro-batch tokens, logprobs) on the last
+        stage, prompt logprobs by item, and per micro-batch timings [layers s, extra s].
+        `first_ids` (stage 0): the step's input ids on the device, decode rows filled in."""
+        if self.mirror_table:
+            for row, start, values in plan.table_writes:
+                self.table.write(row, start, values)
+            for row, floats, ints in plan.row_params:
+                self.table.set_row_params(row, floats, ints)
+            self.table.flush()
+        self.samplers.update(plan.samplers)
+        self._outputs = plan.outputs
+        dev = self.device
+        parts = [plan.token_rows, plan.positions, plan.slots]
+        packed = torch.from_numpy(np.concatenate(parts))
+        if self.is_cuda:
+            packed = packed.pin_memory().to(dev, non_blocking=True)
+        rows_t, pos_t, slots_t = torch.split(packed, [p.size for p in parts])
+        self.table.req_to_token[rows_t, pos_t] = slots_t.to(torch.int32)
+        start, end = self.layer_range
+        layers = self.model.model.layers[start:end]
+        tokens: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        input_lps: dict[int, list[float]] = {}
+        timings: list[list[float]] = []
+        pending: list[Any] = []
+        for mb in plan.micro:
+            lo, hi = mb.tok_lo, mb.tok_hi
+            t_extra = 0.0
+            if self.is_first:
+                t0 = self._now()
+                assert first_ids is not None
+                hidden = self.model.embed(first_ids[lo:hi])
+                residual = None
+                t_extra += self._now() - t0
+            else:
+                hidden = torch.empty((hi - lo, self.hidden_size), dtype=self.dtype, device=dev)
+                residual = torch.empty_like(hidden)
+                dist.recv(hidden, self.stage - 1, group=self.group)
+                dist.recv(residual, self.stage - 1, group=self.group)
+            t0 = self._now()
+            meta, max_len = self._metadata(mb, slots_t[lo:hi])
+            cos, sin = self.model.model.rotary(pos_t[lo:hi], max_position=max_len - 1)
+            for layer in layers:
+                hidden, residual = layer.forward_paged(hidden, residual, cos, sin, meta, self.kv)
+            t_layers = self._now() - t0
+            if self.is_last:
+                t0 = self._now()
+                tok, lp = self._head(mb, hidden, residual, input_lps)
+                tokens.append(tok)
+                logprobs.append(lp)
+                t_extra += self._now() - t0
+            else:
+                assert residual is not None
+                pending.append(dist.isend(hidden.contiguous(), self.stage + 1, group=self.group))
+                pending.append(dist.isend(residual.contiguous(), self.stage + 1, group=self.group))
+            timings.append([t_layers, t_extra])
+        for work in pending:
+            work.wait()
+        return tokens, logprobs, input_lps, timings
+
+    def _now(self) -> float:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _metadata(self, mb: MicroBatch, slots: torch.Tensor) -> tuple[AttentionMetadata, int]:
+        parts = [mb.rows, mb.ends, mb.cu]
+        packed = torch.from_numpy(np.concatenate(parts))
+        if self.is_cuda:
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        rows_t, ends_t, cu_t = torch.split(packed, [p.size for p in parts])
+        max_len = int(mb.ends.max())
+        n = len(mb.rows)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_table=self.table.req_to_token[rows_t, :max_len],
+            seq_lens=ends_t.to(torch.int32),
+            cu_q_lens=cu_t.to(torch.int32),
+            page_size=1,
+            is_decode=mb.num_decode == n,
+            max_q_len=mb.max_q_len,
+            num_decode=mb.num_decode,
+        )
+        return meta, max_len
+
+    def _head(
+        self,
+        mb: MicroBatch,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        input_lps: dict[int, list[float]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm, LM head and sampling for the micro-batch's emitting rows."""
+        dev = self.device
+        if len(mb.emit_rows) == 0 and mb.lp_plan is None:
+            empty = torch.empty(0, device=dev)
+            return empty.long(), empty.float()
+        rows_idx = torch.from_numpy(mb.logit_rows).to(dev)
+        hidden = hidden[rows_idx]
+        norm = self.model.model.norm
+        if residual is None:
+            normed = rms_norm(hidden, norm.weight, norm.eps)
+        else:
+            normed, _ = add_rms_norm(hidden, residual[rows_idx], norm.weight, norm.eps)
+        logits = self.model.lm_head(normed)
+        if mb.lp_plan is not None:
+            sample_index: list[int] = []
+            cursor = 0
+            for index, count, nxt, usable, emits in mb.lp_plan:
+                if usable >= 0:
+                    block = logits[cursor : cursor + count]
+                    lp = torch.log_softmax(block[:usable].float(), dim=-1)
+                    picked = lp.gather(1, torch.tensor(nxt[:usable], device=dev)[:, None])
+                    input_lps[index] = picked.squeeze(1).tolist()
+                    if emits:
+                        sample_index.append(cursor + count - 1)
+                    cursor += count
+                else:
+                    sample_index.append(cursor)
+                    cursor += 1
+            logits = logits[torch.tensor(sample_index, dtype=torch.int64, device=dev)]
+        if len(mb.emit_rows) == 0:
+            empty = torch.empty(0, device=dev)
+            return empty.long(), empty.float()
+        views = [
+            _RowView(self.samplers[int(r)], self._outputs.get(int(r), [])) for r in mb.emit_rows
+        ]
+        both = torch.from_numpy(np.stack([mb.emit_rows, mb.emit_next])).to(dev)
+        return self.sampler.sample(views, logits, both[0], both[1], mb.out_pos)
+
+    # -- layer moves ----------------------------------------------------------------------------
+    def _layer_params(self, layer_index: int) -> list[tuple[str, torch.nn.Parameter]]:
+        prefix = f"model.layers.{layer_index}."
+        layer = self.model.model.layers[layer_index]
+        return [(prefix + n, p) for n, p in layer.named_parameters()]
+
+    def send_layer(self, layer_index: int, dst: int, used: np.ndarray) -> None:
+        """Sends layer `layer_index`'s weights and its K/V for `used` slots to stage `dst`, then
+        gives them up."""
+        dev = self.device
+        idx = torch.from_numpy(used).to(dev)
+        tensors = [p.data.contiguous() for _, p in self._layer_params(layer_index)]
+        tensors += [self.kv.k[layer_index][idx], self.kv.v[layer_index][idx]]
+        works = [dist.isend(t, dst, group=self.group) for t in tensors]
+        for work in works:
+            work.wait()
+        layer = self.model.model.layers[layer_index]
+        for _, param in self._layer_params(layer_index):
+            param.data = self._empty(param.data)
+        self._unfuse(layer)
+        self.kv.k[layer_index] = self._empty(self.kv.k[layer_index])
+        self.kv.v[layer_index] = self._empty(self.kv.v[layer_index])
+
+    def recv_layer(self, layer_index: int, src: int, used: np.ndarray) -> None:
+        """Receives layer `layer_index` (weights, K/V of `used` slots) from stage `src`."""
+        dev = self.device
+        params = self._layer_params(layer_index)
+        for name, param in params:
+            param.data = torch.empty(self.shapes[name], dtype=param.dtype, device=dev)
+        k = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=dev)
+        v = torch.zeros_like(k)
+        k_used = torch.empty((len(used), *self.kv_shape[1:]), dtype=self.kv_dtype, device=dev)
+        v_used = torch.empty_like(k_used)
+        tensors = [p.data for _, p in params] + [k_used, v_used]
+        works = [dist.irecv(t, src, group=self.group) for t in tensors]
+        for work in works:
+            work.wait()
+        idx = torch.from_numpy(used).to(dev)
+        k[idx], v[idx] = k_used, v_used
+        self.kv.k[layer_index], self.kv.v[layer_index] = k, v
+        self._fuse(self.model.model.layers[layer_index])
+
+    def move_layer(self, layer_index: int, src: int, dst: int, used: np.ndarray) -> None:
+        """Every stage calls this for every move; only `src` and `dst` act."""
+        if self.stage == src:
+            self.send_layer(layer_index, dst, used)
+        elif self.stage == dst:
+            self.recv_layer(layer_index, src, used)
+        b = list(self.bounds)
+        if dst == src - 1:
+            b[src] += 1
+        else:
+            b[dst] -= 1
+        self.bounds = tuple(b)
+
+    # -- weights and memory ---------------------------------------------------------------------
+    def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Loads the named tensors this stage owns (callers validated names and shapes)."""
+        mine = [(n, t) for n, t in named if self.owns(n)]
+        return load_named_tensors(self.model, mine) if mine else 0
+
+    def release(self, tags: list[str]) -> None:
+        if "weights" in tags and "weights" not in self.released:
+            for name, param in self.model.named_parameters():
+                if param.numel():
+                    self._offloaded[name] = param.data.to("cpu", copy=True)
+                    param.data = self._empty(param.data)
+            for layer in self.model.model.layers:
+                self._unfuse(layer)
+        if "kv_cache" in tags and "kv_cache" not in self.released:
+            start, end = self.layer_range
+            for i in range(start, end):
+                self.kv.k[i] = self._empty(self.kv.k[i])
+                self.kv.v[i] = self._empty(self.kv.v[i])
+        self.released |= set(tags) & {"weights", "kv_cache"}
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def resume(self, tags: list[str]) -> None:
+        if "weights" in tags and "weights" in self.released:
+            params = dict(self.model.named_parameters())
+            for name, saved in self._offloaded.items():
+                params[name].data = saved.to(self.device)
+            self._offloaded.clear()
+            if self.tied:
+                self.model.lm_head.weight = self.model.model.embed_tokens.weight
+            start, end = self.layer_range
+            for i in range(start, end):
+                self._fuse(self.model.model.layers[i])
+            self.released.discard("weights")
+        if "kv_cache" in tags and "kv_cache" in self.released:
+            start, end = self.layer_range
+            for i in range(start, end):
+                self.kv.k[i] = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=self.device)
+                self.kv.v[i] = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=self.device)
+            self.released.discard("kv_cache")
