@@ -5,6 +5,7 @@ torch.distributed for something else (a trainer, weight sync) does not collide w
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from datetime import timedelta
 from typing import Any
@@ -54,7 +55,5 @@ def recv_object(group: dist.ProcessGroup, src: int) -> Any:
 
 def destroy(*groups: dist.ProcessGroup) -> None:
     for group in dict.fromkeys(groups):
-        try:
+        with contextlib.suppress(Exception):  # a torn-down peer must not block shutdown
             dist.destroy_process_group(group)
-        except Exception:  # a torn-down peer must not block shutdown
-            pass
