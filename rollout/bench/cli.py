@@ -5,7 +5,8 @@ sync, dynamic, partial and history run K RL steps each on the same engine and th
 synthetic long-tail workload, and one table compares them (ratios against sync included).
 Other scenarios: `sampler` (history layer vs uniform selection on the trace, no engine),
 `frontier` (train under each policy: time-to-accuracy), `engine` (our engine vs transformers),
-`server` (HTTP vs in-process throughput).
+`server` (HTTP vs in-process throughput), `pipeline` (pipeline-parallel layer splits: even, best
+static, dynamic rebalancing).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server")
+SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "pipeline")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -261,6 +262,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "frontier": "rollout_accel.rollout.frontier",
         "engine": "rollout_accel.serving.benchmark",
         "server": "rollout_accel.serving.http_benchmark",
+        "pipeline": "rollout_accel.rollout.bench.pipeline_scenario",
     }[scenario]
     result = importlib.import_module(module).main(rest)
     return result if isinstance(result, int) else 0

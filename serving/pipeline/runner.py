@@ -83,6 +83,7 @@ class PipelineRunner:
         self._target: Bounds | None = None
         self._row_owner: dict[int, int] = {}
         self._closed = False
+        self.record_features = False  # keep each step's micro-batch features (benchmarks)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -238,6 +239,8 @@ class PipelineRunner:
                 "bounds": list(self.bounds),
             }
         )
+        if self.record_features:
+            self.history[-1]["micro_features"] = [mb.features for mb in plan.micro]
         if len(self.history) > 100_000:
             del self.history[: len(self.history) // 2]
         if not self.rebalance:
