@@ -86,6 +86,7 @@ def _run_mode(engine: Any, mode: str, work, sampling, bounds) -> dict[str, Any]:
 
     def setup() -> None:
         runner.request_bounds(bounds)
+        runner.finish_moves()  # each mode starts from its split
         runner.rebalance = mode == "dynamic"
         runner.predictor = LatencyPredictor(runner.pp_size)  # every mode learns from scratch
         runner.rebalancer = Rebalancer(runner.model.config.num_hidden_layers, runner.pp_size)

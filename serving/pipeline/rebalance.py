@@ -5,7 +5,7 @@ when to switch to it.
 `Rebalancer` proposes a new partition only when the predicted bottleneck drops by more than
 `threshold` (relative), no sooner than `interval` steps after the last change, and only if the
 last change paid off (the measured bottleneck did not get worse); a change that did not pay off
-doubles the threshold (hysteresis: no flapping between near-equal splits).
+is undone once and doubles the threshold (hysteresis: no flapping between near-equal splits).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Change:
     predicted_gain: float
     measured_before: float
     measured_after: float | None = None
+    revert: bool = False
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class Rebalancer:
     changes: list[Change] = field(default_factory=list)
     _recent: list[float] = field(default_factory=list)
     _last_step: int = -(10**9)
+    _revert_to: Bounds | None = None
 
     def __post_init__(self) -> None:
         self.base_threshold = self.threshold
@@ -81,6 +83,8 @@ class Rebalancer:
             last.measured_after = sum(self._recent) / len(self._recent)
             paid = last.measured_after <= last.measured_before
             self.threshold = self.base_threshold if paid else min(2 * self.threshold, 0.5)
+            if not paid and not last.revert:
+                self._revert_to = last.before
 
     def propose(
         self, step: int, current: Bounds, stage_time: Callable[[int, int], float]
@@ -90,11 +94,20 @@ class Rebalancer:
             return None
         if self.changes and self.changes[-1].measured_after is None:
             return None
+        measured = sum(self._recent) / len(self._recent) if self._recent else 0.0
+        if self._revert_to is not None:
+            # The last change made the measured bottleneck worse: undo it (once).
+            target, self._revert_to = self._revert_to, None
+            if target != current:
+                self.changes.append(Change(step, current, target, 0.0, measured, revert=True))
+                self._last_step = step
+                self._recent.clear()
+                return target
         target = best_bounds(stage_time, self.num_layers, self.pp_size)
         now, then = bottleneck(stage_time, current), bottleneck(stage_time, target)
         if target == current or now <= 0 or (now - then) / now <= self.threshold:
             return None
-        measured = sum(self._recent) / len(self._recent) if self._recent else now
+        measured = measured or now
         self.changes.append(Change(step, current, target, (now - then) / now, measured))
         self._last_step = step
         self._recent.clear()

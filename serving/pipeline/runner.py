@@ -1,7 +1,8 @@
 """Stage 0 of a pipeline-parallel engine: `PipelineRunner` has `ModelRunner`'s contract
 (`launch(batch) -> handle`, `release`, `resume`, `close`), so `EngineLoop` drives it unchanged.
 
-A step's walk: `launch` applies any queued layer moves (a step boundary), peeks the request
+A step's walk: `launch` advances any layer move (a step boundary: the move in flight switches
+owner, the next one starts copying while this step runs), peeks the request
 table's queued host writes and new rows' sampling parameters (the other stages keep mirrors),
 builds a `StepPlan` (the batch cut into micro-batches) and broadcasts it; stage 0 embeds and runs
 its layers micro-batch after micro-batch, sending each on while it starts the next; the last
@@ -81,6 +82,8 @@ class PipelineRunner:
         self.history: list[dict[str, Any]] = []
         self.timeline: list[dict[str, Any]] = [{"step": 0, "bounds": list(executor.bounds)}]
         self._target: Bounds | None = None
+        self._moving: tuple[int, int, int, float, int] | None = None
+        self._delta: list[np.ndarray] = []
         self._row_owner: dict[int, int] = {}
         self._closed = False
         self.record_features = False  # keep each step's micro-batch features (benchmarks)
@@ -167,8 +170,7 @@ class PipelineRunner:
             raise MemoryReleasedError(
                 f"memory is released ({sorted(self.released)}); resume_memory_occupation first"
             )
-        if self._target is not None:
-            self._apply_target()
+        self._advance_moves()
         table = self.table
         # The other stages mirror the table: they get the host writes and new rows' sampling
         # parameters that `flush` is about to apply on this stage's device.
@@ -176,6 +178,8 @@ class PipelineRunner:
         params = [(r, f, i) for r, (f, i) in table._pending_params.items()]
         table.flush()
         plan = build_plan(batch, self.micro_batches, writes, params)
+        if self._moving is not None:
+            self._delta.append(plan.slots)  # KV written while a layer is in flight
         self._attach_sampling(batch, plan)
         t_start = time.perf_counter()
         comm.broadcast_command(self.ctrl, {"kind": "step", "plan": plan})
@@ -257,7 +261,7 @@ class PipelineRunner:
 
     # -- partition changes ----------------------------------------------------------------------
     def request_bounds(self, bounds: Bounds | list[int]) -> None:
-        """Queues a partition (boundaries) to take effect at the next step boundary."""
+        """Queues a partition (boundaries); layers move one per step boundary from the next."""
         bounds = tuple(int(b) for b in bounds)
         cur = self.bounds
         if len(bounds) != len(cur) or bounds[0] != 0 or bounds[-1] != cur[-1]:
@@ -266,33 +270,53 @@ class PipelineRunner:
             raise ValueError(f"bounds: every stage needs at least one layer, got {bounds}")
         self._target = bounds
 
-    def _apply_target(self) -> None:
-        target, self._target = self._target, None
-        assert target is not None
-        if target == self.bounds:
-            return
-        t0 = time.perf_counter()
-        used = used_slots(self.allocator)
-        moves = single_moves(self.bounds, target)
-        for layer, src, dst in moves:
-            command = {"kind": "move", "layer": layer, "src": src, "dst": dst, "used": used}
+    def _advance_moves(self) -> None:
+        """At a step boundary: finish the layer move in flight (ownership switches now), then
+        begin the next one toward the target partition (see `StageExecutor.begin_move`)."""
+        if self._moving is not None:
+            layer, src, dst, t_begin, copied = self._moving
+            self._moving = None
+            delta = np.unique(np.concatenate(self._delta)) if self._delta else np.zeros(0, np.int64)
+            self._delta = []
+            t0 = time.perf_counter()
+            command = {"kind": "move_end", "layer": layer, "src": src, "dst": dst, "delta": delta}
             comm.broadcast_command(self.ctrl, command)
-            self.executor.move_layer(layer, src, dst, used)
-        assert self.bounds == target
-        self.timeline.append(
-            {
-                "step": self.steps,
-                "bounds": list(self.bounds),
-                "moves": len(moves),
-                "seconds": time.perf_counter() - t0,
-                "slots_copied": int(used.size),
-            }
-        )
-        log.info("pipeline partition -> %s (%d layer moves)", list(self.bounds), len(moves))
+            self.executor.end_move(layer, src, dst, delta)
+            now = time.perf_counter()
+            self.timeline.append(
+                {
+                    "step": self.steps,
+                    "bounds": list(self.bounds),
+                    "layer": layer,
+                    "from": src,
+                    "to": dst,
+                    "in_flight_s": now - t_begin,
+                    "switch_s": now - t0,
+                    "slots_copied": copied + int(delta.size),
+                }
+            )
+            log.info(
+                "pipeline: layer %d moved %d -> %d; partition %s", layer, src, dst, self.bounds
+            )
+        if self._target is None or self._target == self.bounds:
+            self._target = None
+            return
+        layer, src, dst = single_moves(self.bounds, self._target)[0]
+        used = used_slots(self.allocator)
+        command = {"kind": "move_begin", "layer": layer, "src": src, "dst": dst, "used": used}
+        comm.broadcast_command(self.ctrl, command)
+        self.executor.begin_move(layer, src, dst, used)
+        self._moving = (layer, src, dst, time.perf_counter(), int(used.size))
+
+    def finish_moves(self) -> None:
+        """Completes every queued move now (between steps: weights, memory, tests)."""
+        while self._moving is not None or self._target is not None:
+            self._advance_moves()
 
     # -- weights and memory ---------------------------------------------------------------------
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
         """Validated named tensors -> the stages owning them."""
+        self.finish_moves()  # a layer in flight would miss the update on its new stage
         ex = self.executor
         others = [
             (n, t.detach().to("cpu"))
@@ -305,6 +329,7 @@ class PipelineRunner:
         return len(named)
 
     def release(self, tags: list[str]) -> None:
+        self.finish_moves()
         comm.broadcast_command(self.ctrl, {"kind": "release", "tags": list(tags)})
         self.executor.release(tags)
         self.released |= set(tags)

@@ -3,9 +3,9 @@ the request table, and the forward of its layer range for each micro-batch of a 
 
 Stage 0 embeds, the last stage runs the final norm, the LM head and the sampler; hidden states
 and the residual stream travel stage to stage on the data group. Layers outside [start, end)
-hold empty parameters and KV (their memory is given back); `send_layer` / `recv_layer` move one
-layer's weights and the K/V of every used slot to a neighbour, and ownership changes right after,
-at a step boundary. KV slot ids are global (stage 0 allocates them): every stage holds its
+hold empty parameters and KV (their memory is given back); `begin_move` / `end_move` move one
+layer's weights and the K/V of every used slot to a neighbour while steps keep running, and
+ownership changes at the next step boundary. KV slot ids are global (stage 0 allocates them): every stage holds its
 layers' K/V for every slot.
 """
 
@@ -79,6 +79,7 @@ class StageExecutor:
         self.sampler = BatchSampler(table, cfg.vocab_size, eos_ids)
         self.samplers: dict[int, Any] = {}
         self._outputs: dict[int, list[int]] = {}
+        self._migration: tuple[int, list[Any], list[torch.Tensor], torch.Tensor] | None = None
         self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         owned_kv = next(k for k in kv_cache.k if k.numel())
         self.kv_shape = tuple(owned_kv.shape)
@@ -276,54 +277,79 @@ class StageExecutor:
         layer = self.model.model.layers[layer_index]
         return [(prefix + n, p) for n, p in layer.named_parameters()]
 
-    def send_layer(self, layer_index: int, dst: int, used: np.ndarray) -> None:
-        """Sends layer `layer_index`'s weights and its K/V for `used` slots to stage `dst`, then
-        gives them up."""
+    # A layer moves in two phases so serving continues while its KV travels:
+    #   begin (step boundary k): the sender snapshots the layer's weights and the K/V of every
+    #     slot in use and posts non-blocking sends (gloo: background threads; NCCL: its own
+    #     stream); the receiver posts the matching receives into staging buffers. Steps keep
+    #     running on the sender, which still owns the layer.
+    #   end (boundary k + 1): the sender also sends the K/V of the slots written since (`delta`,
+    #     the steps in between), the receiver installs weights + K/V, and ownership switches.
+    _MIGRATION_TAG = 1
+
+    def begin_move(self, layer_index: int, src: int, dst: int, used: np.ndarray) -> None:
+        if self.stage not in (src, dst):
+            return
         dev = self.device
         idx = torch.from_numpy(used).to(dev)
-        tensors = [p.data.contiguous() for _, p in self._layer_params(layer_index)]
-        tensors += [self.kv.k[layer_index][idx], self.kv.v[layer_index][idx]]
-        works = [dist.isend(t, dst, group=self.group) for t in tensors]
-        for work in works:
-            work.wait()
-        layer = self.model.model.layers[layer_index]
-        for _, param in self._layer_params(layer_index):
-            param.data = self._empty(param.data)
-        self._unfuse(layer)
-        self.kv.k[layer_index] = self._empty(self.kv.k[layer_index])
-        self.kv.v[layer_index] = self._empty(self.kv.v[layer_index])
-
-    def recv_layer(self, layer_index: int, src: int, used: np.ndarray) -> None:
-        """Receives layer `layer_index` (weights, K/V of `used` slots) from stage `src`."""
-        dev = self.device
-        params = self._layer_params(layer_index)
-        for name, param in params:
-            param.data = torch.empty(self.shapes[name], dtype=param.dtype, device=dev)
-        k = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=dev)
-        v = torch.zeros_like(k)
-        k_used = torch.empty((len(used), *self.kv_shape[1:]), dtype=self.kv_dtype, device=dev)
-        v_used = torch.empty_like(k_used)
-        tensors = [p.data for _, p in params] + [k_used, v_used]
-        works = [dist.irecv(t, src, group=self.group) for t in tensors]
-        for work in works:
-            work.wait()
-        idx = torch.from_numpy(used).to(dev)
-        k[idx], v[idx] = k_used, v_used
-        self.kv.k[layer_index], self.kv.v[layer_index] = k, v
-        self._fuse(self.model.model.layers[layer_index])
-
-    def move_layer(self, layer_index: int, src: int, dst: int, used: np.ndarray) -> None:
-        """Every stage calls this for every move; only `src` and `dst` act."""
         if self.stage == src:
-            self.send_layer(layer_index, dst, used)
-        elif self.stage == dst:
-            self.recv_layer(layer_index, src, used)
+            tensors = [p.data.contiguous() for _, p in self._layer_params(layer_index)]
+            tensors += [self.kv.k[layer_index][idx], self.kv.v[layer_index][idx]]
+            post = dist.isend
+        else:
+            tensors = [
+                torch.empty(self.shapes[name], dtype=p.dtype, device=dev)
+                for name, p in self._layer_params(layer_index)
+            ]
+            shape = (len(used), *self.kv_shape[1:])
+            tensors += [torch.empty(shape, dtype=self.kv_dtype, device=dev) for _ in range(2)]
+            post = dist.irecv
+        peer = dst if self.stage == src else src
+        works = [post(t, peer, group=self.group, tag=self._MIGRATION_TAG) for t in tensors]
+        self._migration = (layer_index, works, tensors, idx)
+
+    def end_move(self, layer_index: int, src: int, dst: int, delta: np.ndarray) -> None:
+        """Finishes the move begun at the previous boundary; every stage calls it."""
+        if self.stage in (src, dst):
+            layer, works, tensors, idx = self._migration
+            assert layer == layer_index, (layer, layer_index)
+            self._migration = None
+            for work in works:
+                work.wait()
+            dev = self.device
+            didx = torch.from_numpy(delta).to(dev)
+            k_cache, v_cache = self.kv.k, self.kv.v
+            if self.stage == src:
+                for t in (k_cache[layer_index][didx], v_cache[layer_index][didx]):
+                    dist.send(t, dst, group=self.group, tag=self._MIGRATION_TAG)
+                self._drop_layer(layer_index)
+            else:
+                shape = (len(delta), *self.kv_shape[1:])
+                k_delta = torch.empty(shape, dtype=self.kv_dtype, device=dev)
+                v_delta = torch.empty_like(k_delta)
+                for t in (k_delta, v_delta):
+                    dist.recv(t, src, group=self.group, tag=self._MIGRATION_TAG)
+                *weights, k_used, v_used = tensors
+                k = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=dev)
+                v = torch.zeros_like(k)
+                k[idx], v[idx] = k_used, v_used
+                k[didx], v[didx] = k_delta, v_delta  # written after the snapshot: newer
+                k_cache[layer_index], v_cache[layer_index] = k, v
+                for (_, param), data in zip(self._layer_params(layer_index), weights, strict=True):
+                    param.data = data
+                self._fuse(self.model.model.layers[layer_index])
         b = list(self.bounds)
         if dst == src - 1:
             b[src] += 1
         else:
             b[dst] -= 1
         self.bounds = tuple(b)
+
+    def _drop_layer(self, layer_index: int) -> None:
+        for _, param in self._layer_params(layer_index):
+            param.data = self._empty(param.data)
+        self._unfuse(self.model.model.layers[layer_index])
+        self.kv.k[layer_index] = self._empty(self.kv.k[layer_index])
+        self.kv.v[layer_index] = self._empty(self.kv.v[layer_index])
 
     # -- weights and memory ---------------------------------------------------------------------
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:

@@ -99,8 +99,10 @@ def _serve(executor: StageExecutor, ctrl) -> None:
                 )
                 reply["input_logprobs"] = input_lps
             comm.send_object(ctrl, reply, 0)
-        elif kind == "move":
-            executor.move_layer(command["layer"], command["src"], command["dst"], command["used"])
+        elif kind == "move_begin":
+            executor.begin_move(command["layer"], command["src"], command["dst"], command["used"])
+        elif kind == "move_end":
+            executor.end_move(command["layer"], command["src"], command["dst"], command["delta"])
         elif kind == "weights":
             executor.load_weights(command["named"])
         elif kind == "release":

@@ -86,8 +86,12 @@ def test_rebalancer_threshold_and_hysteresis() -> None:
     reb.observe(9.0)
     reb.observe(9.0)  # worse than before (measured_before was the prediction, 6): not paid off
     assert reb.threshold == pytest.approx(0.10)
+    assert reb.propose(12, (0, 5, 8), skewed) == (0, 4, 8)  # undone once
+    assert reb.changes[-1].revert
+    reb.observe(9.0)
+    reb.observe(9.0)
 
     def flat(i: int, n: int) -> float:
         return float(n)
 
-    assert reb.propose(20, (0, 4, 8), flat) is None  # already optimal
+    assert reb.propose(40, (0, 4, 8), flat) is None  # already optimal
