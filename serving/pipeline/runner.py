@@ -84,7 +84,7 @@ class PipelineRunner:
         self._target: Bounds | None = None
         self._moving: tuple[int, int, int, float, int] | None = None
         self._delta: list[np.ndarray] = []
-        self._row_owner: dict[int, int] = {}
+        self._row_owner: dict[int, Any] = {}
         self._closed = False
         self.record_features = False  # keep each step's micro-batch features (benchmarks)
 
@@ -217,8 +217,9 @@ class PipelineRunner:
                 continue
             req = it.request
             row = int(req.row)
-            if self._row_owner.get(row) != id(req):
-                self._row_owner[row] = id(req)
+            # Compared by identity while holding the request: ids of freed objects are reused.
+            if self._row_owner.get(row) is not req:
+                self._row_owner[row] = req
                 plan.samplers[row] = req.params
             if req.params.has_penalties:
                 plan.outputs[row] = list(req.output_ids)

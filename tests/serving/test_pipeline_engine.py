@@ -93,6 +93,28 @@ def test_rebalance_with_requests_in_flight(pp_engine: Engine, reference: dict) -
     )
 
 
+def test_automatic_rebalancing_keeps_tokens(pp_engine: Engine, reference: dict) -> None:
+    """The predictor + rebalancer loop on (eager thresholds so it acts on noisy CPU timings)."""
+    from rollout_accel.serving.pipeline.rebalance import Rebalancer
+
+    runner = pp_engine.runner
+
+    def enable() -> None:
+        runner.rebalancer = Rebalancer(4, runner.pp_size, threshold=0.0, interval=3, window=2)
+        runner.rebalance = True
+
+    pp_engine.loop.call(enable)
+    try:
+        out = pp_engine.generate(input_ids=PROMPTS, sampling_params=_params(48))
+    finally:
+        pp_engine.loop.call(lambda: setattr(runner, "rebalance", False))
+        pp_engine.loop.call(runner.finish_moves)
+    assert _ids(out) == reference["long"]
+    report = runner.predictor.report()
+    assert min(report["scored"]) > 0
+    assert all(err == err for err in report["mean_rel_error"])  # measured, not NaN
+
+
 def test_weight_update_follows_layer_owner(pp_engine: Engine, reference: dict) -> None:
     runner = pp_engine.runner
     original = [(n, p.detach().clone()) for n, p in _full_weights(pp_engine)]
