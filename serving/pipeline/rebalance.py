@@ -67,7 +67,7 @@ class Rebalancer:
     base_threshold: float = field(init=False)
     changes: list[Change] = field(default_factory=list)
     _recent: list[float] = field(default_factory=list)
-    _last_step: int = -(10**9)
+    _last_step: int = 0  # the first proposal waits `interval` steps (the predictor warms up)
     _revert_to: Bounds | None = None
 
     def __post_init__(self) -> None:
@@ -82,9 +82,10 @@ class Rebalancer:
         if last is not None and last.measured_after is None and len(self._recent) >= self.window:
             last.measured_after = sum(self._recent) / len(self._recent)
             paid = last.measured_after <= last.measured_before
-            self.threshold = self.base_threshold if paid else min(2 * self.threshold, 0.5)
-            if not paid and not last.revert:
-                self._revert_to = last.before
+            if not last.revert:  # a revert's outcome says nothing about the threshold
+                self.threshold = self.base_threshold if paid else min(2 * self.threshold, 0.5)
+                if not paid:
+                    self._revert_to = last.before
 
     def propose(
         self, step: int, current: Bounds, stage_time: Callable[[int, int], float]

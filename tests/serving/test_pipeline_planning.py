@@ -81,7 +81,8 @@ def test_rebalancer_threshold_and_hysteresis() -> None:
     def skewed(i: int, n: int) -> float:
         return n + (2.0 if i == 1 else 0.0)
 
-    assert reb.propose(0, (0, 4, 8), skewed) == (0, 5, 8)
+    assert reb.propose(2, (0, 4, 8), skewed) is None  # the predictor warms up first
+    assert reb.propose(4, (0, 4, 8), skewed) == (0, 5, 8)
     assert reb.propose(10, (0, 5, 8), skewed) is None  # waiting for the payoff window
     reb.observe(9.0)
     reb.observe(9.0)  # worse than before (measured_before was the prediction, 6): not paid off
