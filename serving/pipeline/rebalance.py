@@ -67,7 +67,7 @@ class Rebalancer:
     base_threshold: float = field(init=False)
     changes: list[Change] = field(default_factory=list)
     _recent: list[float] = field(default_factory=list)
-    _last_step: int = 0  # the first proposal waits `interval` steps (the predictor warms up)
+    _last_step: int | None = None  # the first proposal waits `interval` steps (warm-up)
     _revert_to: Bounds | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +91,8 @@ class Rebalancer:
         self, step: int, current: Bounds, stage_time: Callable[[int, int], float]
     ) -> Bounds | None:
         """A better partition, or None (too soon, not enough gain, or waiting for the payoff)."""
+        if self._last_step is None:
+            self._last_step = step
         if step - self._last_step < self.interval:
             return None
         if self.changes and self.changes[-1].measured_after is None:

@@ -203,7 +203,9 @@ class StageExecutor:
 
     def _now(self) -> float:
         if self.is_cuda:
-            torch.cuda.synchronize(self.device)
+            # The compute stream only: a device-wide sync would also wait for NCCL sends in
+            # flight (a layer's KV being moved), which must overlap the step.
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
     def _metadata(self, mb: MicroBatch, slots: torch.Tensor) -> tuple[AttentionMetadata, int]:

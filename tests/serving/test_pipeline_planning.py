@@ -81,13 +81,14 @@ def test_rebalancer_threshold_and_hysteresis() -> None:
     def skewed(i: int, n: int) -> float:
         return n + (2.0 if i == 1 else 0.0)
 
-    assert reb.propose(2, (0, 4, 8), skewed) is None  # the predictor warms up first
-    assert reb.propose(4, (0, 4, 8), skewed) == (0, 5, 8)
-    assert reb.propose(10, (0, 5, 8), skewed) is None  # waiting for the payoff window
+    assert reb.propose(100, (0, 4, 8), skewed) is None  # the predictor warms up first
+    assert reb.propose(102, (0, 4, 8), skewed) is None
+    assert reb.propose(104, (0, 4, 8), skewed) == (0, 5, 8)
+    assert reb.propose(110, (0, 5, 8), skewed) is None  # waiting for the payoff window
     reb.observe(9.0)
     reb.observe(9.0)  # worse than before (measured_before was the prediction, 6): not paid off
     assert reb.threshold == pytest.approx(0.10)
-    assert reb.propose(12, (0, 5, 8), skewed) == (0, 4, 8)  # undone once
+    assert reb.propose(112, (0, 5, 8), skewed) == (0, 4, 8)  # undone once
     assert reb.changes[-1].revert
     reb.observe(9.0)
     reb.observe(9.0)
@@ -95,4 +96,4 @@ def test_rebalancer_threshold_and_hysteresis() -> None:
     def flat(i: int, n: int) -> float:
         return float(n)
 
-    assert reb.propose(40, (0, 4, 8), flat) is None  # already optimal
+    assert reb.propose(140, (0, 4, 8), flat) is None  # already optimal
