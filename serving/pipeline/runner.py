@@ -36,7 +36,7 @@ from rollout_accel.serving.pipeline.partition import (
 from rollout_accel.serving.pipeline.plan import StepPlan, build_plan
 from rollout_accel.serving.pipeline.rebalance import Rebalancer
 from rollout_accel.serving.pipeline.stage import StageExecutor, names_owned
-from rollout_accel.serving.pipeline.worker import WorkerSpec, worker_main
+from rollout_accel.serving.pipeline.worker import WorkerSpec, send_weights, worker_main
 
 if TYPE_CHECKING:
     from rollout_accel.serving.engine.engine import Engine
@@ -121,9 +121,9 @@ class PipelineRunner:
                 ports=ports,
                 backend=backend,
                 timeout_s=timeout_s,
-                model_path=config.model_path,
-                dtype=config.dtype,
-                seed=config.seed,
+                config=engine.model_config,
+                dtype=engine.dtype,
+                rotary_dtype=engine.model.model.rotary.inv_freq.dtype,
                 device=f"cuda:{base + stage}" if is_cuda else "cpu",
                 num_slots=engine.kv_cache.num_slots,
                 max_rows=engine.table.max_rows,
@@ -135,6 +135,8 @@ class PipelineRunner:
             proc.start()
             processes.append(proc)
         ctrl, data = comm.join_groups(ports, 0, pp, backend, timeout_s)
+        for stage in range(1, pp):
+            send_weights(engine.model, stage, bounds, data)
         for stage in range(1, pp):
             reply = comm.recv_object(ctrl, stage)
             if "error" in reply:

@@ -62,6 +62,7 @@ class StageExecutor:
         eos_ids: tuple[int, ...],
         data_group: dist.ProcessGroup,
         mirror_table: bool,
+        shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.stage = stage
         self.bounds = bounds
@@ -80,7 +81,8 @@ class StageExecutor:
         self.samplers: dict[int, Any] = {}
         self._outputs: dict[int, list[int]] = {}
         self._migration: tuple[int, list[Any], list[torch.Tensor], torch.Tensor] | None = None
-        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        # Full shapes of every parameter (a worker's skeleton holds only its own).
+        self.shapes = shapes or {name: tuple(p.shape) for name, p in model.named_parameters()}
         owned_kv = next(k for k in kv_cache.k if k.numel())
         self.kv_shape = tuple(owned_kv.shape)
         self.kv_dtype = owned_kv.dtype

@@ -1,5 +1,7 @@
-"""A worker stage (1..pp_size-1): a spawned process that loads the model, keeps its layer range,
-and executes stage 0's commands (steps, layer moves, weights, memory) until told to stop."""
+"""A worker stage (1..pp_size-1): a spawned process that builds the model's skeleton, receives the
+weights of its layer range from stage 0 (so every stage serves the same weights, fast: nothing is
+initialised or read from disk twice), and executes stage 0's commands (steps, layer moves,
+weights, memory) until told to stop."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from rollout_accel.serving.engine.kv_pool import RequestTable
-from rollout_accel.serving.models.loader import load_model
+from rollout_accel.serving.models.config import ModelConfig
+from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import PagedKVCache
 from rollout_accel.serving.pipeline import comm
 from rollout_accel.serving.pipeline.partition import Bounds
-from rollout_accel.serving.pipeline.stage import StageExecutor
+from rollout_accel.serving.pipeline.stage import StageExecutor, names_owned
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +31,9 @@ class WorkerSpec:
     ports: tuple[int, int]
     backend: str
     timeout_s: float
-    model_path: str
-    dtype: str
-    seed: int
+    config: ModelConfig
+    dtype: torch.dtype
+    rotary_dtype: torch.dtype
     device: str
     num_slots: int
     max_rows: int
@@ -38,11 +42,53 @@ class WorkerSpec:
     threads: int
 
 
+def skeleton(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, owns
+) -> tuple[CausalLM, dict[str, tuple[int, ...]]]:
+    """The model with memory only for the parameters `owns(name)` accepts (uninitialised; the
+    weights arrive from stage 0), and every parameter's full shape."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    fresh: dict[int, torch.nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in fresh:  # a tied parameter stays one object
+                name = f"{prefix}.{key}" if prefix else key
+                shape = tuple(param.shape) if owns(name) else (0,)
+                fresh[id(param)] = torch.nn.Parameter(
+                    torch.empty(shape, dtype=dtype, device=device)
+                )
+            module._parameters[key] = fresh[id(param)]
+    return model.eval(), shapes
+
+
+def send_weights(model: CausalLM, stage: int, bounds: Bounds, group) -> None:
+    """Stage 0: the parameters `stage` owns, in named order, then the rotary frequencies."""
+    tied = model.config.tie_word_embeddings
+    for name, param in model.named_parameters():
+        if names_owned(name, stage, bounds, tied):
+            dist.send(param.data.contiguous(), stage, group=group)
+    dist.send(model.model.rotary.inv_freq.contiguous(), stage, group=group)
+
+
 def _build(spec: WorkerSpec, data_group) -> StageExecutor:
     device = torch.device(spec.device)
-    loaded = load_model(spec.model_path, dtype=spec.dtype, device=device, seed=spec.seed)
-    model, cfg = loaded.model, loaded.config
-    dtype = next(model.parameters()).dtype
+    cfg, dtype = spec.config, spec.dtype
+    tied = cfg.tie_word_embeddings
+
+    def owns(name: str) -> bool:
+        return names_owned(name, spec.stage, spec.bounds, tied)
+
+    model, shapes = skeleton(cfg, dtype, device, owns)
+    for name, param in model.named_parameters():
+        if owns(name):
+            dist.recv(param.data, 0, group=data_group)
+    inv_freq = torch.empty(cfg.head_dim // 2, dtype=spec.rotary_dtype, device=device)
+    dist.recv(inv_freq, 0, group=data_group)
+    model.model.rotary.inv_freq = inv_freq
     # Only this stage's layers get KV memory; the executor strips the rest of the model.
     kv = PagedKVCache(0, spec.num_slots, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
     shape = (spec.num_slots, cfg.num_key_value_heads, cfg.head_dim)
@@ -53,7 +99,15 @@ def _build(spec: WorkerSpec, data_group) -> StageExecutor:
         kv.v.append(torch.zeros(shape if owned else 0, dtype=dtype, device=device))
     table = RequestTable(spec.max_rows, spec.max_context, device)
     executor = StageExecutor(
-        spec.stage, spec.bounds, model, kv, table, spec.eos_ids, data_group, mirror_table=True
+        spec.stage,
+        spec.bounds,
+        model,
+        kv,
+        table,
+        spec.eos_ids,
+        data_group,
+        mirror_table=True,
+        shapes=shapes,
     )
     if device.type == "cuda":
         for i in range(start, end):
