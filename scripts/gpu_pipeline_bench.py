@@ -3,10 +3,10 @@ layer rebalancing, one run, Qwen3-8B-shaped random bf16 weights.
 
     OUT=/path python scripts/gpu_pipeline_bench.py [--num-seqs 64] [--max-len 768] [--top-p 0.9]
 
-Memory per GPU: ~8.2 GB of weights (half the 16.4 GB model; stage 0 briefly holds all of it while
-loading), KV for its layers: max_total_tokens x layers x 2 x 8 heads x 128 x 2 B (131k tokens,
-18 layers: 9.7 GB). Host: each stage process builds the seeded random weights on the CPU in
-float32 (~33 GB RAM and ~1-2 min per process, in parallel) before moving them to its GPU.
+Memory per GPU: ~8.2 GB of weights (half the 16.4 GB model; stage 0 briefly holds all of it, and
+all layers' KV, while starting), KV for its layers: max_total_tokens x layers x 2 x 8 heads x 128
+x 2 B (131k tokens, 18 layers: 9.7 GB). Host: stage 0 builds the seeded random weights on the CPU
+in float32 (~33 GB RAM, ~1-2 min), moves them to GPU 0 and sends stage 1 its layers over NCCL.
 Workload and modes: `rollout_accel.rollout.bench.pipeline_scenario` (same requests in every mode,
 tokens checked identical). Prints a table last; writes $OUT/gpu_pipeline_bench.json.
 """
