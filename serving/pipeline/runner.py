@@ -51,6 +51,10 @@ def used_slots(allocator: SlotAllocator) -> np.ndarray:
     return np.flatnonzero(used).astype(np.int64)
 
 
+class PipelineBrokenError(RuntimeError):
+    """A stage failed mid-step; the pipeline cannot run further steps (restart the engine)."""
+
+
 class PipelineRunner:
     """Drives `pp_size` stages from the engine thread (see module docstring)."""
 
@@ -86,6 +90,7 @@ class PipelineRunner:
         self._delta: list[np.ndarray] = []
         self._row_owner: dict[int, Any] = {}
         self._closed = False
+        self.broken: BaseException | None = None
         self.record_features = False  # keep each step's micro-batch features (benchmarks)
 
     # -- construction ---------------------------------------------------------------------------
@@ -168,35 +173,43 @@ class PipelineRunner:
     # -- launching ------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, batch: Batch) -> StepHandle:
+        self._check_broken()
         if self.released & {"weights", "kv_cache"}:
             raise MemoryReleasedError(
                 f"memory is released ({sorted(self.released)}); resume_memory_occupation first"
             )
-        self._advance_moves()
         table = self.table
         # The other stages mirror the table: they get the host writes and new rows' sampling
-        # parameters that `flush` is about to apply on this stage's device.
+        # parameters that `flush` is about to apply on this stage's device (flushed only once
+        # the plan exists, so a refused batch leaves them queued for the next one).
         writes = [(r, s, v.copy()) for r, s, v in table._pending]
         params = [(r, f, i) for r, (f, i) in table._pending_params.items()]
-        table.flush()
         plan = build_plan(batch, self.micro_batches, writes, params)
-        if self._moving is not None:
-            self._delta.append(plan.slots)  # KV written while a layer is in flight
         self._attach_sampling(batch, plan)
-        t_start = time.perf_counter()
-        comm.broadcast_command(self.ctrl, {"kind": "step", "plan": plan})
-        ids = torch.from_numpy(plan.input_ids).to(self.executor.device)
-        nd = plan.num_decode
-        if nd:
-            rows = torch.from_numpy(plan.token_rows[:nd]).to(ids.device)
-            pos = torch.from_numpy(plan.positions[:nd]).to(ids.device)
-            ids[:nd] = table.token_ids[rows, pos]
-        _, _, _, timings0 = self.executor.run_step(plan, ids)
-        last = comm.recv_object(self.ctrl, self.pp_size - 1)
-        timings = [timings0] + [
-            comm.recv_object(self.ctrl, s)["timings"] for s in range(1, self.pp_size - 1)
-        ]
-        timings.append(last["timings"])
+        table.flush()
+        try:
+            self._advance_moves()
+            if self._moving is not None:
+                self._delta.append(plan.slots)  # KV written while a layer is in flight
+            t_start = time.perf_counter()
+            comm.broadcast_command(self.ctrl, {"kind": "step", "plan": plan})
+            ids = torch.from_numpy(plan.input_ids).to(self.executor.device)
+            nd = plan.num_decode
+            if nd:
+                rows = torch.from_numpy(plan.token_rows[:nd]).to(ids.device)
+                pos = torch.from_numpy(plan.positions[:nd]).to(ids.device)
+                ids[:nd] = table.token_ids[rows, pos]
+            _, _, _, timings0 = self.executor.run_step(plan, ids)
+            last = comm.recv_object(self.ctrl, self.pp_size - 1)
+            timings = [timings0] + [
+                comm.recv_object(self.ctrl, s)["timings"] for s in range(1, self.pp_size - 1)
+            ]
+            timings.append(last["timings"])
+        except Exception as exc:
+            # The stages are out of step now (one may wait on a send that never comes): every
+            # later call fails at once with the cause instead of hanging on the groups.
+            self.broken = exc
+            raise PipelineBrokenError(f"a pipeline stage failed mid-step: {exc!r}") from exc
         wall = time.perf_counter() - t_start
         tokens = np.asarray(last["tokens"], dtype=np.int64)
         if tokens.size:
@@ -211,6 +224,10 @@ class PipelineRunner:
             tokens.tolist(), np.asarray(last["logprobs"]).tolist(), last["input_logprobs"]
         )
         return CompletedStep(batch, result)
+
+    def _check_broken(self) -> None:
+        if self.broken is not None:
+            raise PipelineBrokenError(f"the pipeline failed earlier: {self.broken!r}")
 
     def _attach_sampling(self, batch: Batch, plan: StepPlan) -> None:
         """New owners' sampling parameters (by row) and penalised rows' outputs for the sampler."""
@@ -319,6 +336,7 @@ class PipelineRunner:
     # -- weights and memory ---------------------------------------------------------------------
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
         """Validated named tensors -> the stages owning them."""
+        self._check_broken()
         self.finish_moves()  # a layer in flight would miss the update on its new stage
         ex = self.executor
         others = [
@@ -332,12 +350,14 @@ class PipelineRunner:
         return len(named)
 
     def release(self, tags: list[str]) -> None:
+        self._check_broken()
         self.finish_moves()
         comm.broadcast_command(self.ctrl, {"kind": "release", "tags": list(tags)})
         self.executor.release(tags)
         self.released |= set(tags)
 
     def resume(self, tags: list[str]) -> None:
+        self._check_broken()
         comm.broadcast_command(self.ctrl, {"kind": "resume", "tags": list(tags)})
         self.executor.resume(tags)
         self.released -= set(tags)

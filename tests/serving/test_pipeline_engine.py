@@ -180,3 +180,26 @@ def test_bad_pipeline_arguments() -> None:
         Engine("tiny-qwen3", pp_size=2, pp_partition="3,3", **ENGINE_ARGS)
     with pytest.raises(ValueError, match="pp_size"):
         Engine("tiny-qwen3", pp_size=5, **ENGINE_ARGS)
+
+
+def test_dead_stage_fails_requests_fast_instead_of_hanging() -> None:
+    eng = Engine("tiny-qwen3", pp_size=2, **ENGINE_ARGS)
+    try:
+        worker = eng.runner.processes[0]
+        worker.kill()
+        worker.join(10)
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                eng.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4})
+            except Exception as exc:  # the caller gets an error, not silence
+                out["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "a request hung on a dead pipeline stage"
+        assert "pipeline" in str(out["error"])
+    finally:
+        eng.shutdown(timeout=20)
