@@ -71,6 +71,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1, default=float))
     print(f"wrote {out} ({result['wall_seconds']:.0f} s in all)")
     print(format_table(result))
+    if not all(result["tokens_identical"].values()):
+        sys.exit("a mode changed the sampled tokens (see the table)")
 
 
 if __name__ == "__main__":

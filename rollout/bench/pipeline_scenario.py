@@ -6,7 +6,7 @@ tokens; response lengths are long-tailed (log-normal, median max_len / 3, capped
 so contexts grow while the batch shrinks, as in an RL rollout step. Sampling as slime runs it:
 temperature 0.8 with top-p (`--top-p`, default 0.9), plus a greedy pass reported separately.
 Every mode runs the same requests on the same engine; their tokens must be identical (a mode
-that changed a token is a bug and fails the run).
+that changed a token is a bug: the run exits non-zero after writing its results).
 
 Per mode: mean / p90 step latency, output tokens/s, bubble fraction per stage (1 - busy / step
 time), the predictor's out-of-sample error, and the partition timeline.
@@ -172,11 +172,11 @@ def run_pipeline_bench(
     finally:
         engine.shutdown()
     reference = runs["even"]["output_ids"]
-    for name, run in runs.items():
-        if run["output_ids"] != reference:
-            raise AssertionError(f"mode {name} changed the sampled tokens")
-    if greedy and greedy["dynamic"]["output_ids"] != greedy["even"]["output_ids"]:
-        raise AssertionError("dynamic rebalancing changed greedy tokens")
+    token_check = {name: run["output_ids"] == reference for name, run in runs.items()}
+    if greedy:
+        token_check["greedy-dynamic"] = (
+            greedy["dynamic"]["output_ids"] == greedy["even"]["output_ids"]
+        )
     for run in [*runs.values(), *greedy.values()]:
         run.pop("output_ids")
         run["history"] = [
@@ -191,6 +191,7 @@ def run_pipeline_bench(
         "micro_batches": micro_batches or pp_size,
         "modes": runs,
         "greedy": greedy,
+        "tokens_identical": token_check,
     }
 
 
@@ -213,6 +214,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['mean_bottleneck_ms']:8.2f} {r['tokens_per_s']:8.1f} {bubble:>16} {err:>12} "
             f"{r['final_bounds']!s:>18}"
         )
+    bad = [name for name, same in result["tokens_identical"].items() if not same]
+    lines.append(
+        "tokens identical across modes: "
+        + ("yes" if not bad else f"NO ({', '.join(bad)} differ from even: a bug)")
+    )
     timeline = result["modes"]["dynamic"]["timeline"]
     lines.append(
         "dynamic timeline (top-p): "
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(result, indent=1, default=float))
     print(f"wrote {out}")
     print(format_table(result))
+    if not all(result["tokens_identical"].values()):
+        raise SystemExit("pipeline bench: a mode changed the sampled tokens")
     return result
 
 
