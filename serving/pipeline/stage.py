@@ -166,49 +166,64 @@ class StageExecutor:
         tokens: list[torch.Tensor] = []
         logprobs: list[torch.Tensor] = []
         input_lps: dict[int, list[float]] = {}
-        timings: list[list[float]] = []
         pending: list[Any] = []
+        marks: list[list[Any]] = []  # per micro-batch: embed, layers and head spans
         for mb in plan.micro:
             lo, hi = mb.tok_lo, mb.tok_hi
-            t_extra = 0.0
+            span: list[Any] = []
             if self.is_first:
-                t0 = self._now()
+                span.append(self._mark())
                 assert first_ids is not None
                 hidden = self.model.embed(first_ids[lo:hi])
                 residual = None
-                t_extra += self._now() - t0
+                span.append(self._mark())
             else:
                 hidden = torch.empty((hi - lo, self.hidden_size), dtype=self.dtype, device=dev)
                 residual = torch.empty_like(hidden)
                 dist.recv(hidden, self.stage - 1, group=self.group)
                 dist.recv(residual, self.stage - 1, group=self.group)
-            t0 = self._now()
+                span += [None, None]
+            span.append(self._mark())
             meta, max_len = self._metadata(mb, slots_t[lo:hi])
             cos, sin = self.model.model.rotary(pos_t[lo:hi], max_position=max_len - 1)
             for layer in layers:
                 hidden, residual = layer.forward_paged(hidden, residual, cos, sin, meta, self.kv)
-            t_layers = self._now() - t0
+            span.append(self._mark())
             if self.is_last:
-                t0 = self._now()
                 tok, lp = self._head(mb, hidden, residual, input_lps)
                 tokens.append(tok)
                 logprobs.append(lp)
-                t_extra += self._now() - t0
+                span.append(self._mark())
             else:
                 assert residual is not None
                 pending.append(dist.isend(hidden.contiguous(), self.stage + 1, group=self.group))
                 pending.append(dist.isend(residual.contiguous(), self.stage + 1, group=self.group))
-            timings.append([t_layers, t_extra])
+                span.append(span[-1])
+            marks.append(span)
         for work in pending:
             work.wait()
+        timings = [
+            [self._seconds(m[2], m[3]), self._seconds(m[0], m[1]) + self._seconds(m[3], m[4])]
+            for m in marks
+        ]
         return tokens, logprobs, input_lps, timings
 
-    def _now(self) -> float:
-        if self.is_cuda:
-            # The compute stream only: a device-wide sync would also wait for NCCL sends in
-            # flight (a layer's KV being moved), which must overlap the step.
-            torch.cuda.current_stream(self.device).synchronize()
-        return time.perf_counter()
+    def _mark(self) -> Any:
+        """A point in this stage's timeline: a CUDA event in stream order on GPUs (no host sync,
+        so the host keeps queueing while the device runs), the host clock on the CPU."""
+        if not self.is_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        if start is None or start is end:
+            return 0.0
+        if not self.is_cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     def _metadata(self, mb: MicroBatch, slots: torch.Tensor) -> tuple[AttentionMetadata, int]:
         parts = [mb.rows, mb.ends, mb.cu]
