@@ -38,7 +38,9 @@ class PipelineWeightUpdater(WeightUpdater):
                     f"{shapes[name]}"
                 )
         if strict_all:
-            given = {n for n, _ in named} | {"lm_head.weight"}
+            given = {n for n, _ in named}
+            if self.model_config.tie_word_embeddings:
+                given.add("lm_head.weight")
             missing = [n for n in shapes if n not in given]
             if missing:
                 return f"weights: missing parameters, e.g. {missing[:3]}"

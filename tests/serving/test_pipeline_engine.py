@@ -203,3 +203,18 @@ def test_dead_stage_fails_requests_fast_instead_of_hanging() -> None:
         assert "pipeline" in str(out["error"])
     finally:
         eng.shutdown(timeout=20)
+
+
+def test_update_weights_from_disk_under_pp(pp_engine: Engine, reference: dict, tmp_path) -> None:
+    from rollout_accel.serving.models.loader import load_model, save_model_dir
+
+    loaded = load_model("tiny-qwen3", device="cpu", seed=pp_engine.config.seed)
+    path = save_model_dir(loaded, tmp_path / "same")
+    ok, message = pp_engine.update_weights_from_disk(str(path))
+    assert ok, message
+    assert (
+        _ids(pp_engine.generate(input_ids=PROMPTS, sampling_params=_params(10)))
+        == reference["short"]
+    )
+    ok, message = pp_engine.update_weights_from_disk(str(tmp_path / "missing"))
+    assert not ok and "model_path" in message
