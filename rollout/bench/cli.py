@@ -7,7 +7,8 @@ Other scenarios: `sampler` (history layer vs uniform selection on the trace, no 
 `frontier` (train under each policy: time-to-accuracy), `engine` (our engine vs transformers),
 `server` (HTTP vs in-process throughput), `smshare` (prefill/decode SM sharing vs time-sharing,
 GPU only), `kvreuse` (cross-agent KV reuse vs full prefill), `spec` (speculative decoding from
-earlier epochs).
+earlier epochs), `pipeline` (pipeline-parallel layer
+splits: even, best static, dynamic rebalancing).
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "smshare", "kvreuse", "spec")
+SCENARIOS = (
+    "longtail",
+    "sampler",
+    "frontier",
+    "engine",
+    "server",
+    "smshare",
+    "kvreuse",
+    "spec",
+    "pipeline",
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -266,6 +277,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "smshare": "rollout_accel.rollout.bench.smshare_scenario",
         "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
         "spec": "rollout_accel.rollout.bench.spec",
+        "pipeline": "rollout_accel.rollout.bench.pipeline_scenario",
     }[scenario]
     result = importlib.import_module(module).main(rest)
     return result if isinstance(result, int) else 0

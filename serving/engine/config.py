@@ -47,6 +47,13 @@ class EngineConfig:
     speculative_num_draft_tokens: int = 6
     speculative_ngram_external_corpus_max_tokens: int = 10_000_000
     speculative_draft_cost: float | None = None
+    # Pipeline parallelism (serving/pipeline/): stages, the initial split as layer counts per
+    # stage ("3,1"; None = even, leftovers last), micro-batches per step (0 = pp_size), and
+    # dynamic layer rebalancing from predicted stage latencies.
+    pp_size: int = 1
+    pp_partition: str | None = None
+    pp_microbatches: int = 0
+    pp_rebalance: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -65,6 +72,10 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError(f"max_total_tokens: must be >= 16, got {self.max_total_tokens}")
+        if not isinstance(self.pp_size, int) or self.pp_size < 1:
+            raise ValueError(f"pp_size: must be a positive integer, got {self.pp_size!r}")
+        if not isinstance(self.pp_microbatches, int) or self.pp_microbatches < 0:
+            raise ValueError(f"pp_microbatches: must be >= 0, got {self.pp_microbatches!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
         if not isinstance(self.sm_share, bool):

@@ -109,15 +109,22 @@ class Engine:
             from rollout_accel.serving.smshare.concurrent_step import make_runner_factory
 
             runner_cls = make_runner_factory(self.config)
-        self.runner = runner_cls(
-            self.model,
-            self.kv_cache,
-            self.table,
-            self.eos_ids,
-            cuda_graph_max_bs=min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
-            if graphs
-            else 0,
-        )
+        if self.config.pp_size > 1:  # pipeline stages (serving/pipeline)
+            from rollout_accel.serving.pipeline.runner import PipelineRunner
+
+            self.runner = PipelineRunner.start(self)
+        else:
+            self.runner = runner_cls(
+                self.model,
+                self.kv_cache,
+                self.table,
+                self.eos_ids,
+                cuda_graph_max_bs=min(
+                    self.config.cuda_graph_max_bs, self.config.max_running_requests
+                )
+                if graphs
+                else 0,
+            )
         self._weight_version = self.config.weight_version
         self.requests = RequestFactory(
             self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed, self.eos_ids
@@ -140,7 +147,10 @@ class Engine:
         self.spec = attach_spec(self, spec_config_from(self.config, self.device.type == "cuda"))
         self.scheduler.spec = self.spec
         self.runner.verify_stride = self.spec.config.num_draft_tokens if self.spec else 0
-        self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
+        if self.config.pp_size > 1:
+            self.weights = self.runner.weight_updater(self.cache, cfg, self.set_weight_version)
+        else:
+            self.weights = WeightUpdater(self.runner, self.cache, cfg, self.set_weight_version)
         self.receiver = DistributedWeightReceiver(self.device)
         overlap = self.config.overlap_schedule
         if overlap is None:

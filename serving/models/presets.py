@@ -47,6 +47,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen3": _tiny("qwen3"),
     "tiny-qwen2": _tiny("qwen2"),
     "tiny-llama": _tiny("llama", rope_theta=10_000.0),
+    # Pipeline benchmarks on the CPU: 8 layers and a 32k vocabulary, so the last stage's LM head
+    # and sampler weigh several layers (as a real vocabulary does on GPUs).
+    "tiny-qwen3-8l-32k": _tiny("qwen3", num_hidden_layers=8, vocab_size=32_768),
     "qwen3-0.6b-shape": Preset(
         ModelConfig(
             architecture="qwen3",
@@ -61,6 +64,25 @@ PRESETS: dict[str, Preset] = {
             rope_theta=1_000_000.0,
             max_position_embeddings=40_960,
             tie_word_embeddings=True,
+            eos_token_ids=(_EOS,),
+            torch_dtype="bfloat16",
+        )
+    ),
+    # Qwen3-8B's exact shape (random bf16 weights) for pipeline-parallel GPU benchmarks.
+    "qwen3-8b-shape": Preset(
+        ModelConfig(
+            architecture="qwen3",
+            vocab_size=151_936,
+            hidden_size=4096,
+            intermediate_size=12_288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=40_960,
+            tie_word_embeddings=False,
             eos_token_ids=(_EOS,),
             torch_dtype="bfloat16",
         )

@@ -51,7 +51,6 @@ class ServerArgsError(ValueError):
 _OFF_ONLY: dict[str, tuple[str, tuple[Any, ...]]] = {
     "--tp-size": ("tp_size", (1,)),
     "--dp-size": ("dp_size", (1,)),
-    "--pp-size": ("pp_size", (1,)),
     "--ep-size": ("ep_size", (1,)),
     "--nnodes": ("nnodes", (1,)),
     "--page-size": ("page_size", (1,)),
@@ -110,6 +109,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument("--weight-version", default=None, help="initial weight_version")
     engine.add_argument(
+        "--pp-size",
+        "--pipeline-parallel-size",
+        dest="pp_size",
+        type=int,
+        default=1,
+        help="pipeline stages, one process (and GPU) each (rollout_accel.serving.pipeline)",
+    )
+    engine.add_argument(
+        "--pp-rebalance",
+        action="store_true",
+        help="ours, not SGLang's: move layers between stages from predicted stage latencies",
+    )
+    engine.add_argument(
         "--speculative-algorithm",
         default=None,
         type=str.upper,
@@ -166,7 +178,12 @@ def parse_server_args(
     for flag, why in _OFF_ONLY_SWITCHES.items():
         if getattr(args, flag.removeprefix("--").replace("-", "_")):
             raise ServerArgsError(f"{flag}: not supported by this engine ({why})")
+    if args.pp_size < 1:
+        raise ServerArgsError(f"--pp-size={args.pp_size}: must be >= 1")
     kwargs = dict(engine_kwargs)
+    if args.pp_size > 1:
+        kwargs["pp_size"] = args.pp_size
+        kwargs["pp_rebalance"] = bool(args.pp_rebalance)
     overrides = {
         "mem_fraction_static": args.mem_fraction_static,
         "context_length": args.context_length,

@@ -97,4 +97,9 @@ def build_server_info(
         "internal_states": [loads],
         "version": SERVER_VERSION,
     }
+    pp_size = getattr(config, "pp_size", 1)
+    if pp_size > 1:  # pipeline stages: one process (and GPU) each; eager, no graphs
+        info["pp_size"] = pp_size
+        info["num_gpus"] = pp_size if device.type == "cuda" else 0
+        info["disable_cuda_graph"] = True
     return info
