@@ -228,7 +228,18 @@ class Engine:
     def make_requests(self, *args: Any, **kwargs: Any) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
-        return self.requests.build(*args, **kwargs)
+        requests, batched = self.requests.build(*args, **kwargs)
+        if self.config.pp_size > 1:
+            for req in requests:
+                if req.grammar is not None:
+                    raise InvalidRequestError(
+                        "sampling_params: structured output is not supported with pp_size > 1"
+                    )
+                if req.extra_logprobs is not None:
+                    raise InvalidRequestError(
+                        "top_logprobs_num / token_ids_logprob: not supported with pp_size > 1"
+                    )
+        return requests, batched
 
     def submit(self, requests: list[Request], sinks: list[Sink], wait: bool = True) -> None:
         """Queues validated requests; each sink is called on the engine thread with

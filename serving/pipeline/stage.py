@@ -31,10 +31,14 @@ from rollout_accel.serving.pipeline.plan import MicroBatch, StepPlan
 
 @dataclass(slots=True)
 class _RowView:
-    """What the sampler reads of a request: its parameters and (for penalties) its outputs."""
+    """What the sampler reads of a request: its parameters and (for penalties) its outputs.
+    Grammars and extra logprob options never reach a stage: `Engine.make_requests` refuses them
+    when pp_size > 1."""
 
     params: Any
     output_ids: list[int]
+    grammar: Any = None
+    extra_logprobs: Any = None
 
 
 def names_owned(name: str, stage: int, bounds: Bounds, tied: bool) -> bool:
