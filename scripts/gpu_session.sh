@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
 # log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, bench, profile,
-# spec, kvreuse, slo, policy (default: all). Carried wheels in .whl are installed first if present.
+# spec, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -29,5 +29,8 @@ for p in ${PARTS:-tests smshare bench profile}; do
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;
+    external) part external 240 env SLIME_SRC="$PWD/.slime-src" python3 scripts/gpu_slime_external.py ;;
+    pipeline) part pipeline_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_pipeline_gpu.py
+              part pipeline 330 python3 scripts/gpu_pipeline_bench.py ;;
   esac
 done
