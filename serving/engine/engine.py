@@ -33,6 +33,7 @@ from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.engine.sampling_params import SamplingParams
 from rollout_accel.serving.engine.schedule_policy import make_policy
 from rollout_accel.serving.engine.scheduler import Scheduler, SchedulerLimits
+from rollout_accel.serving.engine.slo_policy import check_schedule_fields
 from rollout_accel.serving.engine.weight_sync import DistributedWeightReceiver
 from rollout_accel.serving.engine.weights import WeightUpdater
 from rollout_accel.serving.models.loader import load_model
@@ -105,7 +106,7 @@ class Engine:
             self.allocator,
             self.table,
             self.cache,
-            make_policy(self.config.schedule_policy),
+            make_policy(self.config.schedule_policy, self.config),
             self.tokenizer,
             SchedulerLimits(
                 self.config.max_running_requests,
@@ -223,6 +224,7 @@ class Engine:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         priority: int | None = None,
+        ttft_slo_ms: float | None = None,
     ) -> tuple[list[Request], bool]:
         """Validates a (single or batched) generate call; returns its requests and whether the
         call was batched. Raises InvalidRequestError naming the field."""
@@ -248,6 +250,7 @@ class Engine:
         rids = self._per_item(rid, count, "rid") if isinstance(rid, list) else [rid] * count
         if not isinstance(rid, list) and rid is not None and count > 1:
             raise InvalidRequestError("rid: a batched request needs a list of rids")
+        priority, ttft_slo_ms = check_schedule_fields(priority, ttft_slo_ms)
         requests: list[Request] = []
         for index, ids in enumerate(id_lists):
             self._check_ids(ids, f"input_ids[{index}]" if batched else "input_ids")
@@ -276,7 +279,8 @@ class Engine:
                         logprob_start_len=-1 if start is None else start,
                         return_text_in_logprobs=return_text_in_logprobs,
                         stream=stream,
-                        priority=priority or 0,
+                        priority=priority,
+                        ttft_slo_ms=ttft_slo_ms,
                     )
                 )
         if len({r.rid for r in requests}) != len(requests):

@@ -15,6 +15,7 @@ import torch
 from rollout_accel.serving.engine.kv_pool import OutOfSlotsError, RequestTable, SlotAllocator
 from rollout_accel.serving.engine.model_runner import ForwardItem, ModelRunner
 from rollout_accel.serving.engine.output import build_output
+from rollout_accel.serving.engine.prefill_work import QueueClock
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request, RequestStatus
 from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
@@ -234,7 +235,8 @@ class Scheduler:
         items: list[ForwardItem] = []
         in_batch: set[int] = set()
         active = len(self.running)
-        for req in self.policy.order(self.waiting, self.cache):
+        clock = QueueClock.current(self.stats.prefill_tokens)
+        for req in self.policy.order(self.waiting, self.cache, clock):
             if budget <= 0:
                 break
             if req.row is None:

@@ -29,6 +29,7 @@ GENERATE_FIELDS = {
     "return_text_in_logprobs",
     "stream",
     "priority",
+    "ttft_slo_ms",  # our extension (the `slo` policy's per-request TTFT deadline); not SGLang's
 }
 # SGLang fields we accept when they carry their default (absent, null or false) and refuse
 # otherwise, since we would silently drop what they ask for.
@@ -104,6 +105,7 @@ def parse_generate(body: dict[str, Any]) -> dict[str, Any]:
         "stream": stream,
         "return_text_in_logprobs": text_flag,
         "priority": body.get("priority"),
+        "ttft_slo_ms": body.get("ttft_slo_ms"),
     }
 
 
