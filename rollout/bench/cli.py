@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server")
+SCENARIOS = ("longtail", "sampler", "frontier", "engine", "server", "slo")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -261,6 +261,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "frontier": "rollout_accel.rollout.frontier",
         "engine": "rollout_accel.serving.benchmark",
         "server": "rollout_accel.serving.http_benchmark",
+        "slo": "rollout_accel.rollout.bench.slo_scenario",
     }[scenario]
     result = importlib.import_module(module).main(rest)
     return result if isinstance(result, int) else 0

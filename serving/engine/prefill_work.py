@@ -74,3 +74,38 @@ class SharedPrefixGate:
                     return True
         self._leaders.append(tokens)
         return False
+
+
+class PrefillRate:
+    """Prefill tokens per second the engine is achieving now, learnt from successive queue clocks.
+
+    A sample is the prefill work done between two `observe` calls over the time between them; it
+    is kept only when a request seen waiting at the earlier call is still waiting (the queue never
+    ran dry, so no idle time is in the interval). Exponential average; None until the first
+    sample. Mixed steps include decode time, so this underestimates the pure prefill rate: a
+    policy using it to predict a request's TTFT errs early, not late.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.tokens_per_s: float | None = None
+        self._last: QueueClock | None = None
+        self._last_waiting: set[str] = set()
+
+    def observe(self, clock: QueueClock, waiting: list[Request]) -> None:
+        last, self._last = self._last, clock
+        rids = {r.rid for r in waiting}
+        backlog = bool(self._last_waiting & rids)
+        self._last_waiting = rids
+        if last is None or not backlog:
+            return
+        tokens, seconds = clock.prefill_tokens - last.prefill_tokens, clock.now - last.now
+        if tokens <= 0 or seconds <= 0:
+            return
+        sample = tokens / seconds
+        prev = self.tokens_per_s
+        self.tokens_per_s = sample if prev is None else prev + self.alpha * (sample - prev)
+
+    def seconds(self, tokens: int) -> float:
+        """Predicted time to prefill `tokens` at the current rate (0 before any sample)."""
+        return tokens / self.tokens_per_s if self.tokens_per_s else 0.0

@@ -4,7 +4,8 @@ Agentic and multi-turn traffic mixes continuations whose prompt is mostly cached
 tokens) with fresh long prompts. FCFS makes a continuation wait behind a long fresh prefill; LPM
 starves fresh prompts. This policy, each step:
 
-1. urgent first: a request whose wait has reached `(1 - promote_margin)` of its TTFT SLO (its own
+1. urgent first: a request whose wait plus its own predicted prefill time (at the prefill rate
+   measured from recent steps) has reached `(1 - promote_margin)` of its TTFT SLO (its own
    `ttft_slo_ms`, else the server default) goes to the front, earliest deadline first;
 2. then requests mid-prefill (chunked) or retracted (they hold or held KV: finish what started);
 3. then a window of the `window` oldest other waiting requests, cheapest prefill first: prompt
@@ -32,7 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from rollout_accel.serving.engine.errors import InvalidRequestError
-from rollout_accel.serving.engine.prefill_work import QueueClock, SharedPrefixGate, cached_prefix
+from rollout_accel.serving.engine.prefill_work import (
+    PrefillRate,
+    QueueClock,
+    SharedPrefixGate,
+    cached_prefix,
+)
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request
 
@@ -40,8 +46,8 @@ from rollout_accel.serving.engine.request import Request
 @dataclass(frozen=True, slots=True)
 class SloSettings:
     """window: oldest waiting requests scored per step. ttft_slo_ms: the default TTFT SLO.
-    promote_margin: share of the SLO left when a request is promoted (covers one step plus its
-    own prefill). min_shared_prefix: shared uncached tokens that make a request wait a step."""
+    promote_margin: share of the SLO kept in reserve when a request is promoted, on top of its
+    predicted prefill time (covers the step it waits for and prediction error). min_shared_prefix: shared uncached tokens that make a request wait a step."""
 
     window: int = 32
     ttft_slo_ms: float = 5000.0
@@ -84,24 +90,39 @@ class SloWindowPolicy:
 
     def __init__(self, settings: SloSettings | None = None) -> None:
         self.settings = settings or SloSettings()
+        self.rate = PrefillRate()
 
-    def is_urgent(self, req: Request, now: float) -> bool:
+    def _slo_s(self, req: Request) -> float:
+        slo_ms = req.ttft_slo_ms if req.ttft_slo_ms is not None else self.settings.ttft_slo_ms
+        return slo_ms / 1000.0
+
+    def _urgent(self, req: Request, now: float, cache: RadixCache, cached: dict[int, int]) -> bool:
+        """Promote once the wait plus the request's own predicted prefill time reaches
+        (1 - promote_margin) of its SLO; a negative priority is never promoted."""
         if req.priority < 0:
             return False
-        slo_ms = req.ttft_slo_ms if req.ttft_slo_ms is not None else self.settings.ttft_slo_ms
-        return now - req.arrival_time >= (1.0 - self.settings.promote_margin) * slo_ms / 1000.0
+        due = (1.0 - self.settings.promote_margin) * self._slo_s(req)
+        waited = now - req.arrival_time
+        if waited >= due:
+            return True
+        if waited + self.rate.seconds(req.fill_len) < due:
+            return False  # even prefilling every token would fit: skip the cache lookup
+        cached[id(req)] = cached_prefix(req, cache)
+        return waited + self.rate.seconds(req.fill_len - cached[id(req)]) >= due
 
     def order(
         self, waiting: list[Request], cache: RadixCache, clock: QueueClock | None = None
     ) -> list[Request]:
-        now = (clock or QueueClock.current()).now
+        clock = clock or QueueClock.current()
+        self.rate.observe(clock, waiting)
         default_ms = self.settings.ttft_slo_ms
+        cached: dict[int, int] = {}
         urgent: list[Request] = []
         started: list[Request] = []
         fresh: list[Request] = []
         low: list[Request] = []
         for req in waiting:
-            if self.is_urgent(req, now):
+            if self._urgent(req, clock.now, cache, cached):
                 urgent.append(req)
             elif req.row is not None or req.output_ids:
                 started.append(req)
@@ -113,7 +134,9 @@ class SloWindowPolicy:
         started.sort(key=lambda r: (-r.priority, r.arrival_time))
         fresh.sort(key=lambda r: (-r.priority, r.arrival_time))
         window, rest = fresh[: self.settings.window], fresh[self.settings.window :]
-        cached = {id(r): cached_prefix(r, cache) for r in (*urgent, *started, *window)}
+        for req in (*urgent, *started, *window):
+            if id(req) not in cached:
+                cached[id(req)] = cached_prefix(req, cache)
         window.sort(key=lambda r: (-r.priority, r.fill_len - cached[id(r)], r.arrival_time))
         low.sort(key=lambda r: (-r.priority, r.arrival_time))
 
