@@ -48,8 +48,16 @@ class AgentTrafficConfig:
         session = s * (self.system_len + mid(self.task_len) + (turns - 1) * mid(self.tool_len)) + (
             turns - 1
         ) * mid(self.answer_len)
-        sessions = self.sessions_per_burst + np.exp(-self.sessions_per_burst)  # max(1, Poisson)
-        return sessions * session + self.fresh_per_burst * s * mid(self.fresh_len)
+        return self._sessions() * session + self.fresh_per_burst * s * mid(self.fresh_len)
+
+    def mean_decode_tokens_per_burst(self) -> float:
+        mid = lambda r: (r[0] + r[1]) / 2  # noqa: E731
+        return self._sessions() * mid(self.turns) * mid(
+            self.answer_len
+        ) + self.fresh_per_burst * mid(self.fresh_answer_len)
+
+    def _sessions(self) -> float:
+        return self.sessions_per_burst + float(np.exp(-self.sessions_per_burst))  # max(1, Poisson)
 
 
 @dataclass(slots=True)

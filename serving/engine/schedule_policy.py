@@ -118,6 +118,10 @@ def make_policy(name: str, config: EngineConfig | None = None) -> WaitingQueuePo
         if config is None:
             return SloWindowPolicy()
         return SloWindowPolicy(
-            SloSettings(window=config.schedule_window, ttft_slo_ms=config.ttft_slo_ms)
+            SloSettings(
+                window=config.schedule_window,
+                ttft_slo_ms=config.ttft_slo_ms,
+                mix_limit_tokens=config.max_prefill_tokens // 4,
+            )
         )
     raise ValueError(f"schedule_policy: {name!r} is not one of {sorted(POLICIES)}")

@@ -7,20 +7,24 @@ starves fresh prompts. This policy, each step:
 1. urgent first: a request whose wait plus its own predicted prefill time (at the prefill rate
    measured from recent steps) has reached `(1 - promote_margin)` of its TTFT SLO (its own
    `ttft_slo_ms`, else the server default) goes to the front, earliest deadline first;
-2. then requests mid-prefill (chunked) or retracted (they hold or held KV: finish what started);
-3. then a window of the `window` oldest other waiting requests, cheapest prefill first: prompt
-   tokens minus the longest cached prefix, read without locking (`prefill_work`);
-4. then the rest in arrival order (not scored: the window bounds the per-step lookup cost);
-5. last, requests with a negative `priority` (the RL controller's "will be aborted at the target
+2. then a window: requests mid-prefill (chunked) or retracted, and the `window` oldest other
+   waiting requests, cheapest prefill first: prompt tokens minus the longest cached prefix
+   (read without locking, `prefill_work`), or what is left of a chunked prefill;
+3. then the rest in arrival order (not scored: the window bounds the per-step lookup cost);
+4. last, requests with a negative `priority` (the RL controller's "will be aborted at the target
    anyway" tag, `rollout_accel.rollout.deadline_tags`): never promoted, admitted only with spare
    budget.
 
-Within each group a higher `priority` goes first. A request whose not-yet-cached prefix a request
-ahead of it computes this step is left out of the order for this step (it waits one step and hits
-the cache). Bound: once urgent, a request is passed over only by requests with an earlier deadline
-(or mid-prefill ones), so with a promote margin covering one step plus its own prefill, no request
-waits past its deadline + one step because of reordering; the bench checks it (`rollout bench
---scenario slo`).
+Within each group a higher `priority` goes first. Two kinds of request sit out a step (left out of
+the order): one whose not-yet-cached prefix a request ahead of it computes this step (it hits the
+cache next step), and a non-urgent one with more than `mix_limit_tokens` of prefill while cheaper
+ones are admitted: a step's prefill tokens set its duration, and every request in it gets its
+first token only at its end, so a long prefill would make the cheap ones' TTFT its own. Long
+requests thus spend their slack, not the short ones' (and run at once when nothing cheaper
+waits). Bound: once urgent, a request is passed over only by requests with an earlier deadline,
+so with a promote margin covering one step plus its own prefill (predicted), no request waits past
+its deadline + one step because of reordering; the bench checks it (`rollout bench --scenario
+slo`).
 
 `ttft_slo_ms` on /generate is our extension: SGLang has `priority` but no per-request TTFT
 deadline.
@@ -53,6 +57,7 @@ class SloSettings:
     ttft_slo_ms: float = 5000.0
     promote_margin: float = 0.3
     min_shared_prefix: int = 32
+    mix_limit_tokens: int = 512
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or self.window < 1:
@@ -131,19 +136,30 @@ class SloWindowPolicy:
             else:
                 fresh.append(req)
         urgent.sort(key=lambda r: (ttft_deadline(r, default_ms), -r.priority, r.arrival_time))
-        started.sort(key=lambda r: (-r.priority, r.arrival_time))
         fresh.sort(key=lambda r: (-r.priority, r.arrival_time))
-        window, rest = fresh[: self.settings.window], fresh[self.settings.window :]
-        for req in (*urgent, *started, *window):
+        window, rest = started + fresh[: self.settings.window], fresh[self.settings.window :]
+        for req in (*urgent, *window):
             if id(req) not in cached:
                 cached[id(req)] = cached_prefix(req, cache)
         window.sort(key=lambda r: (-r.priority, r.fill_len - cached[id(r)], r.arrival_time))
         low.sort(key=lambda r: (-r.priority, r.arrival_time))
 
         gate = SharedPrefixGate(self.settings.min_shared_prefix)
+        limit = self.settings.mix_limit_tokens
         ordered: list[Request] = []
-        for req in (*urgent, *started, *window):
+        for req in urgent:
             if gate.follows(req.fill_ids, cached[id(req)]) and req.row is None:
                 continue  # a request ahead computes this prefix; take it from the cache next step
             ordered.append(req)
-        return ordered + rest + low
+        for req in window:
+            if gate.follows(req.fill_ids, cached[id(req)]) and req.row is None:
+                continue
+            if limit and ordered and req.fill_len - cached[id(req)] > limit:
+                continue  # not urgent: keep this step short for the cheaper prefills ahead
+            ordered.append(req)
+        for req in (*rest, *low):
+            # Unscored (fill length bounds the work): the same rule keeps long ones out.
+            if limit and ordered and req.fill_len > limit:
+                continue
+            ordered.append(req)
+        return ordered

@@ -207,3 +207,13 @@ def test_make_policy_names_and_errors() -> None:
         make_policy("sjf")
     with pytest.raises(ValueError, match="schedule_window"):
         SloSettings(window=0)
+
+
+def test_long_prefill_sits_out_steps_with_cheaper_ones(cache: RadixCache) -> None:
+    policy = SloWindowPolicy(SloSettings(window=8, ttft_slo_ms=1000.0, mix_limit_tokens=100))
+    long_req = _req(_tokens(0, 400), arrival=0.0)
+    cheap = _req(_tokens(500, 30), arrival=0.1)
+    assert policy.order([long_req, cheap], cache, QueueClock(0.2)) == [cheap]
+    assert policy.order([long_req], cache, QueueClock(0.3)) == [long_req]  # nothing cheaper
+    # Urgent (waited 0.75 s >= 0.7 s): first, whatever it costs.
+    assert policy.order([long_req, cheap], cache, QueueClock(0.75)) == [long_req, cheap]
