@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.8,
         help="offered engine time per second: prefill and decode work at the calibrated rates",
     )
+    p.add_argument(
+        "--burst-rate",
+        type=float,
+        default=None,
+        help="bursts per second (overrides --load; for machines whose speed drifts)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per run")
     p.add_argument(
         "--slo-x",
@@ -287,33 +293,42 @@ def main(argv: list[str] | None = None) -> int:
         max_running_requests=args.max_running_requests,
         context_length=context,
     )
+    traffics: list[AgentTraffic] = []
     try:
         vocab = min(engine.model_config.vocab_size, 32000)
-        rate, decode_rate = _calibrate(engine, base, vocab)
-        longest_s = args.scale * base.fresh_len[1] / rate
-        slo_ms = args.ttft_slo_ms or args.slo_x * longest_s * 1000.0
-        burst_s = (
-            base.mean_prefill_tokens_per_burst() / rate
-            + base.mean_decode_tokens_per_burst() / decode_rate
-        )
-        burst_rate = args.load / burst_s
-        traffics = [
-            make_agent_traffic(
+        # Rounds rotate the policy order so drifting load on a shared machine hits all alike;
+        # within a round every policy replays the same traffic. Each round recalibrates: its
+        # burst rate (and, unless --ttft-slo-ms, its SLO) follow the machine's speed right then.
+        runs: dict[str, list[list[RequestRecord]]] = {name: [] for name in policies}
+        calibrations: list[dict[str, Any]] = []
+        for k in range(args.rounds):
+            rate, decode_rate = _calibrate(engine, base, vocab)
+            longest_s = args.scale * base.fresh_len[1] / rate
+            slo_ms = args.ttft_slo_ms or args.slo_x * longest_s * 1000.0
+            burst_s = (
+                base.mean_prefill_tokens_per_burst() / rate
+                + base.mean_decode_tokens_per_burst() / decode_rate
+            )
+            burst_rate = args.burst_rate or args.load / burst_s
+            traffic = make_agent_traffic(
                 dataclasses.replace(base, burst_rate=burst_rate, seed=args.seed + k), vocab
             )
-            for k in range(args.rounds)
-        ]
-        print(
-            f"calibration: prefill {rate:.0f} tok/s, decode {decode_rate:.0f} tok/s, "
-            f"TTFT SLO {slo_ms:.0f} ms, "
-            f"{burst_rate:.3f} bursts/s at load {args.load}; per round "
-            f"{[t.describe()['turns'] + len(t.fresh) for t in traffics]} requests",
-            flush=True,
-        )
-        # Rounds rotate the policy order so drifting load on a shared machine hits all alike;
-        # within a round every policy replays the same traffic.
-        runs: dict[str, list[list[RequestRecord]]] = {name: [] for name in policies}
-        for k, traffic in enumerate(traffics):
+            traffics.append(traffic)
+            calibrations.append(
+                {
+                    "prefill_tok_s": rate,
+                    "decode_tok_s": decode_rate,
+                    "ttft_slo_ms": slo_ms,
+                    "burst_rate": burst_rate,
+                    "requests": traffic.describe()["turns"] + len(traffic.fresh),
+                }
+            )
+            print(
+                f"round {k}: prefill {rate:.0f} tok/s, decode {decode_rate:.0f} tok/s, "
+                f"TTFT SLO {slo_ms:.0f} ms, {burst_rate:.3f} bursts/s, "
+                f"{calibrations[-1]['requests']} requests",
+                flush=True,
+            )
             for i in range(len(policies)):
                 name = policies[(i + k) % len(policies)]
                 _set_policy(engine, name, slo_ms, args.window)
@@ -341,12 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "scenario": "slo",
         "settings": vars(args),
-        "calibration": {
-            "prefill_tok_s": rate,
-            "decode_tok_s": decode_rate,
-            "ttft_slo_ms": slo_ms,
-            "burst_rate": burst_rate,
-        },
+        "rounds": calibrations,
         "workload": [t.describe() for t in traffics],
         "device": str(engine.device),
         "summary": rows,
@@ -354,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "slo_results.json").write_text(json.dumps(payload, indent=2))
     text = table_text(rows)
     (out / "slo_table.txt").write_text(text + "\n")
+    slos = ", ".join(f"{c['ttft_slo_ms']:.0f}" for c in calibrations)
     print(
-        f"rollout bench --scenario slo: {args.model_path} on {engine.device}, SLO {slo_ms:.0f} ms"
+        f"rollout bench --scenario slo: {args.model_path} on {engine.device}, SLO ms per round: {slos}"
     )
     print(text)
     for other in ("fcfs", "lpm"):
