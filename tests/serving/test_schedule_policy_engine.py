@@ -93,3 +93,27 @@ def test_serve_flag_offers_every_policy() -> None:
     assert set(action.choices) == set(POLICIES)
     with pytest.raises(ValueError, match="ttft_slo_ms"):
         Engine("tiny-qwen3", ttft_slo_ms=0)
+
+
+def test_server_takes_priority_and_ttft_slo_ms(engine: Engine) -> None:
+    import httpx
+
+    from rollout_accel.serving.server import ServerThread
+
+    server = ServerThread(engine).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            bad = http.post("/generate", json={"input_ids": [1, 2], "ttft_slo_ms": -1})
+            assert bad.status_code == 400 and "ttft_slo_ms" in bad.text
+            ok = http.post(
+                "/generate",
+                json={
+                    "input_ids": [1, 2],
+                    "sampling_params": {"max_new_tokens": 2},
+                    "priority": -1,
+                    "ttft_slo_ms": 250,
+                },
+            )
+            assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 2
+    finally:
+        server.stop()
