@@ -34,7 +34,22 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="token budget of one prefill step (chunked prefill)",
     )
     group.add_argument(
-        "--schedule-policy", default="fcfs", choices=["fcfs", "lpm"], help="waiting-queue order"
+        "--schedule-policy",
+        default="fcfs",
+        choices=["fcfs", "lpm", "hrrn", "slo"],
+        help="waiting-queue order (SGLang's flag; slo: cheapest prefill first, deadlines promoted)",
+    )
+    group.add_argument(
+        "--ttft-slo-ms",
+        type=float,
+        default=5000.0,
+        help="slo policy: TTFT deadline of requests without their own ttft_slo_ms (default 5000)",
+    )
+    group.add_argument(
+        "--schedule-window",
+        type=int,
+        default=32,
+        help="slo policy: oldest waiting requests scored per step (default 32)",
     )
     group.add_argument("--disable-radix-cache", action="store_true", help="turn prefix caching off")
     group.add_argument(
@@ -54,6 +69,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "max_total_tokens": args.max_total_tokens,
         "max_prefill_tokens": args.max_prefill_tokens,
         "schedule_policy": args.schedule_policy,
+        "ttft_slo_ms": args.ttft_slo_ms,
+        "schedule_window": args.schedule_window,
         "enable_prefix_caching": not args.disable_radix_cache,
         "cuda_graph": not args.disable_cuda_graph,
         "seed": args.seed,

@@ -34,6 +34,7 @@ SCENARIOS = (
     "kvreuse",
     "spec",
     "pipeline",
+    "slo",
 )
 
 
@@ -278,6 +279,7 @@ def _delegate(scenario: str, rest: list[str]) -> int:
         "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
         "spec": "rollout_accel.rollout.bench.spec",
         "pipeline": "rollout_accel.rollout.bench.pipeline_scenario",
+        "slo": "rollout_accel.rollout.bench.slo_scenario",
     }[scenario]
     result = importlib.import_module(module).main(rest)
     return result if isinstance(result, int) else 0

@@ -23,7 +23,9 @@ class EngineConfig:
     max_running_requests: int = 256
     max_prefill_tokens: int = 4096
     context_length: int | None = None
-    schedule_policy: str = "fcfs"
+    schedule_policy: str = "fcfs"  # fcfs | lpm | hrrn | slo
+    schedule_window: int = 32  # slo: oldest waiting requests scored per step
+    ttft_slo_ms: float = 5000.0  # slo: TTFT deadline of requests that carry none
     enable_prefix_caching: bool = True
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
@@ -70,6 +72,14 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if isinstance(self.schedule_window, bool) or not isinstance(self.schedule_window, int):
+            raise ValueError(f"schedule_window: must be an integer, got {self.schedule_window!r}")
+        if self.schedule_window < 1:
+            raise ValueError(f"schedule_window: must be >= 1, got {self.schedule_window}")
+        if isinstance(self.ttft_slo_ms, bool) or not isinstance(self.ttft_slo_ms, int | float):
+            raise ValueError(f"ttft_slo_ms: must be a number, got {self.ttft_slo_ms!r}")
+        if not self.ttft_slo_ms > 0:
+            raise ValueError(f"ttft_slo_ms: must be > 0, got {self.ttft_slo_ms}")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError(f"max_total_tokens: must be >= 16, got {self.max_total_tokens}")
         if not isinstance(self.pp_size, int) or self.pp_size < 1:

@@ -133,7 +133,7 @@ class Engine:
             self.allocator,
             self.table,
             self.cache,
-            make_policy(self.config.schedule_policy),
+            make_policy(self.config.schedule_policy, self.config),
             SchedulerLimits(
                 self.config.max_running_requests,
                 self.config.max_prefill_tokens,

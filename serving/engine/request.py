@@ -47,7 +47,8 @@ class Request:
     return_text_in_logprobs: bool = False
     stream: bool = False
     sink: Callable[[dict[str, Any], bool], None] | None = None
-    priority: int = 0
+    priority: int = 0  # higher first; negative = deprioritised (never promoted by `slo`)
+    ttft_slo_ms: float | None = None  # TTFT deadline for `slo` (our extension); None = default
     extra_logprobs: ExtraLogprobs | None = None
     grammar: GrammarState | None = None
     # KV reuse (serving/kvreuse): [start, end) prompt ranges to reuse, and what the prefill did.

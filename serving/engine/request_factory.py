@@ -16,6 +16,7 @@ from rollout_accel.serving.engine.grammar import make_grammar
 from rollout_accel.serving.engine.logprob_options import make_extra_logprobs, parse_logprob_options
 from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.engine.sampling_params import SamplingParams
+from rollout_accel.serving.engine.slo_policy import check_schedule_fields
 from rollout_accel.serving.models.tokenizer import TextTokenizer
 
 
@@ -50,6 +51,7 @@ class RequestFactory:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         priority: int | None = None,
+        ttft_slo_ms: float | None = None,
         top_logprobs_num: int | list[int] | None = None,
         token_ids_logprob: list[int] | list[list[int]] | None = None,
         segments: Any = None,
@@ -71,8 +73,7 @@ class RequestFactory:
                 raise InvalidRequestError("input_ids: expected a non-empty list of token ids")
             batched = isinstance(input_ids[0], list)
             id_lists = input_ids if batched else [input_ids]  # type: ignore[list-item]
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise InvalidRequestError("priority: expected an integer")
+        priority, ttft_slo_ms = check_schedule_fields(priority, ttft_slo_ms)
         count = len(id_lists)
         params_list = self._per_item(sampling_params, count, "sampling_params")
         logprob_list = self._per_item(return_logprob, count, "return_logprob")
@@ -110,7 +111,8 @@ class RequestFactory:
                         logprob_start_len=-1 if start is None else start,
                         return_text_in_logprobs=return_text_in_logprobs,
                         stream=stream,
-                        priority=priority or 0,
+                        priority=priority,
+                        ttft_slo_ms=ttft_slo_ms,
                         extra_logprobs=make_extra_logprobs(logprob_list[index], extras[index]),
                         grammar=make_grammar(params, self.tokenizer, self.vocab_size, self.eos_ids),
                         segments=list(segment_lists[index]),

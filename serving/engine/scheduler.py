@@ -20,6 +20,7 @@ import torch
 
 from rollout_accel.serving.engine.batch import Batch, ForwardItem, StepHandle
 from rollout_accel.serving.engine.kv_pool import OutOfSlotsError, RequestTable, SlotAllocator
+from rollout_accel.serving.engine.prefill_work import QueueClock
 from rollout_accel.serving.engine.radix_cache import RadixCache
 from rollout_accel.serving.engine.request import Request, RequestStatus
 from rollout_accel.serving.engine.schedule_policy import WaitingQueuePolicy
@@ -215,7 +216,8 @@ class Scheduler:
         if not self.waiting:
             return [], []
         if candidates is None:
-            candidates = self.policy.order(self.waiting, self.cache)
+            clock = QueueClock.current(self.stats.prefill_tokens)
+            candidates = self.policy.order(self.waiting, self.cache, clock)
         budget = self.limits.max_prefill_tokens
         items: list[ForwardItem] = []
         slot_parts: list[torch.Tensor] = []

@@ -30,6 +30,7 @@ GENERATE_FIELDS = {
     "priority",
     # Our extension (KV reuse; ignored by SGLang): [[start, end], ...] over input_ids.
     "segments",
+    "ttft_slo_ms",  # our extension (the `slo` policy's per-request TTFT deadline); not SGLang's
 }
 # SGLang fields we accept when they carry their default (absent, null or false) and refuse
 # otherwise, since we would silently drop what they ask for.
@@ -171,6 +172,7 @@ def parse_generate(
         "top_logprobs_num": body.get("top_logprobs_num"),
         "token_ids_logprob": body.get("token_ids_logprob"),
         "segments": body.get("segments"),
+        "ttft_slo_ms": body.get("ttft_slo_ms"),
     }
 
 
