@@ -6,7 +6,8 @@ results.json schema (version 1):
    "summary": [{"policy", "step_time_s", "step_time_ratio_vs_sync", "speedup_vs_sync",
                 "tokens_per_s", "effective_groups_per_s", "idle_share", "tail_ratio",
                 "aborted_tokens_per_step", "resumed_tokens_per_step", "discarded_tokens_per_step",
-                "skip_rate", "length_pred_spearman", "effective_share"}],
+                "skip_rate", "deferred_prompts", "tail_cut_per_step", "length_pred_spearman",
+                "effective_share"}],
    "steps": {policy: [{"step", "metrics": {...every controller metric},
                         "spans": [{"engine", "start", "end", "finish", "tokens"}]}]}}
 Means are over steps 1..K-1 for the rate and time columns (step 0 has no history and no carried
@@ -34,6 +35,8 @@ COLUMNS = [
     ("resumed_tokens_per_step", "resumed", "{:.0f}"),
     ("discarded_tokens_per_step", "discarded", "{:.0f}"),
     ("skip_rate", "skip", "{:.2f}"),
+    ("deferred_prompts", "deferred", "{:.0f}"),
+    ("tail_cut_per_step", "cut", "{:.1f}"),
     ("length_pred_spearman", "len rho", "{:.2f}"),
 ]
 
@@ -58,6 +61,12 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
                 "resumed_tokens_per_step": run.total("accel/resumed_tokens") / steps,
                 "discarded_tokens_per_step": run.total("accel/discarded_tokens") / steps,
                 "skip_rate": run.mean("accel/skip_rate"),
+                # Prompts put off (deferred or pooled) and not yet run when the run ended: work
+                # the step times above do not include.
+                "deferred_prompts": run.steps[-1].metrics.get("accel/deferred_prompts", 0.0)
+                if run.steps
+                else 0.0,
+                "tail_cut_per_step": run.total("accel/tail_cut_samples") / steps,
                 "length_pred_spearman": run.mean("accel/length_pred_spearman", skip_first=True),
             }
         )

@@ -34,6 +34,8 @@ class BenchSettings:
     temperature: float = 1.0
     seed: int = 0
     history_filter: bool = False
+    tail_budget: float | None = None  # the max-of-n tail setting, for every policy (off)
+    drafts: bool = False  # speculative decoding from history, for every policy
 
 
 @dataclass
@@ -69,6 +71,8 @@ def controller_config(policy: str, settings: BenchSettings) -> ControllerConfig:
         dynamic_filter=settings.history_filter if policy == "history" else None,
         sampling_params={"temperature": settings.temperature, "max_new_tokens": settings.max_len},
         seed=settings.seed,
+        tail_budget=settings.tail_budget,
+        drafts=settings.drafts,
     )
 
 
