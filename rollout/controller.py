@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from rollout_accel.rollout.partial_buffer import BufferedGroup, PartialBuffer
 from rollout_accel.rollout.pool.base import EnginePool, RequestSpan
 from rollout_accel.rollout.prompts import PromptItem, PromptSource
 from rollout_accel.rollout.rewards import RewardFn, reward_value
+from rollout_accel.rollout.sample_append import append_output
 from rollout_accel.rollout.sample_types import Sample, Status
 from rollout_accel.rollout.step_metrics import sample_metrics, spearman, tail_metrics
 
@@ -136,6 +138,10 @@ class RolloutController:
         self._deferred: set[str] = set()  # deferred by the planner and not yet run
         self._stopping = False  # the step's own abort at the target is under way
         self._counters: dict[str, float] = {}
+        # slime's args when running inside slime (passed on to Sample.append_response_tokens).
+        self.slime_args: Any = SimpleNamespace(
+            sglang_speculative_algorithm="NGRAM" if config.drafts else None
+        )
 
     # -- building work ----------------------------------------------------------------------
     def _new_work(self, item: PromptItem, planned_length: float | None = None) -> GroupWork:
@@ -357,39 +363,21 @@ class RolloutController:
         self._counters["tail_cut_samples"] = self._counters.get("tail_cut_samples", 0.0) + 1
 
     def _apply(self, sample: Sample, out: dict[str, Any], rollout_id: int) -> None:
-        """Appends one engine answer to the sample (slime's append_response_tokens, in effect)."""
+        """Appends one engine answer to the sample through `Sample.append_response_tokens`
+        (slime's own when slime is importable), then records the segment."""
         meta = out["meta_info"]
-        pairs = meta.get("output_token_logprobs") or []
-        tokens = [int(t) for _, t, _ in pairs] if pairs else list(out.get("output_ids", []))
-        logprobs = [float(lp) for lp, _, _ in pairs]
-        if sample.response_length == 0 and tokens:
+        if sample.response_length == 0 and (
+            out.get("output_ids") or meta.get("output_token_logprobs")
+        ):
             sample.metadata.setdefault("start_rollout_id", rollout_id)
-        sample.tokens = list(sample.tokens) + tokens
-        sample.response = (sample.response or "") + out.get("text", "")
-        sample.response_length += len(tokens)
-        sample.rollout_log_probs = (sample.rollout_log_probs or []) + logprobs
-        mask = (
-            sample.loss_mask
-            if sample.loss_mask is not None
-            else [1] * (sample.response_length - len(tokens))
-        )
-        sample.loss_mask = list(mask) + [1] * len(tokens)
-        # slime recomputes its prefix-cache and speculative metrics from these per-sample fields.
-        for info in ("prefix_cache_info", "spec_info"):
-            tracker = getattr(sample, info, None)
-            if tracker is not None and hasattr(tracker, "add"):
-                tracker.add(meta)
+        added = append_output(sample, out, self.slime_args)
         version = str(meta.get("weight_version", "default"))
-        sample.weight_versions = list(sample.weight_versions) + [version]
         sample.metadata.setdefault("segments", []).append(
-            {"rollout_id": rollout_id, "tokens": len(tokens), "weight_version": version}
+            {"rollout_id": rollout_id, "tokens": added, "weight_version": version}
         )
         kind = (meta.get("finish_reason") or {}).get("type")
-        sample.status = {
-            "stop": Status.COMPLETED,
-            "length": Status.TRUNCATED,
-            "abort": Status.ABORTED,
-        }.get(kind, Status.FAILED)
+        if kind not in ("stop", "length", "abort"):
+            sample.status = Status.FAILED
         # Trace-shaped simulation (rollout bench): the workload told the engine this response's
         # length via max_new_tokens; reaching it is the response's natural end, not truncation.
         simulated_end = sample.metadata.get("simulated_length")
