@@ -238,9 +238,12 @@ class RolloutController:
             self._deferred.difference_update([*(p.key for p in plan.items), *plan.skipped])
             self._deferred.update(plan.deferred)
             self.source.give_back([by_key[k] for k in plan.deferred] + repeats)
-            planned = [self._new_work(by_key[p.key], p.expected_length) for p in plan.items]
+            cap = float(cfg.sampling_params["max_new_tokens"])
+            planned = [
+                self._new_work(by_key[p.key], min(p.expected_length, cap)) for p in plan.items
+            ]
             if self.tail is not None:
-                planned = self.tail.admit(planned, long_round)
+                planned = self.tail.admit(planned, step, long_round)
             out.extend(planned)
         # longest-first across planning rounds too
         out.sort(key=lambda w: -(w.planned_length or 0.0))
@@ -299,7 +302,11 @@ class RolloutController:
                 and not self._stopping
             ):
                 continue  # aborted by us to apply the tail budget: go on under it
-            if sample.status == Status.TRUNCATED and sample.response_length < cap:
+            if (
+                sample.status == Status.TRUNCATED
+                and work.budget is not None
+                and work.budget <= sample.response_length < cap
+            ):
                 self._cut(sample)  # stopped at the tail budget
             break
         if sample.status in (Status.COMPLETED, Status.TRUNCATED):

@@ -24,37 +24,46 @@ from typing import Generic, TypeVar
 W = TypeVar("W")
 
 # Predictions needed before the pool trusts its quantile (before that, nothing is pooled).
-MIN_PREDICTIONS = 32
+MIN_PREDICTIONS = 16
 
 
 class TailPool(Generic[W]):
     """Unstarted work predicted long, held for the next long round (module docstring)."""
 
-    def __init__(
-        self, share: float, every: int, length: Callable[[W], float], window: int = 2048
-    ) -> None:
+    def __init__(self, share: float, every: int, length: Callable[[W], float]) -> None:
         self.share = share
         self.every = every
         self.length = length
-        self.recent: deque[float] = deque(maxlen=window)
+        # (step, prediction) of the last `every` steps: the quantile follows the predictor as it
+        # learns (the first step's predictions are the cold-start prior, all alike).
+        self._seen: deque[tuple[int, float]] = deque()
         self.pool: list[W] = []
         self.last_round: int | None = None
+
+    @property
+    def recent(self) -> list[float]:
+        return [x for _, x in self._seen]
+
+    def observe(self, step: int, lengths: Sequence[float]) -> None:
+        self._seen.extend((step, float(x)) for x in lengths)
+        while self._seen and self._seen[0][0] <= step - max(self.every, 2):
+            self._seen.popleft()
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def threshold(self) -> float:
         """Predicted length above which new work is pooled (inf until enough predictions)."""
-        if len(self.recent) < MIN_PREDICTIONS or self.share <= 0.0:
-            return math.inf
         ordered = sorted(self.recent)
+        if len(ordered) < MIN_PREDICTIONS or self.share <= 0.0:
+            return math.inf
         at = min(len(ordered) - 1, math.floor((1.0 - self.share) * len(ordered)))
         return ordered[at]
 
-    def admit(self, work: Sequence[W], long_round: bool) -> list[W]:
+    def admit(self, work: Sequence[W], step: int, long_round: bool) -> list[W]:
         """Records the predictions of `work`; returns what runs now, pools the rest (in a long
         round everything runs now)."""
-        self.recent.extend(self.length(w) for w in work)
+        self.observe(step, [self.length(w) for w in work])
         if long_round:
             return list(work)
         cut = self.threshold()
