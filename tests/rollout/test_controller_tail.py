@@ -35,9 +35,9 @@ def test_pool_threshold_is_the_share_quantile() -> None:
     assert pool.threshold() == math.inf
     pool.observe(0, [float(i) for i in range(100)])
     assert pool.threshold() == 90.0
-    pool.observe(3, [1000.0] * 20)  # step 0 left the window of `every` = 4 steps
-    assert pool.threshold() == 90.0
-    pool.observe(4, [1000.0] * 20)
+    pool.observe(3, [1000.0] * 20)  # still within the window of `every` = 4 steps
+    assert len(pool.recent) == 120
+    pool.observe(4, [1000.0] * 20)  # step 0 leaves the window
     assert pool.recent == [1000.0] * 40 and pool.threshold() == 1000.0
     empty: TailPool[float] = TailPool(share=0.0, every=4, length=lambda x: x)
     empty.observe(0, [float(i) for i in range(100)])
