@@ -183,7 +183,7 @@ class RolloutController:
             if s.status in (Status.COMPLETED, Status.TRUNCATED)
         ]
         written = max((s.response_length for s in group.samples), default=0)
-        return GroupWork(
+        work = GroupWork(
             group.key,
             item,
             group.samples,
@@ -192,6 +192,14 @@ class RolloutController:
             planned_length=sibling_estimate(done, written),
             done_lengths=done,
         )
+        cfg = self.config
+        if cfg.tail_budget is not None:  # the budget its siblings set holds across steps
+            budget = sibling_budget(
+                done, len(group.samples), cfg.tail_budget, cfg.tail_budget_done, cfg.tail_budget_min
+            )
+            if budget is not None and budget < int(cfg.sampling_params["max_new_tokens"]):
+                work.budget = budget
+        return work
 
     def _fresh(
         self, count: int, step: int, counters: dict[str, float], long_round: bool = False
@@ -223,15 +231,20 @@ class RolloutController:
                 else:
                     by_key[c.key] = c
             candidates = list(by_key.values())
+            keys = [c.key for c in candidates]
             # Exploration floor: the first candidates in data order run whatever their price.
+            # Prompts without history are not priced either: their value is unknown, and
+            # ranking them by predicted length alone would favour short, i.e. easy, prompts.
             floor = math.ceil(cfg.explore_floor * want) if cfg.prices_length else len(candidates)
+            known = self.planner.store.prompt_stats(keys) if cfg.prices_length else {}
+            required = keys[:floor] + [k for k in keys[floor:] if k not in known]
             plan = self.planner.plan(
-                [c.key for c in candidates],
+                keys,
                 [len(c.prompt_ids) for c in candidates],
                 step,
                 Budget(groups=want),
                 self._rng,
-                required=[c.key for c in candidates[:floor]],
+                required=required,
             )
             counters["considered"] += len(candidates)
             counters["skipped"] += len(plan.skipped)

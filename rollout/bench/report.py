@@ -86,10 +86,13 @@ def _fmt(fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
-def table_text(rows: list[dict[str, Any]]) -> str:
+def table_text(
+    rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None
+) -> str:
     """A plain fixed-width table (also what goes into the README)."""
-    header = ["policy"] + [title for _, title, _ in COLUMNS]
-    body = [[row["policy"]] + [_fmt(fmt, row[key]) for key, _, fmt in COLUMNS] for row in rows]
+    columns = columns or COLUMNS
+    header = ["policy"] + [title for _, title, _ in columns]
+    body = [[row["policy"]] + [_fmt(fmt, row[key]) for key, _, fmt in columns] for row in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -100,20 +103,23 @@ def table_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
+def print_table(
+    rows: list[dict[str, Any]], title: str, columns: list[tuple[str, str, str]] | None = None
+) -> None:
+    columns = columns or COLUMNS
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is a dependency
         print(title)
-        print(table_text(rows))
+        print(table_text(rows, columns))
         return
     table = Table(title=title)
     table.add_column("policy")
-    for _, name, _ in COLUMNS:
+    for _, name, _ in columns:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(row["policy"], *[_fmt(fmt, row[key]) for key, _, fmt in COLUMNS])
+        table.add_row(row["policy"], *[_fmt(fmt, row[key]) for key, _, fmt in columns])
     Console(width=160).print(table)
 
 
