@@ -4,6 +4,7 @@ results.json schema (version 1):
   {"schema": 1, "scenario", "workload": {...trace parameters}, "settings": {...BenchSettings},
    "engine": {"kind", "targets", "model_path"}, "machine": {...},
    "summary": [{"policy", "step_time_s", "step_time_ratio_vs_sync", "speedup_vs_sync",
+                "cpu_time_s", "cpu_speedup_vs_sync",
                 "tokens_per_s", "effective_groups_per_s", "idle_share", "tail_ratio",
                 "aborted_tokens_per_step", "resumed_tokens_per_step", "discarded_tokens_per_step",
                 "skip_rate", "deferred_prompts", "tail_cut_per_step", "length_pred_spearman",
@@ -26,6 +27,8 @@ from rollout_accel.rollout.bench.runner import PolicyRun
 COLUMNS = [
     ("step_time_s", "step s", "{:.2f}"),
     ("speedup_vs_sync", "vs sync", "{:.2f}x"),
+    ("cpu_time_s", "cpu s", "{:.2f}"),
+    ("cpu_speedup_vs_sync", "cpu vs sync", "{:.2f}x"),
     ("tokens_per_s", "tok/s", "{:.0f}"),
     ("effective_groups_per_s", "eff grp/s", "{:.2f}"),
     ("effective_share", "eff share", "{:.2f}"),
@@ -50,6 +53,7 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
             {
                 "policy": run.policy,
                 "step_time_s": run.mean("perf/rollout_time", skip_first=True),
+                "cpu_time_s": run.mean("perf/rollout_cpu_time", skip_first=True),
                 "tokens_per_s": run.mean("accel/generated_tokens_per_s", skip_first=True),
                 "effective_groups_per_s": run.mean("accel/effective_groups_per_s", skip_first=True),
                 "effective_share": run.mean("accel/effective_groups") / accepted
@@ -77,6 +81,10 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
             row["speedup_vs_sync"] = base["step_time_s"] / row["step_time_s"]
         else:
             row["step_time_ratio_vs_sync"] = row["speedup_vs_sync"] = float("nan")
+        cpu = row["cpu_time_s"]
+        row["cpu_speedup_vs_sync"] = (
+            base["cpu_time_s"] / cpu if base and cpu == cpu and cpu > 0 else float("nan")
+        )
     return rows
 
 
