@@ -449,6 +449,7 @@ class RolloutController:
                 "discarded_tokens",
                 "resumed_tokens",
                 "tail_cut_samples",
+                "stale_finished",
             ),
             0.0,
         )
@@ -479,7 +480,7 @@ class RolloutController:
         max_new = math.ceil(cfg.max_candidates_factor * provision)
         started_new = 0
         try:
-            while len(accepted) < target:
+            while len(accepted) < target or self._stale_running(running.values(), rollout_id):
                 need = provision - len(accepted) - len(running)
                 if need > 0 and len(queue) < need and not exhausted:
                     want = min(need - len(queue), max_new - started_new)
@@ -509,6 +510,10 @@ class RolloutController:
                     finished.append(work)
                     if len(accepted) < target and self._keep(work):
                         accepted.append(work)
+                    elif len(accepted) >= target and self._swap_in_stale(
+                        work, accepted, carried, rollout_id
+                    ):
+                        counters["stale_finished"] += 1
                     elif len(accepted) >= target:
                         carried.append(work)  # surplus
                     else:
@@ -539,6 +544,38 @@ class RolloutController:
         # machine, a steadier measure of the work than wall time.
         metrics["perf/rollout_cpu_time"] = time.process_time() - cpu_start
         return StepOutput(groups, metrics, spans, start)
+
+    def _stale(self, work: GroupWork, rollout_id: int) -> bool:
+        """Carried to the next step, this group would break the staleness bound."""
+        starts = [
+            s.metadata["start_rollout_id"]
+            for s in work.samples
+            if s.metadata.get("start_rollout_id") is not None
+        ]
+        return bool(starts) and min(starts) <= rollout_id - self.config.max_staleness
+
+    def _stale_running(self, running: Any, rollout_id: int) -> bool:
+        """finish_stale: a running group that could not be carried keeps the step open (the
+        engine keeps generating the rest meanwhile), instead of being dropped with its tokens."""
+        return self.config.finishes_stale and any(self._stale(w, rollout_id) for w in running)
+
+    def _swap_in_stale(
+        self,
+        work: GroupWork,
+        accepted: list[GroupWork],
+        carried: list[GroupWork],
+        rollout_id: int,
+    ) -> bool:
+        """After the target: a finished group that cannot be carried takes the place of the
+        latest accepted group that can (which goes to the buffer, still within the bound)."""
+        if not (self.config.finishes_stale and self._stale(work, rollout_id) and self._keep(work)):
+            return False
+        for index in range(len(accepted) - 1, -1, -1):
+            if not self._stale(accepted[index], rollout_id):
+                carried.append(accepted.pop(index))
+                accepted.append(work)
+                return True
+        return False
 
     def _carry(self, carried: list[GroupWork], counters: dict[str, float]) -> None:
         keep: list[BufferedGroup] = []
@@ -657,6 +694,7 @@ class RolloutController:
             "accel/stale_restarted_groups": float(self.buffer.stats.restarted_groups),
             "accel/redispatched_requests": float(self.pool.stats.redispatched),
             "accel/tail_cut_samples": counters["tail_cut_samples"],
+            "accel/stale_finished_groups": counters["stale_finished"],
             "accel/long_round": counters.get("long_round", 0.0),
             "accel/tail_pool": float(len(self.tail) if self.tail is not None else 0),
             # Work put off, not saved: prompts the planner deferred or pooled, not yet run.

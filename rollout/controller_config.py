@@ -39,6 +39,10 @@ class ControllerConfig:
       tail_budget_min) tokens; a sample cut there is treated as slime treats truncation
       (`tail_cut`: "truncate" = status TRUNCATED, rewarded on what it wrote; "mask" =
       additionally out of the loss, DAPO's overlong filtering).
+    finish_stale: a running group that would break the staleness bound if carried is finished
+      in this step (the step stays open for it, the engine keeps generating the others, and it
+      takes the place of a fresh accepted group, which is carried instead) rather than dropped
+      with all its tokens at the next step.
     drafts: attach the prompt's corpus key to every request (`sampling_params.custom_params.
       corpus_id`, `draft_corpus_prefix` + prompt key) for speculative decoding from history.
     """
@@ -61,6 +65,7 @@ class ControllerConfig:
     tail_share: float = 0.25
     tail_round_every: int = 4
     length_placement: bool | None = None
+    finish_stale: bool | None = None
     tail_budget: float | None = None
     tail_budget_done: float = 0.75
     tail_budget_min: int = 16
@@ -138,6 +143,10 @@ class ControllerConfig:
     @property
     def batches_tail(self) -> bool:
         return self._v2(self.tail_batching)
+
+    @property
+    def finishes_stale(self) -> bool:
+        return self._v2(self.finish_stale)
 
     @property
     def places_by_length(self) -> bool:

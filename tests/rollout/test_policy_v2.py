@@ -120,6 +120,7 @@ def test_history_pools_predicted_long_prompts_for_a_long_round(tiny_engine, tmp_
     assert max(o.metrics["accel/tail_pool"] for o in outs) > 0
     long_rounds = [k for k, o in enumerate(outs) if o.metrics["accel/long_round"]]
     assert long_rounds, "a long round must come within tail_round_every steps of pooling"
+
     # the long round runs the pooled (longest-predicted) prompts: its groups are the longest
     def prompt_lengths(o) -> list[int]:
         return [g[0].metadata["prompt_length"] for g in o.groups]
@@ -180,3 +181,42 @@ def test_v2_settings_are_validated_by_name() -> None:
     assert ControllerConfig(policy="history").batches_tail
     assert not ControllerConfig(policy="partial").batches_tail
     assert not ControllerConfig(policy="history", tail_batching=False).batches_tail
+
+
+def _every_third_straggles(sample: Sample, payload: dict) -> dict:
+    straggler = sample.group_index % 3 == 0 and sample.metadata["index_in_group"] == 0
+    length = LONG if straggler else SHORT
+    params = dict(payload["sampling_params"])
+    params["max_new_tokens"] = max(
+        1, min(params["max_new_tokens"], length - sample.response_length)
+    )
+    params["ignore_eos"] = True
+    return {**payload, "sampling_params": params}
+
+
+@pytest.mark.parametrize("finish_stale", [True, False])
+def test_finish_stale_keeps_the_bound_without_dropping(tiny_engine, tmp_path, finish_stale) -> None:
+    ctl = _controller(
+        tiny_engine,
+        "history",
+        tmp_path,
+        hook=_every_third_straggles,
+        finish_stale=finish_stale,
+        tail_batching=False,
+    )
+
+    async def run() -> list:
+        return [await ctl.step(k) for k in range(5)]
+
+    outs = asyncio.run(run())
+    for k, out in enumerate(outs):
+        assert len(out.groups) == 4
+        for group in out.groups:  # every returned sample within the staleness bound
+            starts = [s.metadata["start_rollout_id"] for s in group]
+            assert k - min(starts) <= ctl.config.max_staleness
+    dropped = outs[-1].metrics["accel/stale_dropped_groups"]
+    finished = sum(o.metrics["accel/stale_finished_groups"] for o in outs)
+    if finish_stale:
+        assert dropped == 0 and finished > 0
+    else:
+        assert dropped > 0 and finished == 0
