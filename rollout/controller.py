@@ -481,7 +481,9 @@ class RolloutController:
         started_new = 0
         try:
             while len(accepted) < target or self._stale_running(running.values(), rollout_id):
-                need = provision - len(accepted) - len(running)
+                # Past the target (waiting for groups that cannot be carried) nothing new
+                # starts: more in flight would only fill the buffer beyond the next step's use.
+                need = provision - len(accepted) - len(running) if len(accepted) < target else 0
                 if need > 0 and len(queue) < need and not exhausted:
                     want = min(need - len(queue), max_new - started_new)
                     fresh = self._fresh(want, rollout_id, counters, long_round) if want > 0 else []
