@@ -42,7 +42,7 @@ class ControllerConfig:
     finish_stale: a running group that would break the staleness bound if carried is finished
       in this step (the step stays open for it, the engine keeps generating the others, and it
       takes the place of a fresh accepted group, which is carried instead) rather than dropped
-      with all its tokens at the next step.
+      with all its tokens at the next step. None = on for history with a tail budget.
     drafts: attach the prompt's corpus key to every request (`sampling_params.custom_params.
       corpus_id`, `draft_corpus_prefix` + prompt key) for speculative decoding from history.
     """
@@ -146,7 +146,11 @@ class ControllerConfig:
 
     @property
     def finishes_stale(self) -> bool:
-        return self._v2(self.finish_stale)
+        # Default: on for history when the tail budget bounds the stragglers it would wait for
+        # (without it, waiting for a runaway sample costs nearly the full cap).
+        if self.finish_stale is not None:
+            return self.finish_stale
+        return self.policy == "history" and self.tail_budget is not None
 
     @property
     def places_by_length(self) -> bool:
