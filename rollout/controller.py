@@ -712,6 +712,14 @@ class RolloutController:
                 zero_std[key] = zero_std.get(key, 0) + 1
         metrics.update({k: float(v) for k, v in zero_std.items()})
         metrics.update(sample_metrics(groups))
+        # Speculative decoding (drafts on): accepted tokens per verify forward, as slime logs it.
+        verify = completed = 0
+        for sample in (s for g in groups for s in g):
+            info = getattr(sample, "spec_info", None)
+            verify += getattr(info, "spec_verify_ct", 0) or 0
+            completed += getattr(info, "completion_token_num", 0) or 0
+        if verify:
+            metrics["accel/spec_accept_length"] = completed / verify
         metrics.update(tail_metrics(spans, start, end))
         longest = max(
             (s for s in spans if s.finish != "failed"), key=lambda s: s.tokens, default=None

@@ -39,6 +39,7 @@ from rollout_accel.rollout.recipe import RecipeError, load_recipe
 E2E_COLUMNS = [c for c in COLUMNS if c[0] not in ("skip_rate", "discarded_tokens_per_step")] + [
     ("response_len_mean", "resp len", "{:.1f}"),
     ("reward_mean", "reward", "{:.2f}"),
+    ("spec_accept_length", "acc/verify", "{:.2f}"),
 ]
 
 
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     for row, run in zip(rows, runs, strict=True):
         row["response_len_mean"] = run.mean("rollout/response_len/mean")
         row["reward_mean"] = run.mean("rollout/raw_reward")
+        # "-" until the engine does speculative decoding (--drafts)
+        row["spec_accept_length"] = run.mean("accel/spec_accept_length")
     import torch
 
     payload = {

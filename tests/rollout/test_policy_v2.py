@@ -181,6 +181,9 @@ def test_v2_settings_are_validated_by_name() -> None:
     assert ControllerConfig(policy="history").batches_tail
     assert not ControllerConfig(policy="partial").batches_tail
     assert not ControllerConfig(policy="history", tail_batching=False).batches_tail
+    assert not ControllerConfig(policy="history").finishes_stale
+    assert ControllerConfig(policy="history", tail_budget=2.0).finishes_stale
+    assert not ControllerConfig(policy="partial", tail_budget=2.0).finishes_stale
 
 
 def _every_third_straggles(sample: Sample, payload: dict) -> dict:
