@@ -5,7 +5,7 @@ A policy whose outputs mean something — the local loop's SFT-warm-started toy 
 end at the model's own EOS and rewards come from the task's checker. Each policy runs K rollout
 steps on the same engine, the same weights (no training between steps, so every policy sees the
 same model) and the same seeded prompt order, steps interleaved across policies (rotated) so a
-drifting machine load hits all alike, each step from an empty prefix cache. One table: step
+drifting machine load hits all alike, each policy from an empty prefix cache. One table: step
 time, ratio to sync, tokens/s, effective (non-zero-variance) groups/s and their share.
 
     rollout bench --scenario e2e                       # CPU, a few minutes
@@ -201,7 +201,8 @@ async def run_e2e(s: E2ESettings, recipe: Any, out: Path, device: str | None) ->
                 for step in range(s.steps):
                     shift = step % len(controllers)
                     for policy, ctl, run in controllers[shift:] + controllers[:shift]:
-                        await pool.flush_cache()
+                        if step == 0:
+                            await pool.flush_cache()
                         result = await ctl.step(step)
                         metrics = dict(result.metrics)
                         rewards = [float(x.reward) for g in result.groups for x in g]
