@@ -19,9 +19,7 @@ from typing import Any
 
 from rollout_accel.rollout.partial_buffer import BufferedGroup, PartialBuffer
 from rollout_accel.rollout.prompts import PromptItem
-from rollout_accel.rollout.sample_types import (
-    Sample,
-)
+from rollout_accel.rollout.sample_types import Sample
 from rollout_accel.rollout.slime_settings import (
     SlimeSettingsError,
     buffer_settings,

@@ -25,9 +25,7 @@ from rollout_accel.rollout.slime.data_source import (
     _read_rows,
     _tokenizer,
 )
-from rollout_accel.rollout.slime_settings import (
-    SlimeSettingsError,
-)
+from rollout_accel.rollout.slime_settings import SlimeSettingsError
 
 Group = list[Sample]
 

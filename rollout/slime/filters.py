@@ -8,9 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rollout_accel.rollout.sample_types import (
-    Sample,
-)
+from rollout_accel.rollout.sample_types import Sample
 
 try:  # pragma: no cover - exercised only where slime is installed
     from slime.rollout.filter_hub.base_types import DynamicFilterOutput
