@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         "scenario": "e2e",
         "settings": asdict(settings),
         "task": recipe.task.name,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+        else "cpu",
         "summary": rows,
         "steps": {
             r.policy: [{"step": s.step, "metrics": s.metrics} for s in r.steps] for r in runs
