@@ -84,9 +84,7 @@ def test_required_candidates_get_budget_first(store, make_group):
         [make_group(k, MIXED, [10] * 4) for k in range(10)]
         + [make_group(k, MIXED, [4000] * 4) for k in range(10, 20)],
     )
-    planner = RolloutPlanner(
-        store, PlannerConfig(skip=False, allocator=AllocatorConfig(fixed_n=4))
-    )
+    planner = RolloutPlanner(store, PlannerConfig(skip=False, allocator=AllocatorConfig(fixed_n=4)))
     rng = np.random.default_rng(0)
     free = planner.plan(list(range(20)), None, 1, Budget(groups=5), rng)
     assert all(i.key < 10 for i in free.items)
