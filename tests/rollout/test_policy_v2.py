@@ -223,3 +223,31 @@ def test_finish_stale_keeps_the_bound_without_dropping(tiny_engine, tmp_path, fi
         assert dropped == 0 and finished > 0
     else:
         assert dropped > 0 and finished == 0
+
+
+def test_placement_by_predicted_tokens_over_two_engines(tiny_engine, tmp_path) -> None:
+    """history passes the pool its predicted tokens (not the cap) as each request's cost, so
+    groups spread over the engines by predicted work."""
+    pool = EnginePool(
+        [InProcessEngine(tiny_engine, name="a"), InProcessEngine(tiny_engine, name="b")]
+    )
+    costs: list[int] = []
+    generate = pool.generate
+
+    async def recording(payload, group_key=None, cost=1):
+        costs.append(cost)
+        return await generate(payload, group_key=group_key, cost=cost)
+
+    pool.generate = recording  # type: ignore[method-assign]
+    ctl = _controller(tiny_engine, "history", tmp_path, hook=_every_third_straggles)
+    ctl.pool = pool
+
+    async def run() -> list:
+        return [await ctl.step(k) for k in range(3)]
+
+    outs = asyncio.run(run())
+    engines = {s.engine for o in outs for s in o.spans}
+    assert engines == {"a", "b"}
+    # later steps have predictions: costs well below prompt + the cap
+    assert min(costs) < LONG
+    assert all(len(o.groups) == 4 for o in outs)
