@@ -4,13 +4,17 @@ Walk of a step (details per policy in ControllerConfig):
   1. resume: groups carried in the partial buffer are dispatched first (history: oldest first,
      so no sample outlives the staleness bound);
   2. fill: new prompts until `provision` groups are accepted or in flight (history: the planner
-     skips likely zero-variance prompts and orders the rest longest-first);
+     skips likely zero-variance prompts, prices the rest by value per predicted token with an
+     exploration floor, pools the predicted-longest for a long round (controller_tail) and
+     orders the rest longest-first; in a long round the pool goes first);
   3. as a group finishes: rewards -> dynamic filter -> accepted (or dropped, and refilled);
   4. at the target: abort what is still running; partial policies keep the aborted samples (tokens,
      logprobs, segment weight versions) and surplus finished groups in the buffer, the others
      discard them;
   5. record every finished group in the history store; return exactly `rollout_batch_size`
      whole groups of n samples, with metrics.
+With `tail_budget` set, a group's last samples get a length budget from their finished siblings
+(controller_tail.sibling_budget); a sample in flight is aborted and resumed under it.
 If anything fails mid-step (a reward raises, every engine dies), in-flight work is aborted and
 every group of the step — accepted ones included — goes into the buffer before the error is
 raised, so nothing already generated is lost.
@@ -27,15 +31,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from rollout_accel.rollout.controller_config import ControllerConfig
+from rollout_accel.rollout.controller_tail import TailPool, sibling_budget, sibling_estimate
 from rollout_accel.rollout.partial_buffer import BufferedGroup, PartialBuffer
 from rollout_accel.rollout.pool.base import EnginePool, RequestSpan
 from rollout_accel.rollout.prompts import PromptItem, PromptSource
 from rollout_accel.rollout.rewards import RewardFn, reward_value
+from rollout_accel.rollout.sample_append import append_output
 from rollout_accel.rollout.sample_types import Sample, Status
 from rollout_accel.rollout.step_metrics import sample_metrics, spearman, tail_metrics
 
@@ -68,6 +75,10 @@ class GroupWork:
     new_tokens: int = 0
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    budget: int | None = None  # the max-of-n tail budget, once set
+    done_lengths: list[int] = field(default_factory=list)
+    in_flight: dict[str, Sample] = field(default_factory=dict)  # rid -> sample
+    budget_aborted: set[str] = field(default_factory=set)
 
     @property
     def aborted(self) -> bool:
@@ -100,6 +111,11 @@ class RolloutController:
             raise ValueError(
                 "policy history: needs a planner (rollout_accel.sampling.RolloutPlanner)"
             )
+        if planner is None and (config.length_pricing or config.tail_batching):
+            raise ValueError(
+                "length_pricing / tail_batching: need length predictions, i.e. a planner "
+                "(policy history)"
+            )
         self.pool = pool
         self.source = source
         self.reward = reward
@@ -114,6 +130,18 @@ class RolloutController:
         self.group_filter = group_filter
         self._group_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        self.tail: TailPool[GroupWork] | None = (
+            TailPool(config.tail_share, config.tail_round_every, _planned)
+            if config.batches_tail
+            else None
+        )
+        self._deferred: set[str] = set()  # deferred by the planner and not yet run
+        self._stopping = False  # the step's own abort at the target is under way
+        self._counters: dict[str, float] = {}
+        # slime's args when running inside slime (passed on to Sample.append_response_tokens).
+        self.slime_args: Any = SimpleNamespace(
+            sglang_speculative_algorithm="NGRAM" if config.drafts else None
+        )
 
     # -- building work ----------------------------------------------------------------------
     def _new_work(self, item: PromptItem, planned_length: float | None = None) -> GroupWork:
@@ -149,22 +177,49 @@ class RolloutController:
         item = PromptItem(
             group.key, group.prompt_ids, group.samples[0].label, None, group.prompt_meta
         )
-        return GroupWork(group.key, item, group.samples, resumed_tokens=group.partial_tokens())
+        done = [
+            s.response_length
+            for s in group.samples
+            if s.status in (Status.COMPLETED, Status.TRUNCATED)
+        ]
+        written = max((s.response_length for s in group.samples), default=0)
+        work = GroupWork(
+            group.key,
+            item,
+            group.samples,
+            resumed_tokens=group.partial_tokens(),
+            # Siblings in the step predict a straggler's length before any history does.
+            planned_length=sibling_estimate(done, written),
+            done_lengths=done,
+        )
+        cfg = self.config
+        if cfg.tail_budget is not None:  # the budget its siblings set holds across steps
+            budget = sibling_budget(
+                done, len(group.samples), cfg.tail_budget, cfg.tail_budget_done, cfg.tail_budget_min
+            )
+            if budget is not None and budget < int(cfg.sampling_params["max_new_tokens"]):
+                work.budget = budget
+        return work
 
-    def _fresh(self, count: int, step: int, counters: dict[str, float]) -> list[GroupWork]:
+    def _fresh(
+        self, count: int, step: int, counters: dict[str, float], long_round: bool = False
+    ) -> list[GroupWork]:
         """Up to `count` new groups; the history policy asks the planner which candidates."""
         if count <= 0:
             return []
-        if self.config.policy != "history":
+        if self.planner is None:
             return [self._new_work(item) for item in self.source.take(count)]
         from rollout_accel.sampling import Budget
 
+        cfg = self.config
         out: list[GroupWork] = []
         looked = 0
-        limit = math.ceil(self.config.max_candidates_factor * count)
+        limit = math.ceil(cfg.max_candidates_factor * count)
         while len(out) < count and looked < limit:
             want = count - len(out)
-            candidates = self.source.take(max(want * 2, 8))
+            # Length pricing chooses among twice the candidates; without it every candidate the
+            # selector keeps runs.
+            candidates = self.source.take(max(want * 2, 8) if cfg.prices_length else want)
             if not candidates:
                 break
             looked += len(candidates)
@@ -176,18 +231,33 @@ class RolloutController:
                 else:
                     by_key[c.key] = c
             candidates = list(by_key.values())
+            keys = [c.key for c in candidates]
+            # Exploration floor: the first candidates in data order run whatever their price.
+            # Prompts without history are not priced either: their value is unknown, and
+            # ranking them by predicted length alone would favour short, i.e. easy, prompts.
+            floor = math.ceil(cfg.explore_floor * want) if cfg.prices_length else len(candidates)
+            known = self.planner.store.prompt_stats(keys) if cfg.prices_length else {}
+            required = keys[:floor] + [k for k in keys[floor:] if k not in known]
             plan = self.planner.plan(
-                [c.key for c in candidates],
+                keys,
                 [len(c.prompt_ids) for c in candidates],
                 step,
                 Budget(groups=want),
                 self._rng,
+                required=required,
             )
             counters["considered"] += len(candidates)
             counters["skipped"] += len(plan.skipped)
+            self._deferred.difference_update([*(p.key for p in plan.items), *plan.skipped])
+            self._deferred.update(plan.deferred)
             self.source.give_back([by_key[k] for k in plan.deferred] + repeats)
-            for planned in plan.items:
-                out.append(self._new_work(by_key[planned.key], planned.expected_length))
+            cap = float(cfg.sampling_params["max_new_tokens"])
+            planned = [
+                self._new_work(by_key[p.key], min(p.expected_length, cap)) for p in plan.items
+            ]
+            if self.tail is not None:
+                planned = self.tail.admit(planned, step, long_round)
+            out.extend(planned)
         # longest-first across planning rounds too
         out.sort(key=lambda w: -(w.planned_length or 0.0))
         return out
@@ -198,6 +268,13 @@ class RolloutController:
     ) -> dict[str, Any]:
         params = dict(self.config.sampling_params)
         params["max_new_tokens"] = remaining
+        if self.config.drafts:
+            # The hook for speculative decoding from history: the engine drafts from the corpus
+            # of this prompt's earlier (and sibling) responses.
+            key = sample.metadata.get("prompt_key", "")
+            custom = dict(params.get("custom_params") or {})
+            custom["corpus_id"] = f"{self.config.draft_corpus_prefix}{key}"
+            params["custom_params"] = custom
         payload = {
             "input_ids": list(sample.tokens),
             "sampling_params": params,
@@ -207,62 +284,120 @@ class RolloutController:
         return self.payload_hook(sample, payload) if self.payload_hook else payload
 
     async def _run_sample(self, work: GroupWork, sample: Sample, rollout_id: int) -> None:
-        max_new = int(self.config.sampling_params["max_new_tokens"])
-        remaining = max_new - sample.response_length
-        if remaining <= 0:
-            sample.status = Status.TRUNCATED
-        else:
-            if sample.response_length > 0 and self.config.mask_offpolicy:
+        cap = int(self.config.sampling_params["max_new_tokens"])
+        while True:
+            limit = cap if work.budget is None else min(cap, work.budget)
+            remaining = limit - sample.response_length
+            if remaining <= 0:
+                sample.status = Status.TRUNCATED
+                if limit < cap:
+                    self._cut(sample)
+                break
+            segments = sample.metadata.setdefault("segments", [])
+            if (
+                sample.response_length > 0
+                and self.config.mask_offpolicy
+                and segments
+                and segments[-1].get("rollout_id") != rollout_id
+            ):
                 # Tokens from an earlier policy are off-policy now: keep them as context only.
                 sample.loss_mask = [0] * sample.response_length
-            segments = sample.metadata.setdefault("segments", [])
             payload = self._payload(sample, remaining, rollout_id, len(segments))
-            cost = len(sample.tokens) + remaining
-            out = await self.pool.generate(payload, group_key=f"{work.key}@{rollout_id}", cost=cost)
+            rid = str(payload.get("rid"))
+            out = await self._generate(work, sample, payload, remaining, rollout_id)
             self._apply(sample, out, rollout_id)
             work.new_tokens += out["meta_info"].get("completion_tokens", 0)
             work.cached_tokens += out["meta_info"].get("cached_tokens", 0)
             work.prompt_tokens += out["meta_info"].get("prompt_tokens", 0)
+            if (
+                sample.status == Status.ABORTED
+                and rid in work.budget_aborted
+                and not self._stopping
+            ):
+                continue  # aborted by us to apply the tail budget: go on under it
+            if (
+                sample.status == Status.TRUNCATED
+                and work.budget is not None
+                and work.budget <= sample.response_length < cap
+            ):
+                self._cut(sample)  # stopped at the tail budget
+            break
+        if sample.status in (Status.COMPLETED, Status.TRUNCATED):
+            work.done_lengths.append(sample.response_length)
+            await self._apply_budget(work)
         if sample.status in (Status.COMPLETED, Status.TRUNCATED) and sample.reward is None:
             sample.reward = await self.reward(sample)
             reward_value(
                 sample.reward, self.config.reward_key, f"sample {sample.index} of {work.key!r}"
             )
 
-    def _apply(self, sample: Sample, out: dict[str, Any], rollout_id: int) -> None:
-        """Appends one engine answer to the sample (slime's append_response_tokens, in effect)."""
-        meta = out["meta_info"]
-        pairs = meta.get("output_token_logprobs") or []
-        tokens = [int(t) for _, t, _ in pairs] if pairs else list(out.get("output_ids", []))
-        logprobs = [float(lp) for lp, _, _ in pairs]
-        if sample.response_length == 0 and tokens:
-            sample.metadata.setdefault("start_rollout_id", rollout_id)
-        sample.tokens = list(sample.tokens) + tokens
-        sample.response = (sample.response or "") + out.get("text", "")
-        sample.response_length += len(tokens)
-        sample.rollout_log_probs = (sample.rollout_log_probs or []) + logprobs
-        mask = (
-            sample.loss_mask
-            if sample.loss_mask is not None
-            else [1] * (sample.response_length - len(tokens))
+    async def _generate(
+        self,
+        work: GroupWork,
+        sample: Sample,
+        payload: dict[str, Any],
+        remaining: int,
+        rollout_id: int,
+    ) -> dict[str, Any]:
+        cost = len(sample.tokens) + remaining
+        if self.config.places_by_length and work.planned_length is not None:
+            # Place and balance by predicted tokens, not the cap: a group predicted long goes
+            # to the engine with the least predicted work outstanding.
+            expected = max(1.0, work.planned_length - sample.response_length)
+            cost = len(sample.tokens) + int(min(remaining, expected))
+        rid = str(payload.get("rid"))
+        work.in_flight[rid] = sample
+        try:
+            return await self.pool.generate(
+                payload, group_key=f"{work.key}@{rollout_id}", cost=cost
+            )
+        finally:
+            work.in_flight.pop(rid, None)
+
+    async def _apply_budget(self, work: GroupWork) -> None:
+        """Sets the max-of-n tail budget once enough siblings are done, and aborts the samples
+        in flight so that they resume under it (engines without abort-by-rid: at resume)."""
+        cfg = self.config
+        if cfg.tail_budget is None or work.budget is not None:
+            return
+        budget = sibling_budget(
+            work.done_lengths,
+            len(work.samples),
+            cfg.tail_budget,
+            cfg.tail_budget_done,
+            cfg.tail_budget_min,
         )
-        sample.loss_mask = list(mask) + [1] * len(tokens)
-        # slime recomputes its prefix-cache and speculative metrics from these per-sample fields.
-        for info in ("prefix_cache_info", "spec_info"):
-            tracker = getattr(sample, info, None)
-            if tracker is not None and hasattr(tracker, "add"):
-                tracker.add(meta)
+        if budget is None or budget >= int(cfg.sampling_params["max_new_tokens"]):
+            return
+        work.budget = budget
+        for rid in list(work.in_flight):
+            work.budget_aborted.add(rid)
+            await self.pool.abort_request(rid)
+
+    def _cut(self, sample: Sample) -> None:
+        """A sample stopped by the tail budget: slime's truncation (and DAPO's overlong mask)."""
+        sample.status = Status.TRUNCATED
+        sample.metadata["tail_cut"] = True
+        if self.config.tail_cut == "mask":
+            sample.loss_mask = [0] * sample.response_length
+        self._counters["tail_cut_samples"] = self._counters.get("tail_cut_samples", 0.0) + 1
+
+    def _apply(self, sample: Sample, out: dict[str, Any], rollout_id: int) -> None:
+        """Appends one engine answer to the sample through `Sample.append_response_tokens`
+        (slime's own when slime is importable), then records the segment."""
+        meta = out["meta_info"]
+        if sample.response_length == 0 and (
+            out.get("output_ids") or meta.get("output_token_logprobs")
+        ):
+            sample.metadata.setdefault("start_rollout_id", rollout_id)
+        added = append_output(sample, out, self.slime_args)
         version = str(meta.get("weight_version", "default"))
-        sample.weight_versions = list(sample.weight_versions) + [version]
         sample.metadata.setdefault("segments", []).append(
-            {"rollout_id": rollout_id, "tokens": len(tokens), "weight_version": version}
+            {"rollout_id": rollout_id, "tokens": added, "weight_version": version}
         )
         kind = (meta.get("finish_reason") or {}).get("type")
-        sample.status = {
-            "stop": Status.COMPLETED,
-            "length": Status.TRUNCATED,
-            "abort": Status.ABORTED,
-        }.get(kind, Status.FAILED)
+        if kind not in ("stop", "length", "abort"):
+            sample.status = Status.FAILED
         # Trace-shaped simulation (rollout bench): the workload told the engine this response's
         # length via max_new_tokens; reaching it is the response's natural end, not truncation.
         simulated_end = sample.metadata.get("simulated_length")
@@ -303,6 +438,7 @@ class RolloutController:
         cfg = self.config
         target, provision = cfg.rollout_batch_size, cfg.provision
         start = time.perf_counter()
+        cpu_start = time.process_time()
         span_mark = len(self.pool.timeline)
         counters: dict[str, float] = dict.fromkeys(
             (
@@ -312,9 +448,13 @@ class RolloutController:
                 "aborted_tokens",
                 "discarded_tokens",
                 "resumed_tokens",
+                "tail_cut_samples",
+                "stale_finished",
             ),
             0.0,
         )
+        self._counters = counters
+        self._stopping = False
         accepted: list[GroupWork] = []
         finished: list[GroupWork] = []  # every group whose generation completed this step
         carried: list[GroupWork] = []  # back to the buffer at the end
@@ -326,6 +466,13 @@ class RolloutController:
         # Partial tokens dropped for staleness were generated and are now thrown away.
         counters["discarded_tokens"] += self.buffer.stats.dropped_tokens - stale_before
         counters["resumed_tokens"] = float(sum(w.resumed_tokens for w in queue if w.aborted))
+        long_round = self.tail is not None and self.tail.is_long_round(rollout_id, provision)
+        if long_round:
+            assert self.tail is not None
+            queue.extend(self.tail.drain(rollout_id, max(provision - len(queue), 0)))
+        counters["long_round"] = float(long_round)
+        if self.config.places_by_length:
+            await self._fit_concurrency(queue)
         running: dict[asyncio.Task, GroupWork] = {}
         exhausted = False
         # A filter that rejects (almost) everything would refill forever: bound the new groups one
@@ -333,11 +480,13 @@ class RolloutController:
         max_new = math.ceil(cfg.max_candidates_factor * provision)
         started_new = 0
         try:
-            while len(accepted) < target:
-                need = provision - len(accepted) - len(running)
+            while len(accepted) < target or self._stale_running(running.values(), rollout_id):
+                # Past the target (waiting for groups that cannot be carried) nothing new
+                # starts: more in flight would only fill the buffer beyond the next step's use.
+                need = provision - len(accepted) - len(running) if len(accepted) < target else 0
                 if need > 0 and len(queue) < need and not exhausted:
                     want = min(need - len(queue), max_new - started_new)
-                    fresh = self._fresh(want, rollout_id, counters) if want > 0 else []
+                    fresh = self._fresh(want, rollout_id, counters, long_round) if want > 0 else []
                     started_new += len(fresh)
                     exhausted = not fresh
                     queue.extend(fresh)
@@ -363,12 +512,17 @@ class RolloutController:
                     finished.append(work)
                     if len(accepted) < target and self._keep(work):
                         accepted.append(work)
+                    elif len(accepted) >= target and self._swap_in_stale(
+                        work, accepted, carried, rollout_id
+                    ):
+                        counters["stale_finished"] += 1
                     elif len(accepted) >= target:
                         carried.append(work)  # surplus
                     else:
                         counters["filtered"] += 1
                         counters["discarded_tokens"] += work.new_tokens
             if running:
+                self._stopping = True
                 await self.pool.abort_all()
                 results = await asyncio.gather(*running, return_exceptions=True)
                 for task, result in zip(list(running), results, strict=True):
@@ -388,7 +542,42 @@ class RolloutController:
         spans = self.pool.timeline[span_mark:]
         self._record_history(rollout_id, finished)
         metrics = self._metrics(rollout_id, accepted, finished, counters, spans, start, end)
+        # CPU seconds of this process (engine threads included) over the step: on a shared
+        # machine, a steadier measure of the work than wall time.
+        metrics["perf/rollout_cpu_time"] = time.process_time() - cpu_start
         return StepOutput(groups, metrics, spans, start)
+
+    def _stale(self, work: GroupWork, rollout_id: int) -> bool:
+        """Carried to the next step, this group would break the staleness bound."""
+        starts = [
+            s.metadata["start_rollout_id"]
+            for s in work.samples
+            if s.metadata.get("start_rollout_id") is not None
+        ]
+        return bool(starts) and min(starts) <= rollout_id - self.config.max_staleness
+
+    def _stale_running(self, running: Any, rollout_id: int) -> bool:
+        """finish_stale: a running group that could not be carried keeps the step open (the
+        engine keeps generating the rest meanwhile), instead of being dropped with its tokens."""
+        return self.config.finishes_stale and any(self._stale(w, rollout_id) for w in running)
+
+    def _swap_in_stale(
+        self,
+        work: GroupWork,
+        accepted: list[GroupWork],
+        carried: list[GroupWork],
+        rollout_id: int,
+    ) -> bool:
+        """After the target: a finished group that cannot be carried takes the place of the
+        latest accepted group that can (which goes to the buffer, still within the bound)."""
+        if not (self.config.finishes_stale and self._stale(work, rollout_id) and self._keep(work)):
+            return False
+        for index in range(len(accepted) - 1, -1, -1):
+            if not self._stale(accepted[index], rollout_id):
+                carried.append(accepted.pop(index))
+                accepted.append(work)
+                return True
+        return False
 
     def _carry(self, carried: list[GroupWork], counters: dict[str, float]) -> None:
         keep: list[BufferedGroup] = []
@@ -419,10 +608,26 @@ class RolloutController:
                 await self.pool.abort_all()
             await asyncio.gather(*running, return_exceptions=True)
         everything = [*accepted, *carried, *running.values(), *queue]
+        if self.tail is not None:  # unstarted pooled prompts go back to the data source
+            self.source.give_back([w.item for w in self.tail.pool])
+            self.tail.pool.clear()
         self.buffer.add(
             BufferedGroup(w.key, w.samples, list(w.item.prompt_ids), _meta(w.item))
             for w in everything
         )
+
+    async def _fit_concurrency(self, queue: deque[GroupWork]) -> None:
+        """Per-engine concurrency from the KV budget, at the predicted request size."""
+        fit = getattr(self.pool, "fit_concurrency_to_kv", None)
+        if fit is None:
+            return
+        cap = float(self.config.sampling_params["max_new_tokens"])
+        lengths = [w.planned_length for w in queue if w.planned_length is not None]
+        if self.tail is not None and self.tail.recent:
+            lengths.extend(self.tail.recent)
+        prompts = [len(w.item.prompt_ids) for w in queue] or [0]
+        expected = statistics.fmean(lengths) if lengths else cap
+        await fit(statistics.fmean(prompts) + min(expected, cap))
 
     def _record_history(self, rollout_id: int, finished: list[GroupWork]) -> None:
         if self.planner is None or not finished:
@@ -490,6 +695,14 @@ class RolloutController:
             "accel/stale_dropped_groups": float(self.buffer.stats.dropped_groups),
             "accel/stale_restarted_groups": float(self.buffer.stats.restarted_groups),
             "accel/redispatched_requests": float(self.pool.stats.redispatched),
+            "accel/tail_cut_samples": counters["tail_cut_samples"],
+            "accel/stale_finished_groups": counters["stale_finished"],
+            "accel/long_round": counters.get("long_round", 0.0),
+            "accel/tail_pool": float(len(self.tail) if self.tail is not None else 0),
+            # Work put off, not saved: prompts the planner deferred or pooled, not yet run.
+            "accel/deferred_prompts": float(
+                len(self._deferred) + (len(self.tail) if self.tail is not None else 0)
+            ),
         }
         zero_std: dict[str, int] = {}
         for w in finished:
@@ -499,6 +712,14 @@ class RolloutController:
                 zero_std[key] = zero_std.get(key, 0) + 1
         metrics.update({k: float(v) for k, v in zero_std.items()})
         metrics.update(sample_metrics(groups))
+        # Speculative decoding (drafts on): accepted tokens per verify forward, as slime logs it.
+        verify = completed = 0
+        for sample in (s for g in groups for s in g):
+            info = getattr(sample, "spec_info", None)
+            verify += getattr(info, "spec_verify_ct", 0) or 0
+            completed += getattr(info, "completion_token_num", 0) or 0
+        if verify:
+            metrics["accel/spec_accept_length"] = completed / verify
         metrics.update(tail_metrics(spans, start, end))
         longest = max(
             (s for s in spans if s.finish != "failed"), key=lambda s: s.tokens, default=None
@@ -520,6 +741,10 @@ class RolloutController:
         for age, count in self.buffer.staleness_histogram(rollout_id + 1).items():
             metrics[f"accel/staleness/{age}"] = float(count)
         return metrics
+
+
+def _planned(work: GroupWork) -> float:
+    return work.planned_length or 0.0
 
 
 def _meta(item: PromptItem) -> dict[str, Any]:

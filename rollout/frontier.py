@@ -16,6 +16,14 @@ to it because this machine may be shared. A second, smoothed table takes "final 
 mean of the last `SMOOTH_WINDOW` evaluations, since one evaluation of a still-moving policy is
 noisy. Outputs in --out: results.json, table.md, frontier.png, and runs/ (each run's
 metrics.jsonl and summary.json). `--reanalyse` rebuilds the tables and plot from results.json.
+
+With power (`power_analysis`, the first table of table.md): per seed, the target is that seed's
+sync final accuracy (mean of the last `SMOOTH_WINDOW` evaluations); each run's time to target is
+paired with sync's own time to it on the same seed, and the table gives the geometric mean of
+the ratio with its 95% confidence interval (t over the seeds' log ratios). A policy counts as
+faster only if the whole interval is below 1. Final accuracy: mean with its 95% interval.
+Besides the policies, variants run a policy with settings changed (`VARIANTS`, e.g.
+`history-tail`: the max-of-n tail budget on, to measure what it costs in accuracy).
 """
 
 from __future__ import annotations
@@ -39,6 +47,14 @@ DEFAULT_RECIPE = "recipes/local/arithmetic-sync.toml"
 TARGET_TIME_FRACTION = 0.5
 QUICK = {"train.steps": 50, "eval.every": 10}
 SMOOTH_WINDOW = 3
+# Named policy variants: label -> recipe overrides.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "history-tail": {"rollout.policy": "history", "rollout.tail_budget": 2.0},
+    "partial-tail": {"rollout.policy": "partial", "rollout.tail_budget": 2.0},
+}
+# Two-sided 95% t quantiles by degrees of freedom (df > 30: 2.0).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
 
 
 def find_default_recipe() -> Path:
@@ -109,10 +125,11 @@ def plan_runs(
     for i, seed in enumerate(seeds):
         order = [policies[(j + i) % len(policies)] for j in range(len(policies))]
         for policy in order:
+            changes = VARIANTS.get(policy, {"rollout.policy": policy})
             runs.append(
                 base.with_updates(
                     {
-                        "rollout.policy": policy,
+                        **changes,
                         "run.seed": seed,
                         "run.name": f"frontier-{policy}",
                         "run.out_dir": str(out / "runs"),
@@ -121,6 +138,121 @@ def plan_runs(
                 )
             )
     return runs
+
+
+def run_label(recipe: Recipe) -> str:
+    """The policy or variant name a planned run stands for (from its run name)."""
+    return recipe.run.name.removeprefix("frontier-")
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError("t975: df must be >= 1")
+    at = max((k for k in _T975 if k <= df), default=1)
+    return _T975[at] if df <= 30 else 2.0
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(mean, half-width of its 95% confidence interval); half-width None for < 2 values."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def power_analysis(
+    summaries: Sequence[dict[str, Any]],
+    policies: Sequence[str],
+    window: int = SMOOTH_WINDOW,
+    clock: str = "wall",
+) -> dict[str, Any]:
+    """Paired time-to-target with 95% intervals (module docstring). A run that never reaches
+    the target counts with its whole RL time (then `faster` is never claimed for it).
+    `clock`: "wall" (RL wall seconds) or "cpu" (the process's CPU seconds: steadier than wall
+    time on a shared machine)."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock: {clock!r} is not wall or cpu")
+    total = "rl_wall_seconds" if clock == "wall" else "rl_cpu_seconds"
+    by = {(s["policy"], s["seed"]): s for s in summaries}
+    seeds = sorted({s["seed"] for s in summaries})
+    if any(("sync", seed) not in by for seed in seeds):
+        raise ValueError("frontier: every seed needs a sync run (it sets the target)")
+    rows = []
+    for policy in policies:
+        log_ratios, times, fractions, finals, reached = [], [], [], [], 0
+        for seed in seeds:
+            run, sync = by.get((policy, seed)), by[("sync", seed)]
+            if run is None:
+                continue
+            target = final_accuracy(sync, window)
+            sync_hit = first_reach(sync["evals"], target)
+            hit = first_reach(run["evals"], target)
+            reached += hit is not None
+            t = hit[clock] if hit is not None else run[total]
+            finals.append(final_accuracy(run, window))
+            times.append(t)
+            fractions.append(t / sync[total])
+            if sync_hit is not None and sync_hit[clock] > 0 and t > 0:
+                log_ratios.append(math.log(t / sync_hit[clock]))
+        lr_mean, lr_half = mean_ci(log_ratios)
+        ratio = math.exp(lr_mean) if lr_mean is not None else None
+        ci = (
+            (math.exp(lr_mean - lr_half), math.exp(lr_mean + lr_half))
+            if lr_mean is not None and lr_half is not None
+            else None
+        )
+        t_mean, t_half = mean_ci(times)
+        f_mean, f_half = mean_ci(fractions)
+        a_mean, a_half = mean_ci(finals)
+        rows.append(
+            {
+                "policy": policy,
+                "seeds": len(finals),
+                "reached": reached,
+                "time_to_target_mean": t_mean,
+                "time_to_target_ci95": t_half,
+                "ratio_to_sync_geomean": ratio,
+                "ratio_to_sync_ci95": ci,
+                "faster": ci is not None and ci[1] < 1.0 and reached == len(finals),
+                "slower": ci is not None and ci[0] > 1.0,
+                "fraction_of_sync_wall_mean": f_mean,
+                "fraction_of_sync_wall_ci95": f_half,
+                "final_accuracy_mean": a_mean,
+                "final_accuracy_ci95": a_half,
+            }
+        )
+    return {"seeds": seeds, "window": window, "clock": clock, "rows": rows}
+
+
+def power_markdown(power: dict[str, Any]) -> str:
+    clock = power.get("clock", "wall")
+    lines = [
+        f"{len(power['seeds'])} paired seeds; target = the same seed's sync final accuracy (mean "
+        f"of its last {power['window']} evals); times in RL {clock} seconds; ± = 95% confidence "
+        "interval.",
+        "",
+        f"| policy | {clock} s to target | vs sync (geo-mean, 95% CI) | verdict | fraction of "
+        f"sync's {clock} | final acc | reached |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in power["rows"]:
+        ci = row["ratio_to_sync_ci95"]
+        verdict = "faster" if row["faster"] else ("slower" if row["slower"] else "not different")
+        if row["policy"] == "sync":
+            verdict = "baseline"
+        lines.append(
+            f"| {row['policy']} | {_fmt(row['time_to_target_mean'], 1)} ± "
+            f"{_fmt(row['time_to_target_ci95'], 1)} | {_fmt(row['ratio_to_sync_geomean'], 2)} "
+            f"[{_fmt(ci[0] if ci else None, 2)}, {_fmt(ci[1] if ci else None, 2)}] | {verdict} | "
+            f"{_fmt(row['fraction_of_sync_wall_mean'], 2)} ± "
+            f"{_fmt(row['fraction_of_sync_wall_ci95'], 2)} | "
+            f"{_fmt(row['final_accuracy_mean'])} ± {_fmt(row['final_accuracy_ci95'])} | "
+            f"{row['reached']}/{row['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -325,9 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         policies = _parse_list(args.policies, "--policies")
-        unknown = [p for p in policies if p not in POLICIES]
+        unknown = [p for p in policies if p not in POLICIES and p not in VARIANTS]
         if unknown:
-            raise RecipeError(f"--policies: {unknown} not among {', '.join(POLICIES)}")
+            raise RecipeError(
+                f"--policies: {unknown} not among {', '.join([*POLICIES, *VARIANTS])}"
+            )
         if "sync" not in policies:
             raise RecipeError("--policies: must include sync (its final accuracy is the target)")
         try:
@@ -373,16 +507,14 @@ def run_experiment(
     started = time.time()
     load_before = os.getloadavg()
     for recipe in runs:  # warm starts first, so no run waits on SFT
-        if recipe.rollout.policy == policies[0]:
+        if run_label(recipe) == policies[0]:
             ensure_sft_checkpoint(recipe, Path(recipe.run.out_dir) / SFT_CACHE)
     summaries = []
     for index, recipe in enumerate(runs):
-        print(
-            f"[{index + 1}/{len(runs)}] {recipe.rollout.policy} seed {recipe.run.seed}",
-            flush=True,
-        )
+        print(f"[{index + 1}/{len(runs)}] {run_label(recipe)} seed {recipe.run.seed}", flush=True)
         load = os.getloadavg()[0]
         summary = run_recipe(recipe, progress=not args.no_progress).summary
+        summary["policy"] = run_label(recipe)  # a variant's label, not its base policy
         # 1-minute load averages around the run: other work on the machine inflates wall time.
         summary["load_average_1m"] = [load, os.getloadavg()[0]]
         summaries.append(summary)
@@ -407,10 +539,16 @@ def report(results: dict[str, Any], out: Path) -> None:
     policies, summaries = results["policies"], results["runs"]
     results["analysis"] = analyse(summaries, policies)
     results["analysis_smoothed"] = analyse(summaries, policies, SMOOTH_WINDOW)
+    results["power"] = power_analysis(summaries, policies)
+    results["power_cpu"] = power_analysis(summaries, policies, clock="cpu")
     plot = plot_frontier(summaries, policies, out / "frontier.png")
     results["plot"] = str(plot) if plot else None
     markdown = (
-        "## Time to accuracy\n\n"
+        "## Time to target, paired, 95% intervals\n\n"
+        + power_markdown(results["power"])
+        + "\n"
+        + power_markdown(results["power_cpu"])
+        + "\n## Time to accuracy\n\n"
         + table_markdown(results["analysis"])
         + "\n## Smoothed\n\n"
         + table_markdown(results["analysis_smoothed"])

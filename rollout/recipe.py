@@ -70,6 +70,7 @@ class RolloutSpec:
     `engine`: `inprocess` (the Engine in this process) or `http` (the same engine behind the
     SGLang-protocol server on loopback; weights go through /update_weights_from_tensor).
     `dynamic_filter`: absent = the policy's own default (`ControllerConfig.filter_enabled`).
+    `tail_budget`: the max-of-n tail (`ControllerConfig.tail_budget`); absent = off.
     """
 
     policy: str = "sync"
@@ -83,6 +84,7 @@ class RolloutSpec:
     mask_offpolicy: bool = False
     dynamic_filter: bool | None = None
     max_running_requests: int = 256
+    tail_budget: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +355,8 @@ def _check_values(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: must be >= 0, got {value!r}")
     if r.rollout.n < 2:
         raise RecipeError(f"rollout.n: GRPO needs at least 2 samples per prompt, got {r.rollout.n}")
+    if r.rollout.tail_budget is not None and r.rollout.tail_budget < 1.0:
+        raise RecipeError(f"rollout.tail_budget: must be >= 1.0, got {r.rollout.tail_budget!r}")
     if r.rollout.over_sampling < 1.0:
         raise RecipeError(f"rollout.over_sampling: must be >= 1.0, got {r.rollout.over_sampling!r}")
     if r.model.hidden % r.model.heads:

@@ -111,6 +111,82 @@ except ImportError:
         def effective_response_length(self) -> int:
             return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
 
+        def append_response_tokens(
+            self,
+            args: Any = None,
+            *,
+            tokens: list[int] | None = None,
+            log_probs: list[float] | None = None,
+            trainable: bool = True,
+            meta_info: dict | None = None,
+            text: str | None = None,
+            update_terminal_info: bool = True,
+        ) -> None:
+            """The fallback of slime's method of the same name (same rules): append response
+            tokens keeping loss_mask and rollout_log_probs as long as the response; trainable
+            tokens need log probs, non-trainable ones get mask 0 and log prob 0.0; meta_info
+            updates prefix-cache (and, with speculative decoding, spec) stats, weight_versions
+            and status from finish_reason. Top-p replay and routed experts are slime-only."""
+            tokens = [int(t) for t in tokens or []]
+            log_probs = None if log_probs is None else [float(x) for x in log_probs]
+            if log_probs is not None and len(log_probs) != len(tokens):
+                raise ValueError(
+                    f"log_probs length {len(log_probs)} != tokens length {len(tokens)}"
+                )
+            if tokens and trainable and log_probs is None:
+                raise ValueError("trainable response tokens require rollout log probabilities.")
+            if tokens and not trainable:
+                if log_probs is not None:
+                    raise ValueError(
+                        "non-trainable response tokens should not pass rollout log probabilities."
+                    )
+                log_probs = [0.0] * len(tokens)
+            if text is not None:
+                self.response += text
+            before = self.response_length
+            if tokens:
+                self.tokens = list(self.tokens) + tokens
+                self.response_length += len(tokens)
+                if self.loss_mask is None:
+                    self.loss_mask = [1] * before
+                self.loss_mask = list(self.loss_mask) + [1 if trainable else 0] * len(tokens)
+            if log_probs is not None:
+                if self.rollout_log_probs is None:
+                    if trainable and before:
+                        raise ValueError(
+                            "Cannot append trainable rollout log probabilities to a sample with "
+                            "existing response tokens but no existing rollout_log_probs."
+                        )
+                    self.rollout_log_probs = [0.0] * before
+                self.rollout_log_probs = list(self.rollout_log_probs) + log_probs
+            if meta_info is not None and update_terminal_info and "finish_reason" in meta_info:
+                if getattr(args, "sglang_speculative_algorithm", False):
+                    self.spec_info.add(meta_info)
+                self.prefix_cache_info.add(meta_info)
+                if "weight_version" in meta_info:
+                    self.weight_versions = [*self.weight_versions, meta_info["weight_version"]]
+                kind = (meta_info["finish_reason"] or {}).get("type")
+                status = {
+                    "length": Sample.Status.TRUNCATED,
+                    "abort": Sample.Status.ABORTED,
+                    "stop": Sample.Status.COMPLETED,
+                }.get(kind)
+                if status is not None:
+                    self.status = status
+            if self.loss_mask is not None and len(self.loss_mask) != self.response_length:
+                raise ValueError(
+                    f"loss_mask length {len(self.loss_mask)} != response_length "
+                    f"{self.response_length}"
+                )
+            if (
+                self.rollout_log_probs is not None
+                and len(self.rollout_log_probs) != self.response_length
+            ):
+                raise ValueError(
+                    f"rollout_log_probs length {len(self.rollout_log_probs)} != "
+                    f"response_length {self.response_length}"
+                )
+
     @dataclass
     class RolloutFnTrainOutput:  # type: ignore[no-redef]
         samples: list[list[Sample]]

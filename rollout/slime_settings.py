@@ -149,6 +149,24 @@ ACCEL_KEYS: tuple[AccelKey, ...] = (
         _bool,
     ),
     AccelKey(
+        "accel_tail_budget",
+        "float >= 1",
+        "off",
+        "The max-of-n tail: once 3/4 of a group is done, its other samples may run at most this "
+        "many times the longest finished sibling; a cut sample counts as truncated (slime's "
+        "handling of a length finish). A speed-for-accuracy trade; history then also finishes "
+        "stragglers that would break accel_max_staleness instead of dropping them.",
+        _float(1.0),
+    ),
+    AccelKey(
+        "accel_drafts",
+        "bool",
+        "false",
+        "Attach each prompt's corpus key to its requests (sampling_params.custom_params.corpus_id) "
+        "for speculative decoding from history drafts; needs engines that do speculative decoding.",
+        _bool,
+    ),
+    AccelKey(
         "accel_max_staleness",
         "int >= 0",
         "1",
@@ -409,6 +427,7 @@ _CONTROLLER_SOURCES = {
     "over_sampling": "accel_over_sampling",
     "max_staleness": "accel_max_staleness",
     "stale_action": "accel_stale_action",
+    "tail_budget": "accel_tail_budget",
     "sampling_params": "--rollout-max-response-len",
 }
 
@@ -442,6 +461,8 @@ def settings_from_args(args: Any) -> SlimeSettings:
         "max_candidates_factor": accel.get("accel_max_candidates_factor", 8.0),
         "reward_key": getattr(args, "reward_key", None),
         "record_responses": accel.get("accel_record_responses", False),
+        "tail_budget": accel.get("accel_tail_budget"),
+        "drafts": accel.get("accel_drafts", False),
         "sampling_params": sampling_params_from_args(args),
         "seed": accel.get("accel_seed", _flag(args, "rollout_seed", 0)),
     }

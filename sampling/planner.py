@@ -18,7 +18,7 @@ allocator's value-per-token ranking cannot starve it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,8 +101,12 @@ class RolloutPlanner:
         step: int,
         budget: Budget,
         rng: np.random.Generator,
+        required: Collection[PromptKey] = (),
     ) -> RolloutPlan:
-        """Decide this step's prompts, their n and their dispatch order (see module docstring)."""
+        """Decide this step's prompts, their n and their dispatch order (see module docstring).
+
+        `required` candidates that the selector keeps get budget before any other, whatever
+        their value per token (the caller's exploration floor)."""
         candidates = list(candidates)
         if len(set(candidates)) != len(candidates):
             raise InvalidArgumentError("plan: candidate keys must be unique")
@@ -124,7 +128,10 @@ class RolloutPlanner:
             kept, skipped = candidates, []
         plen: Mapping[PromptKey, int | None] = dict(zip(candidates, prompt_lengths, strict=True))
         estimates = self.lengths.predict(kept, [plen[k] for k in kept], stats)
-        overdue = {k for k in kept if self._deferrals.get(k, 0) >= self.config.max_deferrals}
+        wanted = set(required)
+        overdue = {
+            k for k in kept if k in wanted or self._deferrals.get(k, 0) >= self.config.max_deferrals
+        }
         allocation = self.allocator.allocate(
             kept, [e.mean for e in estimates], budget, stats, required=overdue
         )

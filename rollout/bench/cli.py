@@ -3,12 +3,21 @@
 Default: the `longtail` scenario on the embedded engine (tiny-qwen3 on the CPU): the policies
 sync, dynamic, partial and history run K RL steps each on the same engine and the same seeded
 synthetic long-tail workload, and one table compares them (ratios against sync included).
-Other scenarios: `sampler` (history layer vs uniform selection on the trace, no engine),
-`frontier` (train under each policy: time-to-accuracy), `engine` (our engine vs transformers),
-`server` (HTTP vs in-process throughput), `smshare` (prefill/decode SM sharing vs time-sharing,
-GPU only), `kvreuse` (cross-agent KV reuse vs full prefill), `spec` (speculative decoding from
-earlier epochs), `pipeline` (pipeline-parallel layer
-splits: even, best static, dynamic rebalancing).
+
+Recurrence (`--recurrence`): `realistic` (default) draws from 4,096 prompts, so at 32 groups per
+step (48 in flight with over-sampling 1.5) a prompt comes back once every ~85-128 steps: no prompt
+recurs within a bench run, as in the first epoch of dapo-math-17k (17.9k prompts: once per ~560
+steps at 32 groups/step). `high` is the old setting (128 prompts: a prompt recurs every ~3-4
+steps, which flatters history); `both` runs the two and prints two tables.
+
+Other scenarios: `e2e` (real generation by a trained toy policy, no length trace),
+`sampler` (history layer vs uniform selection on the trace, no engine), `frontier` (train under
+each policy: time-to-accuracy), `engine` (our engine vs transformers), `server` (HTTP vs
+in-process throughput).
+`smshare` (prefill/decode SM sharing vs time-sharing, GPU only), `kvreuse` (cross-agent KV reuse
+vs full prefill), `spec` (speculative decoding from earlier epochs), `pipeline` (pipeline-parallel
+layer splits: even, best static, dynamic rebalancing), `slo` (schedule policies under bursty agent
+traffic).
 """
 
 from __future__ import annotations
@@ -24,18 +33,23 @@ from typing import Any, NoReturn
 
 from rollout_accel.rollout.controller_config import POLICIES
 
-SCENARIOS = (
-    "longtail",
-    "sampler",
-    "frontier",
-    "engine",
-    "server",
-    "smshare",
-    "kvreuse",
-    "spec",
-    "pipeline",
-    "slo",
-)
+# Scenario -> the module whose `main(argv)` runs it with the remaining flags; "" = the longtail
+# runner below. A new scenario is one line here.
+SCENARIOS: dict[str, str] = {
+    "longtail": "",
+    "e2e": "rollout_accel.rollout.bench.e2e",
+    "sampler": "rollout_accel.sampling.evaluation",
+    "frontier": "rollout_accel.rollout.frontier",
+    "engine": "rollout_accel.serving.benchmark",
+    "server": "rollout_accel.serving.http_benchmark",
+    "smshare": "rollout_accel.rollout.bench.smshare_scenario",
+    "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
+    "spec": "rollout_accel.rollout.bench.spec",
+    "pipeline": "rollout_accel.rollout.bench.pipeline_scenario",
+    "slo": "rollout_accel.rollout.bench.slo_scenario",
+}
+# Data-set sizes of the two recurrence settings (module docstring).
+RECURRENCE = {"realistic": 4096, "high": 128}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -53,9 +67,9 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument(
         "--scenario",
-        choices=SCENARIOS,
+        choices=list(SCENARIOS),
         default="longtail",
-        help="what to measure (default: longtail); sampler/frontier/engine/server pass the remaining flags to their own runner",
+        help="what to measure (default: longtail); the others pass the remaining flags to their own runner",
     )
     w = p.add_argument_group("workload (longtail)")
     w.add_argument(
@@ -90,10 +104,17 @@ def build_parser() -> OneLineParser:
         help="response length cap; the trace's shape is rescaled to it (default 256 for CPU; 16384 is the published cap)",
     )
     w.add_argument(
+        "--recurrence",
+        choices=[*RECURRENCE, "both"],
+        default="realistic",
+        help="realistic: 4096 prompts, none recurs within the run (default); high: 128 prompts, "
+        "a prompt recurs every ~4 steps (the old setting); both: one table each",
+    )
+    w.add_argument(
         "--num-prompts",
         type=int,
-        default=128,
-        help="prompts in the data set; epochs cycle over them (default 128)",
+        default=None,
+        help="prompts in the data set (overrides --recurrence); epochs cycle over them",
     )
     w.add_argument(
         "--over-sampling",
@@ -112,6 +133,19 @@ def build_parser() -> OneLineParser:
         action="store_true",
         help="run history with the dynamic (non-zero-variance) filter too (default: off, as for "
         "partial; dynamic is the filtering policy)",
+    )
+    w.add_argument(
+        "--tail-budget",
+        type=float,
+        default=None,
+        metavar="F",
+        help="max-of-n tail for every policy: once 3/4 of a group is done, the rest may run F x "
+        "its longest finished sibling; cut samples count as truncated (default off)",
+    )
+    w.add_argument(
+        "--drafts",
+        action="store_true",
+        help="speculative decoding from history drafts for every policy (needs engine support)",
     )
     w.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)"
@@ -219,7 +253,7 @@ def _validate(args: argparse.Namespace, parser: OneLineParser) -> tuple[str, ...
             f"--policies: {unknown[0] if unknown else '(empty)'!r} is not one of {','.join(POLICIES)}"
         )
     for name in ("steps", "rollout_batch_size", "n_samples_per_prompt", "num_prompts"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.max_len < 8:
         parser.error("--max-len: must be >= 8")
@@ -227,7 +261,23 @@ def _validate(args: argparse.Namespace, parser: OneLineParser) -> tuple[str, ...
         parser.error("--over-sampling: must be >= 1.0")
     if args.engine_url and args.ray:
         parser.error("--engine-url and --ray are alternatives; give one")
+    if args.tail_budget is not None and args.tail_budget < 1.0:
+        parser.error("--tail-budget: must be >= 1.0")
+    if args.num_prompts is not None and args.recurrence == "both":
+        parser.error("--num-prompts and --recurrence both are alternatives; give one")
     return policies
+
+
+def require_drafts(pool) -> None:
+    """--drafts: every engine of the pool must do speculative decoding from drafts."""
+    from rollout_accel.rollout.pool.base import supports_drafts
+
+    missing = [e.handle.name for e in pool.engines if not supports_drafts(e.handle)]
+    if missing:
+        raise SystemExit(
+            f"rollout bench: error: --drafts: speculative decoding is not available yet in "
+            f"engine {missing[0]} (this engine has no draft support)"
+        )
 
 
 def _machine() -> dict[str, Any]:
@@ -270,18 +320,7 @@ def _log_wandb(args: argparse.Namespace, runs, rows, payload: dict[str, Any]) ->
 def _delegate(scenario: str, rest: list[str]) -> int:
     import importlib
 
-    module = {
-        "sampler": "rollout_accel.sampling.evaluation",
-        "frontier": "rollout_accel.rollout.frontier",
-        "engine": "rollout_accel.serving.benchmark",
-        "server": "rollout_accel.serving.http_benchmark",
-        "smshare": "rollout_accel.rollout.bench.smshare_scenario",
-        "kvreuse": "rollout_accel.rollout.bench.kvreuse_scenario",
-        "spec": "rollout_accel.rollout.bench.spec",
-        "pipeline": "rollout_accel.rollout.bench.pipeline_scenario",
-        "slo": "rollout_accel.rollout.bench.slo_scenario",
-    }[scenario]
-    result = importlib.import_module(module).main(rest)
+    result = importlib.import_module(SCENARIOS[scenario]).main(rest)
     return result if isinstance(result, int) else 0
 
 
@@ -305,38 +344,40 @@ def main(argv: list[str] | None = None) -> int:
     from rollout_accel.rollout.bench.runner import BenchSettings, run_bench
     from rollout_accel.rollout.bench.workloads import WorkloadError, make_workload
 
-    settings = BenchSettings(
-        policies=policies,
-        steps=args.steps,
-        rollout_batch_size=args.rollout_batch_size,
-        n_samples_per_prompt=args.n_samples_per_prompt,
-        max_len=args.max_len,
-        num_prompts=args.num_prompts,
-        over_sampling=args.over_sampling,
-        max_staleness=args.max_staleness,
-        temperature=args.temperature,
-        seed=args.seed,
-        history_filter=args.history_filter,
-    )
+    if args.num_prompts is not None:
+        sizes = {"custom": args.num_prompts}
+    elif args.recurrence == "both":
+        sizes = dict(RECURRENCE)
+    else:
+        sizes = {args.recurrence: RECURRENCE[args.recurrence]}
+    all_settings = {
+        name: BenchSettings(
+            policies=policies,
+            steps=args.steps,
+            rollout_batch_size=args.rollout_batch_size,
+            n_samples_per_prompt=args.n_samples_per_prompt,
+            max_len=args.max_len,
+            num_prompts=size,
+            over_sampling=args.over_sampling,
+            max_staleness=args.max_staleness,
+            temperature=args.temperature,
+            seed=args.seed,
+            history_filter=args.history_filter,
+            tail_budget=args.tail_budget,
+            drafts=args.drafts,
+        )
+        for name, size in sizes.items()
+    }
     out = Path(args.out)
 
-    async def run() -> tuple[list, dict[str, Any], dict[str, Any]]:
+    async def run() -> tuple[dict[str, tuple[list, dict[str, Any]]], dict[str, Any]]:
         pool, engine_info = await _make_pool(args)
         try:
+            if args.drafts:
+                require_drafts(pool)
             vocab = 512
             if engine_info["kind"] == "embedded":
                 vocab = pool.engines[0].handle.engine.model_config.vocab_size
-            try:
-                workload = make_workload(
-                    args.workload,
-                    num_prompts=args.num_prompts,
-                    n=args.n_samples_per_prompt,
-                    max_len=args.max_len,
-                    seed=args.seed,
-                    vocab_size=min(vocab, 32000),
-                )
-            except WorkloadError as exc:
-                raise SystemExit(f"rollout bench: error: {exc}") from None
             progress = None
             task = None
             if not args.no_progress:
@@ -355,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                     TimeElapsedColumn(),
                 )
                 progress.start()
-                task = progress.add_task("rollout bench", total=len(policies) * args.steps)
+                total = len(policies) * args.steps * len(all_settings)
+                task = progress.add_task("rollout bench", total=total)
 
             def on_step(policy: str, step: int, metrics: dict[str, float]) -> None:
                 if progress is not None:
@@ -365,46 +407,75 @@ def main(argv: list[str] | None = None) -> int:
                         description=f"{policy:8s} step {step} {metrics['perf/rollout_time']:.2f}s",
                     )
 
+            results = {}
             try:
-                runs = await run_bench(pool, workload, settings, on_step)
+                for name, settings in all_settings.items():
+                    try:
+                        workload = make_workload(
+                            args.workload,
+                            num_prompts=settings.num_prompts,
+                            n=args.n_samples_per_prompt,
+                            max_len=args.max_len,
+                            seed=args.seed,
+                            vocab_size=min(vocab, 32000),
+                        )
+                    except WorkloadError as exc:
+                        raise SystemExit(f"rollout bench: error: {exc}") from None
+                    runs = await run_bench(pool, workload, settings, on_step)
+                    results[name] = (runs, workload.describe())
             finally:
                 if progress is not None:
                     progress.stop()
-            return runs, engine_info, workload.describe()
+            return results, engine_info
         finally:
             await pool.close()
 
-    runs, engine_info, workload_info = asyncio.run(run())
-    rows = summarize(runs)
+    results, engine_info = asyncio.run(run())
     from dataclasses import asdict
 
-    payload = {
-        "schema": 1,
-        "scenario": "longtail",
-        "workload": workload_info,
-        "settings": asdict(settings),
-        "engine": engine_info,
-        "machine": _machine(),
-        "summary": rows,
-        "steps": {
-            r.policy: [{"step": s.step, "metrics": s.metrics, "spans": s.spans} for s in r.steps]
-            for r in runs
-        },
-    }
-    write_results(out / "results.json", payload)
-    (out / "table.txt").write_text(table_text(rows) + "\n")
-    if not args.no_plots:
-        write_plots(out, runs, rows)
-    if args.wandb:
-        _log_wandb(args, runs, rows, payload)
-    title = f"rollout bench: {workload_info['name']}, {args.rollout_batch_size} groups x {args.n_samples_per_prompt}, max_len {args.max_len}, {args.steps} steps, {engine_info['kind']} engine"
-    print_table(rows, title)
-    for row in rows:
-        if row["policy"] != "sync" and row["speedup_vs_sync"] == row["speedup_vs_sync"]:
-            print(
-                f"{row['policy']}: step time {row['step_time_ratio_vs_sync']:.2f} of sync ({row['speedup_vs_sync']:.2f}x faster)"
-            )
-    print(f"results: {out / 'results.json'}")
+    texts = []
+    for index, (name, (runs, workload_info)) in enumerate(results.items()):
+        settings = all_settings[name]
+        rows = summarize(runs)
+        payload = {
+            "schema": 1,
+            "scenario": "longtail",
+            "recurrence": name,
+            "workload": workload_info,
+            "settings": asdict(settings),
+            "engine": engine_info,
+            "machine": _machine(),
+            "summary": rows,
+            "steps": {
+                r.policy: [
+                    {"step": s.step, "metrics": s.metrics, "spans": s.spans} for s in r.steps
+                ]
+                for r in runs
+            },
+        }
+        # The first setting is results.json (the default, realistic); others results-<name>.json.
+        where = out / ("results.json" if index == 0 else f"results-{name}.json")
+        write_results(where, payload)
+        if not args.no_plots and index == 0:
+            write_plots(out, runs, rows)
+        if args.wandb and index == 0:
+            _log_wandb(args, runs, rows, payload)
+        title = (
+            f"rollout bench: {workload_info['name']} ({name} recurrence: "
+            f"{settings.num_prompts} prompts), {args.rollout_batch_size} groups x "
+            f"{args.n_samples_per_prompt}, max_len {args.max_len}, {args.steps} steps, "
+            f"{engine_info['kind']} engine"
+        )
+        texts.append(f"{title}\n{table_text(rows)}")
+        print_table(rows, title)
+        for row in rows:
+            if row["policy"] != "sync" and row["speedup_vs_sync"] == row["speedup_vs_sync"]:
+                print(
+                    f"{row['policy']}: step time {row['step_time_ratio_vs_sync']:.2f} of sync "
+                    f"({row['speedup_vs_sync']:.2f}x faster)"
+                )
+        print(f"results: {where}")
+    (out / "table.txt").write_text("\n\n".join(texts) + "\n")
     return 0
 
 

@@ -4,9 +4,11 @@ results.json schema (version 1):
   {"schema": 1, "scenario", "workload": {...trace parameters}, "settings": {...BenchSettings},
    "engine": {"kind", "targets", "model_path"}, "machine": {...},
    "summary": [{"policy", "step_time_s", "step_time_ratio_vs_sync", "speedup_vs_sync",
+                "cpu_time_s", "cpu_speedup_vs_sync",
                 "tokens_per_s", "effective_groups_per_s", "idle_share", "tail_ratio",
                 "aborted_tokens_per_step", "resumed_tokens_per_step", "discarded_tokens_per_step",
-                "skip_rate", "length_pred_spearman", "effective_share"}],
+                "skip_rate", "deferred_prompts", "tail_cut_per_step", "length_pred_spearman",
+                "effective_share"}],
    "steps": {policy: [{"step", "metrics": {...every controller metric},
                         "spans": [{"engine", "start", "end", "finish", "tokens"}]}]}}
 Means are over steps 1..K-1 for the rate and time columns (step 0 has no history and no carried
@@ -25,6 +27,8 @@ from rollout_accel.rollout.bench.runner import PolicyRun
 COLUMNS = [
     ("step_time_s", "step s", "{:.2f}"),
     ("speedup_vs_sync", "vs sync", "{:.2f}x"),
+    ("cpu_time_s", "cpu s", "{:.2f}"),
+    ("cpu_speedup_vs_sync", "cpu vs sync", "{:.2f}x"),
     ("tokens_per_s", "tok/s", "{:.0f}"),
     ("effective_groups_per_s", "eff grp/s", "{:.2f}"),
     ("effective_share", "eff share", "{:.2f}"),
@@ -34,6 +38,8 @@ COLUMNS = [
     ("resumed_tokens_per_step", "resumed", "{:.0f}"),
     ("discarded_tokens_per_step", "discarded", "{:.0f}"),
     ("skip_rate", "skip", "{:.2f}"),
+    ("deferred_prompts", "deferred", "{:.0f}"),
+    ("tail_cut_per_step", "cut", "{:.1f}"),
     ("length_pred_spearman", "len rho", "{:.2f}"),
 ]
 
@@ -47,6 +53,7 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
             {
                 "policy": run.policy,
                 "step_time_s": run.mean("perf/rollout_time", skip_first=True),
+                "cpu_time_s": run.mean("perf/rollout_cpu_time", skip_first=True),
                 "tokens_per_s": run.mean("accel/generated_tokens_per_s", skip_first=True),
                 "effective_groups_per_s": run.mean("accel/effective_groups_per_s", skip_first=True),
                 "effective_share": run.mean("accel/effective_groups") / accepted
@@ -58,6 +65,12 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
                 "resumed_tokens_per_step": run.total("accel/resumed_tokens") / steps,
                 "discarded_tokens_per_step": run.total("accel/discarded_tokens") / steps,
                 "skip_rate": run.mean("accel/skip_rate"),
+                # Prompts put off (deferred or pooled) and not yet run when the run ended: work
+                # the step times above do not include.
+                "deferred_prompts": run.steps[-1].metrics.get("accel/deferred_prompts", 0.0)
+                if run.steps
+                else 0.0,
+                "tail_cut_per_step": run.total("accel/tail_cut_samples") / steps,
                 "length_pred_spearman": run.mean("accel/length_pred_spearman", skip_first=True),
             }
         )
@@ -68,6 +81,10 @@ def summarize(runs: list[PolicyRun]) -> list[dict[str, Any]]:
             row["speedup_vs_sync"] = base["step_time_s"] / row["step_time_s"]
         else:
             row["step_time_ratio_vs_sync"] = row["speedup_vs_sync"] = float("nan")
+        cpu = row["cpu_time_s"]
+        row["cpu_speedup_vs_sync"] = (
+            base["cpu_time_s"] / cpu if base and cpu == cpu and cpu > 0 else float("nan")
+        )
     return rows
 
 
@@ -77,10 +94,13 @@ def _fmt(fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
-def table_text(rows: list[dict[str, Any]]) -> str:
+def table_text(
+    rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None
+) -> str:
     """A plain fixed-width table (also what goes into the README)."""
-    header = ["policy"] + [title for _, title, _ in COLUMNS]
-    body = [[row["policy"]] + [_fmt(fmt, row[key]) for key, _, fmt in COLUMNS] for row in rows]
+    columns = columns or COLUMNS
+    header = ["policy"] + [title for _, title, _ in columns]
+    body = [[row["policy"]] + [_fmt(fmt, row[key]) for key, _, fmt in columns] for row in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -91,20 +111,23 @@ def table_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
+def print_table(
+    rows: list[dict[str, Any]], title: str, columns: list[tuple[str, str, str]] | None = None
+) -> None:
+    columns = columns or COLUMNS
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is a dependency
         print(title)
-        print(table_text(rows))
+        print(table_text(rows, columns))
         return
     table = Table(title=title)
     table.add_column("policy")
-    for _, name, _ in COLUMNS:
+    for _, name, _ in columns:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(row["policy"], *[_fmt(fmt, row[key]) for key, _, fmt in COLUMNS])
+        table.add_row(row["policy"], *[_fmt(fmt, row[key]) for key, _, fmt in columns])
     Console(width=160).print(table)
 
 

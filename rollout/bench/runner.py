@@ -1,7 +1,7 @@
-"""Runs each policy for K steps on the same engines and the same workload, one after another.
+"""Runs each policy for K steps on the same engines and the same workload, steps interleaved.
 
 Each policy starts from the same state: a fresh controller, an empty partial buffer, an empty
-history store, the same seeded prompt order, and flushed prefix caches.
+history store, the same seeded prompt order, and a flushed prefix cache at its first step.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class BenchSettings:
     temperature: float = 1.0
     seed: int = 0
     history_filter: bool = False
+    tail_budget: float | None = None  # the max-of-n tail setting, for every policy (off)
+    drafts: bool = False  # speculative decoding from history, for every policy
 
 
 @dataclass
@@ -69,6 +71,8 @@ def controller_config(policy: str, settings: BenchSettings) -> ControllerConfig:
         dynamic_filter=settings.history_filter if policy == "history" else None,
         sampling_params={"temperature": settings.temperature, "max_new_tokens": settings.max_len},
         seed=settings.seed,
+        tail_budget=settings.tail_budget,
+        drafts=settings.drafts,
     )
 
 
@@ -85,14 +89,19 @@ def _spans(out: StepOutput) -> list[dict[str, Any]]:
     ]
 
 
-async def run_policy(
-    policy: str,
-    pool: EnginePool,
-    workload: Workload,
-    settings: BenchSettings,
-    workdir: Path,
-    on_step: Callable[[str, int, dict[str, float]], None] | None = None,
-) -> PolicyRun:
+@dataclass
+class PolicyState:
+    """One policy's controller and simulation, kept across the interleaved steps."""
+
+    policy: str
+    controller: RolloutController
+    sim: SimulatedRollout
+    run: PolicyRun
+
+
+def _make_state(
+    policy: str, pool: EnginePool, workload: Workload, settings: BenchSettings, workdir: Path
+) -> PolicyState:
     sim = SimulatedRollout(workload, settings.max_len)
     planner = None
     if policy == "history":
@@ -115,19 +124,51 @@ async def run_policy(
         planner=planner,
         payload_hook=sim.payload_hook,
     )
-    await pool.flush_cache()
-    run = PolicyRun(policy)
-    for step in range(settings.steps):
-        sim.step = step
-        out = await controller.step(step)
-        if len(out.groups) != settings.rollout_batch_size:
-            raise RuntimeError(f"{policy}: step {step} returned {len(out.groups)} groups")
-        run.steps.append(StepRecord(step, out.metrics, _spans(out)))
-        if on_step is not None:
-            on_step(policy, step, out.metrics)
-    if planner is not None:
-        planner.store.close()
-    return run
+    return PolicyState(policy, controller, sim, PolicyRun(policy))
+
+
+async def _step(
+    state: PolicyState,
+    pool: EnginePool,
+    step: int,
+    settings: BenchSettings,
+    on_step: Callable[[str, int, dict[str, float]], None] | None,
+) -> None:
+    if step == 0:
+        # Each policy starts from an empty prefix cache. Later steps keep it: a resumed partial
+        # sample hits its own prefix, as in a real run; what policies could share is the prompt
+        # (a few tokens here), not their sampled responses.
+        await pool.flush_cache()
+    state.sim.step = step
+    out = await state.controller.step(step)
+    if len(out.groups) != settings.rollout_batch_size:
+        raise RuntimeError(f"{state.policy}: step {step} returned {len(out.groups)} groups")
+    state.run.steps.append(StepRecord(step, out.metrics, _spans(out)))
+    if on_step is not None:
+        on_step(state.policy, step, out.metrics)
+
+
+async def run_policy(
+    policy: str,
+    pool: EnginePool,
+    workload: Workload,
+    settings: BenchSettings,
+    workdir: Path,
+    on_step: Callable[[str, int, dict[str, float]], None] | None = None,
+) -> PolicyRun:
+    """One policy's K steps in a row."""
+    state = _make_state(policy, pool, workload, settings, workdir)
+    try:
+        for step in range(settings.steps):
+            await _step(state, pool, step, settings, on_step)
+    finally:
+        _close(state)
+    return state.run
+
+
+def _close(state: PolicyState) -> None:
+    if state.controller.planner is not None:
+        state.controller.planner.store.close()
 
 
 async def run_bench(
@@ -136,6 +177,9 @@ async def run_bench(
     settings: BenchSettings,
     on_step: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> list[PolicyRun]:
+    """Every policy K steps, interleaved: step k of each policy (in an order rotated by one per
+    step) before step k+1 of any, so a drifting machine load (a shared CPU) hits every policy
+    alike. Each policy keeps its own controller, buffer and history throughout."""
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
         # Warm-up outside the measurement: first-call costs (allocations, kernel selection).
         warm = BenchSettings(
@@ -148,7 +192,13 @@ async def run_bench(
             seed=settings.seed + 1,
         )
         await run_policy("sync", pool, workload, warm, Path(tmp))
-        return [
-            await run_policy(p, pool, workload, settings, Path(tmp), on_step)
-            for p in settings.policies
-        ]
+        states = [_make_state(p, pool, workload, settings, Path(tmp)) for p in settings.policies]
+        try:
+            for step in range(settings.steps):
+                shift = step % len(states)
+                for state in states[shift:] + states[:shift]:
+                    await _step(state, pool, step, settings, on_step)
+        finally:
+            for state in states:
+                _close(state)
+        return [s.run for s in states]

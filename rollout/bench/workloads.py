@@ -85,6 +85,9 @@ class SimulatedRollout:
         return {**payload, "sampling_params": params}
 
     async def reward(self, sample: Sample) -> float:
+        # A sample cut by the tail budget never reached its answer: graded as a truncation.
+        if sample.metadata.get("tail_cut"):
+            return 0.0
         return float(self._draw(sample).reward)
 
 

@@ -170,6 +170,7 @@ def controller_config(recipe: Recipe) -> ControllerConfig:
         max_staleness=r.max_staleness,
         mask_offpolicy=r.mask_offpolicy,
         dynamic_filter=r.dynamic_filter,
+        tail_budget=r.tail_budget,
         sampling_params={
             "temperature": r.temperature,
             "top_p": 1.0,

@@ -59,6 +59,7 @@ class EngineState:
     completed: int = 0
     failures: int = 0
     gate: asyncio.Semaphore | None = None
+    limit: int | None = None  # in-flight bound of this engine (None: the pool's)
 
 
 @dataclass
@@ -77,6 +78,13 @@ class RequestSpan:
     end: float
     finish: str  # stop | length | abort | failed
     tokens: int
+
+
+def supports_drafts(handle: Any) -> bool:
+    """Whether an engine handle does speculative decoding from drafts (`supports_drafts()` on
+    the handle; handles without it do not)."""
+    probe = getattr(handle, "supports_drafts", None)
+    return bool(probe()) if callable(probe) else False
 
 
 def aborted_output(payload: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +161,40 @@ class EnginePool:
 
     def _gate(self, state: EngineState) -> asyncio.Semaphore:
         if state.gate is None:  # created lazily inside the running loop
-            state.gate = asyncio.Semaphore(self.concurrency_per_engine)
+            state.gate = asyncio.Semaphore(state.limit or self.concurrency_per_engine)
         return state.gate
+
+    async def fit_concurrency_to_kv(self, tokens_per_request: float, headroom: float = 0.9) -> None:
+        """Per-engine in-flight bound from its KV budget: as many requests of
+        `tokens_per_request` (prompt + expected response) as fit in `headroom` of the engine's KV
+        slots, never above `concurrency_per_engine`. Engines that do not report a KV capacity
+        (`kv_capacity()`) keep the pool's bound. Changes apply to idle engines only, so a
+        running step is never re-gated."""
+        if tokens_per_request <= 0:
+            raise ValueError(f"tokens_per_request: must be > 0, got {tokens_per_request!r}")
+        for state in self.healthy:
+            probe = getattr(state.handle, "kv_capacity", None)
+            if probe is None or state.in_flight:
+                continue
+            capacity = await self._safe(state, probe(), None)
+            if not capacity:
+                continue
+            limit = max(
+                1, min(self.concurrency_per_engine, int(capacity * headroom // tokens_per_request))
+            )
+            if limit != state.limit:
+                state.limit, state.gate = limit, None
+
+    async def abort_request(self, rid: str) -> bool:
+        """Aborts one request by id on every healthy engine that can (`abort_request(rid)` on
+        the handle); the request then answers with what it produced. False if none could."""
+        done = False
+        for state in self.healthy:
+            abort = getattr(state.handle, "abort_request", None)
+            if abort is not None:
+                await self._safe(state, abort(rid))
+                done = True
+        return done
 
     def place(self, group_key: str | None) -> int:
         """The engine index for a request of `group_key` (sticky per group while healthy)."""

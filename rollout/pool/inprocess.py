@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rollout_accel.rollout.pool.base import EngineFailure
-from rollout_accel.serving.engine import Engine, EngineClosedError, EngineDeadError
+from rollout_accel.serving.engine import (
+    Engine,
+    EngineClosedError,
+    EngineDeadError,
+    RequestNotFoundError,
+)
 from rollout_accel.serving.server.protocol import parse_generate
 
 
@@ -29,6 +35,22 @@ class InProcessEngine:
         if not self.engine.alive:
             raise EngineFailure(f"{self.name}: engine closed or failed")
         self.engine.abort(abort_all=True)
+
+    async def abort_request(self, rid: str) -> None:
+        if self.engine._closed:
+            raise EngineFailure(f"{self.name}: engine closed")
+        # A request that finished (or is not admitted yet) has nothing to stop.
+        with contextlib.suppress(RequestNotFoundError):
+            self.engine.abort(rid=rid)
+
+    def supports_drafts(self) -> bool:
+        """Speculative decoding from history drafts: an engine that accepts external corpora
+        (SGLang's `/add_external_corpus`, as `add_external_corpus`) drafts from them."""
+        return callable(getattr(self.engine, "add_external_corpus", None))
+
+    async def kv_capacity(self) -> int:
+        """KV slots of the engine (tokens it can hold at once)."""
+        return int(self.engine.server_info()["max_total_num_tokens"])
 
     async def num_requests(self) -> int:
         loads = self.engine.get_loads()

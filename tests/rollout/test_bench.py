@@ -140,3 +140,46 @@ def test_unreadable_or_malformed_trace(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*TINY, "--workload", f"trace:{bad}", "--out", str(tmp_path / "o2")])
     assert "bad.jsonl:1" in str(exc.value) and "rewards" in str(exc.value)
+
+
+def test_recurrence_both_writes_two_results(tmp_path: Path) -> None:
+    out = tmp_path / "both"
+    argv = [a for a in TINY if a not in ("--num-prompts", "64")]
+    assert main([*argv, "--policies", "sync,history", "--recurrence", "both", "--no-plots",
+                 "--tail-budget", "2", "--out", str(out)]) == 0  # fmt: skip
+    realistic, high = _results(out), json.loads((out / "results-high.json").read_text())
+    assert realistic["recurrence"] == "realistic" and realistic["settings"]["num_prompts"] == 4096
+    assert high["recurrence"] == "high" and high["settings"]["num_prompts"] == 128
+    assert realistic["settings"]["tail_budget"] == 2.0
+    for row in realistic["summary"]:
+        assert "deferred_prompts" in row and "tail_cut_per_step" in row
+    assert "realistic" in (out / "table.txt").read_text()
+
+
+def test_drafts_refused_until_the_engine_has_speculative_decoding(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--drafts", "--no-plots", "--out", str(tmp_path / "d")])
+    assert "not available yet" in str(exc.value) and "--drafts" in str(exc.value)
+
+
+def test_e2e_scenario_real_generation(tmp_path: Path) -> None:
+    """The full stack on a (briefly) SFT-trained toy policy: one table, ratios to sync."""
+    out = tmp_path / "e2e"
+    argv = ["--scenario", "e2e", "--steps", "2", "--rollout-batch-size", "3",
+            "--n-samples-per-prompt", "4", "--policies", "sync,partial,history",
+            "--set", "train.sft_steps=20", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res = _results(out)
+    assert res["scenario"] == "e2e" and res["task"] == "arithmetic"
+    rows = {r["policy"]: r for r in res["summary"]}
+    assert set(rows) == {"sync", "partial", "history"}
+    assert rows["sync"]["speedup_vs_sync"] == pytest.approx(1.0)
+    for policy, steps in res["steps"].items():
+        assert len(steps) == 2, policy
+        for step in steps:
+            assert step["metrics"]["accel/accepted_groups"] == 3
+            assert step["metrics"]["accel/generated_tokens"] > 0
+    assert "resp len" in (out / "table.txt").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:-2], "--drafts", "--out", str(tmp_path / "e2e-d")])
+    assert "not available yet" in str(exc.value)

@@ -369,3 +369,47 @@ def test_frontier_runs_one_recipe_per_policy_and_seed(small_recipe, tmp_path) ->
             }
         )
         assert same == small_recipe
+
+
+def test_frontier_power_analysis_pairs_seeds_and_gives_intervals(tmp_path) -> None:
+    from rollout_accel.rollout.frontier import (
+        VARIANTS,
+        plan_runs,
+        power_analysis,
+        power_markdown,
+        run_label,
+        t975,
+    )
+
+    def summ(policy: str, seed: int, accs: list[float], wall: float) -> dict:
+        n = len(accs)
+        evals = [
+            {"step": i, "wall": wall * i / (n - 1), "cpu": 0.0, "accuracy": a}
+            for i, a in enumerate(accs)
+        ]
+        return {"policy": policy, "seed": seed, "rl_wall_seconds": wall, "evals": evals}
+
+    runs = []
+    for seed in range(5):
+        runs.append(summ("sync", seed, [0.1, 0.3, 0.5, 0.6, 0.6, 0.6], 100.0))
+        # reaches sync's final accuracy one eval earlier, on every seed
+        runs.append(summ("history", seed, [0.1, 0.5, 0.6, 0.6, 0.6, 0.6], 100.0 + seed))
+        # faster on some seeds, slower on others: the interval must straddle 1
+        late = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] if seed % 2 else [0.1] + [0.6] * 5
+        runs.append(summ("partial", seed, late, 100.0))
+    power = power_analysis(runs, ["sync", "history", "partial"])
+    rows = {r["policy"]: r for r in power["rows"]}
+    assert rows["history"]["faster"] and not rows["history"]["slower"]
+    low, high = rows["history"]["ratio_to_sync_ci95"]
+    assert low < rows["history"]["ratio_to_sync_geomean"] < high < 1.0
+    assert not rows["partial"]["faster"] and not rows["partial"]["slower"]
+    assert rows["partial"]["ratio_to_sync_ci95"][0] < 1.0 < rows["partial"]["ratio_to_sync_ci95"][1]
+    assert "| history |" in power_markdown(power) and "faster" in power_markdown(power)
+    assert t975(4) == pytest.approx(2.776) and t975(100) == 2.0
+    # variants: a label of its own, the base policy and its overrides in the recipe
+    from rollout_accel.rollout.recipe import Recipe
+
+    planned = plan_runs(Recipe(), ["sync", "history-tail"], [0], tmp_path, "disabled")
+    tail = next(r for r in planned if run_label(r) == "history-tail")
+    assert tail.rollout.policy == "history"
+    assert tail.rollout.tail_budget == VARIANTS["history-tail"]["rollout.tail_budget"]

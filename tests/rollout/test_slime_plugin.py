@@ -508,3 +508,13 @@ def test_nonzero_std_filter_keeps_mixed_groups() -> None:
         Namespace(reward_key="acc"), [Sample(reward={"acc": 0.0}), Sample(reward={"acc": 1.0})]
     )
     assert keyed.keep
+
+
+def test_policy_v2_settings_reach_the_controller() -> None:
+    c = settings_from_args(
+        _flags(accel_policy="history", accel_tail_budget=2, accel_drafts=True)
+    ).controller
+    assert (c.tail_budget, c.drafts, c.finishes_stale, c.batches_tail) == (2.0, True, True, True)
+    assert settings_from_args(_flags()).controller.tail_budget is None
+    with pytest.raises(SlimeSettingsError, match="accel_tail_budget: must be a number >= 1"):
+        settings_from_args(_flags(accel_tail_budget=0.5))

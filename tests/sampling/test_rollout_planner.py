@@ -74,3 +74,20 @@ def test_plan_rejects_bad_arguments(store):
         planner.plan([1, 1], None, 0, Budget(groups=1), rng)
     with pytest.raises(InvalidArgumentError, match="prompt_lengths"):
         planner.plan([1, 2], [10], 0, Budget(groups=1), rng)
+
+
+def test_required_candidates_get_budget_first(store, make_group):
+    """The caller's exploration floor: required prompts run even when priced out."""
+    # 0..9 short and mixed (cheap, valuable); 10..19 very long (priced out by value per token)
+    store.record_groups(
+        0,
+        [make_group(k, MIXED, [10] * 4) for k in range(10)]
+        + [make_group(k, MIXED, [4000] * 4) for k in range(10, 20)],
+    )
+    planner = RolloutPlanner(store, PlannerConfig(skip=False, allocator=AllocatorConfig(fixed_n=4)))
+    rng = np.random.default_rng(0)
+    free = planner.plan(list(range(20)), None, 1, Budget(groups=5), rng)
+    assert all(i.key < 10 for i in free.items)
+    floor = planner.plan(list(range(20)), None, 2, Budget(groups=5), rng, required=[15, 16])
+    assert {15, 16} <= {i.key for i in floor.items}
+    assert len(floor.items) == 5
