@@ -45,6 +45,7 @@ from rollout_accel.rollout.rewards import RewardFn, reward_value
 from rollout_accel.rollout.sample_append import append_output
 from rollout_accel.rollout.sample_types import Sample, Status
 from rollout_accel.rollout.step_metrics import sample_metrics, spearman, tail_metrics
+from rollout_accel.serving.spec.proposer import CORPUS_FIELD
 
 PayloadHook = Callable[[Sample, dict[str, Any]], dict[str, Any]]
 GroupFilter = Callable[[list[Sample]], bool]
@@ -273,7 +274,7 @@ class RolloutController:
             # of this prompt's earlier (and sibling) responses.
             key = sample.metadata.get("prompt_key", "")
             custom = dict(params.get("custom_params") or {})
-            custom["corpus_id"] = f"{self.config.draft_corpus_prefix}{key}"
+            custom[CORPUS_FIELD] = f"{self.config.draft_corpus_prefix}{key}"
             params["custom_params"] = custom
         payload = {
             "input_ids": list(sample.tokens),

@@ -44,7 +44,7 @@ class ControllerConfig:
       takes the place of a fresh accepted group, which is carried instead) rather than dropped
       with all its tokens at the next step. None = on for history with a tail budget.
     drafts: attach the prompt's corpus key to every request (`sampling_params.custom_params.
-      corpus_id`, `draft_corpus_prefix` + prompt key) for speculative decoding from history.
+      spec_corpus_id`, `draft_corpus_prefix` + prompt key) for speculative decoding from history.
     """
 
     policy: str = "sync"

@@ -37,8 +37,8 @@ class InProcessEngine:
         self.engine.abort(abort_all=True)
 
     async def abort_request(self, rid: str) -> None:
-        if self.engine._closed:
-            raise EngineFailure(f"{self.name}: engine closed")
+        if not self.engine.alive:
+            raise EngineFailure(f"{self.name}: engine closed or failed")
         # A request that finished (or is not admitted yet) has nothing to stop.
         with contextlib.suppress(RequestNotFoundError):
             self.engine.abort(rid=rid)
@@ -46,7 +46,7 @@ class InProcessEngine:
     def supports_drafts(self) -> bool:
         """Speculative decoding from history drafts: an engine that accepts external corpora
         (SGLang's `/add_external_corpus`, as `add_external_corpus`) drafts from them."""
-        return callable(getattr(self.engine, "add_external_corpus", None))
+        return getattr(self.engine, "spec", None) is not None
 
     async def kv_capacity(self) -> int:
         """KV slots of the engine (tokens it can hold at once)."""

@@ -530,6 +530,27 @@ class Engine:
 
         return self.loop.call(run)
 
+    def add_external_corpus(
+        self,
+        corpus_id: str | None = None,
+        documents: list[str] | None = None,
+        token_chunks: list[list[int]] | None = None,
+        file_path: str | None = None,
+    ) -> Any:
+        """Registers a drafting corpus (SGLang's `/add_external_corpus`); requests name it in
+        `sampling_params.custom_params.spec_corpus_id`. Needs speculative decoding on."""
+        if self.spec is None:
+            raise InvalidRequestError(
+                "speculative decoding is off: start the engine with speculative_algorithm='NGRAM'"
+            )
+        return self.spec.registry.add(
+            corpus_id,
+            documents=documents,
+            token_chunks=token_chunks,
+            file_path=file_path,
+            encode=self.tokenizer.encode,
+        )
+
     def server_info(self) -> dict[str, Any]:
         cfg = self.model_config
         return {

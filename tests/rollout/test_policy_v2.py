@@ -142,7 +142,7 @@ def test_drafts_hook_passes_the_prompt_corpus_key(tiny_engine, tmp_path) -> None
     out = asyncio.run(ctl.step(0))
     assert len(out.groups) == 4 and seen
     for payload in seen:
-        key = payload["rid"] and payload["sampling_params"]["custom_params"]["corpus_id"]
+        key = payload["rid"] and payload["sampling_params"]["custom_params"]["spec_corpus_id"]
         assert key.startswith("prompt:p")
     off = _controller(tiny_engine, "sync", tmp_path, hook=record)
     seen.clear()
