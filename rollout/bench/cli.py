@@ -237,6 +237,8 @@ async def _make_pool(args: argparse.Namespace):
         # Long enough for any prompt of the workload plus max_len; a tighter context keeps the
         # request table (and the GPU's per-step block-table copy) small.
         context_length=args.max_len + 2048,
+        # --drafts: the embedded engine drafts from corpora, siblings and the request itself.
+        speculative_algorithm="NGRAM" if getattr(args, "drafts", False) else None,
     )
     return EnginePool([InProcessEngine(engine, owns_engine=True)], args.concurrency), {
         "kind": "embedded",
@@ -275,8 +277,8 @@ def require_drafts(pool) -> None:
     missing = [e.handle.name for e in pool.engines if not supports_drafts(e.handle)]
     if missing:
         raise SystemExit(
-            f"rollout bench: error: --drafts: speculative decoding is not available yet in "
-            f"engine {missing[0]} (this engine has no draft support)"
+            f"rollout bench: error: --drafts: engine {missing[0]} does no speculative decoding "
+            f"(start it with --speculative-algorithm NGRAM)"
         )
 
 

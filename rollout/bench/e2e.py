@@ -166,6 +166,7 @@ async def run_e2e(s: E2ESettings, recipe: Any, out: Path, device: str | None) ->
         dtype="float32" if device == "cpu" else "bfloat16",
         seed=s.seed,
         max_running_requests=512,
+        speculative_algorithm="NGRAM" if s.drafts else None,
     )
     pool = EnginePool([InProcessEngine(engine, owns_engine=True)])
     try:

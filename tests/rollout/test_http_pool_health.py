@@ -13,6 +13,8 @@ from rollout_accel.rollout.pool import EnginePool, HttpEngine
 from tests.serving.serve_process import ServeProcess
 
 PAYLOAD = {"sampling_params": {"max_new_tokens": 64, "ignore_eos": True}}
+LONG_TOKENS = 300
+LONG = {"sampling_params": {"max_new_tokens": LONG_TOKENS, "ignore_eos": True}}
 
 
 def _handle(url: str) -> HttpEngine:
@@ -50,8 +52,10 @@ def test_sigstopped_engine_is_dropped_and_its_requests_redispatched(servers) -> 
         pool = EnginePool([_handle(frozen.url), _handle(other.url)], readmit_wait_s=5)
         try:
             await _batch(pool, 4)  # both engines warm, probes running
+            # Long enough that half of them are still generating on `frozen` when it stops (on
+            # an idle machine 64 tokens each could all finish before the signal).
             tasks = asyncio.gather(
-                *(pool.generate({**PAYLOAD, "input_ids": [i + 9, 2]}) for i in range(16))
+                *(pool.generate({**LONG, "input_ids": [i + 9, 2]}) for i in range(16))
             )
             await asyncio.sleep(0.2)
             frozen.signal(signal.SIGSTOP)
@@ -71,7 +75,7 @@ def test_sigstopped_engine_is_dropped_and_its_requests_redispatched(servers) -> 
     outs, took, pool = asyncio.run(run())
     assert len(outs) == 16
     assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
-    assert all(o["meta_info"]["completion_tokens"] == 64 for o in outs)
+    assert all(o["meta_info"]["completion_tokens"] == LONG_TOKENS for o in outs)
     assert pool.stats.redispatched >= 1
     assert took < 30
 
