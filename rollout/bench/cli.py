@@ -212,7 +212,11 @@ async def _make_pool(args: argparse.Namespace):
         urls: list[str] = []
         for url in args.engine_url.split(","):
             urls.extend(await expand_router(url.strip(), args.api_key))
-        return EnginePool([HttpEngine(u, args.api_key) for u in urls], args.concurrency), {
+        engines = [HttpEngine(u, args.api_key) for u in urls]
+        if getattr(args, "drafts", False):
+            for engine in engines:  # ask each server whether it drafts (for require_drafts)
+                await engine.drafting()
+        return EnginePool(engines, args.concurrency), {
             "kind": "http",
             "targets": urls,
         }

@@ -128,6 +128,32 @@ class HttpEngine:
         self.watch()
         return await self._call(self.client.num_requests())
 
+    async def abort_request(self, rid: str) -> None:
+        """Aborts one request by id (a tail-budget cut); an unknown rid (finished, or not on
+        this engine) is not an error."""
+        self.watch()
+        try:
+            await self._call(self.client.abort(rid=rid))
+        except ServerError as exc:
+            if exc.status != 404:
+                raise
+
+    async def kv_capacity(self) -> int:
+        """KV slots of the server (`max_total_num_tokens` of `/server_info`)."""
+        self.watch()
+        info = await self._call(self.client.server_info())
+        return int(info["max_total_num_tokens"])
+
+    async def drafting(self) -> bool:
+        """Whether the server does speculative decoding (SGLang's `speculative_algorithm`)."""
+        info = await self._call(self.client.server_info())
+        self._drafts = bool(info.get("speculative_algorithm"))
+        return self._drafts
+
+    def supports_drafts(self) -> bool:
+        """Known once `drafting()` was awaited (the pool asks at start); False before."""
+        return bool(getattr(self, "_drafts", False))
+
     async def flush_cache(self) -> None:
         with contextlib.suppress(ServerError):  # busy: SGLang refuses while requests run
             await self._call(self.client.flush_cache())
