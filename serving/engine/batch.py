@@ -54,6 +54,46 @@ class Batch:
 
 
 @dataclass(slots=True)
+class PackedLayout:
+    """A batch's tokens packed item after item: item i computes positions
+    [starts[i], ends[i]) as packed tokens [cu[i], cu[i + 1])."""
+
+    starts: np.ndarray
+    counts: np.ndarray
+    ends: np.ndarray
+    cu: np.ndarray
+    positions: np.ndarray  # [total] the sequence position of every packed token
+
+    @property
+    def total(self) -> int:
+        return int(self.cu[-1])
+
+
+def pack_layout(items: list[ForwardItem]) -> PackedLayout:
+    """The packed layout of `items` (vectorised: no per-token Python work)."""
+    n = len(items)
+    starts = np.fromiter((it.start for it in items), np.int64, n)
+    counts = np.fromiter((it.count for it in items), np.int64, n)
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    positions = np.repeat(starts - cu[:-1], counts) + np.arange(int(cu[-1]), dtype=np.int64)
+    return PackedLayout(starts, counts, starts + counts, cu, positions)
+
+
+def host_input_ids(items: list[ForwardItem], layout: PackedLayout, first: int) -> np.ndarray:
+    """Input ids of the packed tokens of items[first:] (prefill rows: known on the host); the
+    tokens of earlier items (decode rows, read from the device token table) are left 0."""
+    ids = np.zeros(layout.total, dtype=np.int64)
+    cu = layout.cu
+    for index in range(first, len(items)):
+        it = items[index]
+        ids[int(cu[index]) : int(cu[index + 1])] = it.request.token_slice(
+            it.start, it.start + it.count
+        )
+    return ids
+
+
+@dataclass(slots=True)
 class StepResult:
     """What a step produced: one sampled token (and its logprob) per emitting item, in item
     order, and prompt logprobs by item index for items that asked for them."""

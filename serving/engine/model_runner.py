@@ -23,6 +23,8 @@ from rollout_accel.serving.engine.batch import (
     QueuedStep,
     StepHandle,
     StepResult,
+    host_input_ids,
+    pack_layout,
 )
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.logprob_options import record_input
@@ -137,22 +139,10 @@ class ModelRunner:
         items = batch.items
         nd = batch.num_decode
         dev = self.device
-        n = len(items)
-        starts = np.fromiter((it.start for it in items), np.int64, n)
-        counts = np.fromiter((it.count for it in items), np.int64, n)
-        ends = starts + counts
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=cu[1:])
-        total = int(cu[-1])
-        # Positions and host-known input ids; decode rows read their ids from the token table.
-        positions = np.empty(total, dtype=np.int64)
-        positions[:nd] = starts[:nd]
-        ids = np.zeros(total, dtype=np.int64)
-        for index in range(nd, n):
-            it = items[index]
-            lo, hi = int(cu[index]), int(cu[index + 1])
-            positions[lo:hi] = np.arange(it.start, it.start + it.count)
-            ids[lo:hi] = it.request.token_slice(it.start, it.start + it.count)
+        layout = pack_layout(items)
+        counts, ends, cu, positions = layout.counts, layout.ends, layout.cu, layout.positions
+        # Host-known input ids; decode rows read theirs from the token table.
+        ids = host_input_ids(items, layout, nd)
         lp_items = [i for i, it in enumerate(items) if it.wants_input_logprobs]
         if lp_items:
             # Prompt-logprob items need every row's logits; the others their last row.

@@ -67,6 +67,23 @@ class WeightUpdater:
         self._after_update(flush_cache, weight_version)
         return True, f"updated {count} parameters"
 
+    def check_checkpoint_dir(self, path: Path) -> str | None:
+        """Why the HF-layout directory cannot replace the served weights, or None: it must
+        exist and its config.json must match the served model's shape."""
+        if not path.is_dir():
+            return f"model_path: {str(path)!r} is not a directory"
+        try:
+            incoming = ModelConfig.from_dir(path)
+        except ModelConfigError as exc:
+            return str(exc)
+        for name in _MUST_MATCH:
+            if getattr(incoming, name) != getattr(self.model_config, name):
+                return (
+                    f"config.json: {name} is {getattr(incoming, name)}, the served model has "
+                    f"{getattr(self.model_config, name)}"
+                )
+        return None
+
     def from_disk(
         self,
         model_path: str,
@@ -77,18 +94,9 @@ class WeightUpdater:
         if "weights" in self.runner.released:
             return False, "weights are released; resume_memory_occupation first"
         path = Path(model_path)
-        if not path.is_dir():
-            return False, f"model_path: {model_path!r} is not a directory"
-        try:
-            incoming = ModelConfig.from_dir(path)
-        except ModelConfigError as exc:
-            return False, str(exc)
-        for name in _MUST_MATCH:
-            if getattr(incoming, name) != getattr(self.model_config, name):
-                return False, (
-                    f"config.json: {name} is {getattr(incoming, name)}, the served model has "
-                    f"{getattr(self.model_config, name)}"
-                )
+        problem = self.check_checkpoint_dir(path)
+        if problem is not None:
+            return False, problem
         try:
             count = load_named_tensors(
                 self.runner.model, list(iter_safetensors(path)), strict_all=True

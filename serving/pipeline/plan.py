@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rollout_accel.serving.engine.batch import Batch
+from rollout_accel.serving.engine.batch import Batch, host_input_ids, pack_layout
 from rollout_accel.serving.engine.request import Request
 from rollout_accel.serving.pipeline.latency import StepFeatures
 
@@ -82,22 +82,10 @@ def build_plan(
     row_params: list[tuple[int, tuple[float, float, float], tuple[int, int, int]]],
 ) -> StepPlan:
     items = batch.items
-    n = len(items)
     nd = batch.num_decode
-    starts = np.fromiter((it.start for it in items), np.int64, n)
-    counts = np.fromiter((it.count for it in items), np.int64, n)
-    ends = starts + counts
-    cu = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=cu[1:])
-    total = int(cu[-1])
-    positions = np.empty(total, dtype=np.int64)
-    positions[:nd] = starts[:nd]
-    ids = np.zeros(total, dtype=np.int64)
-    for index in range(nd, n):
-        it = items[index]
-        lo, hi = int(cu[index]), int(cu[index + 1])
-        positions[lo:hi] = np.arange(it.start, it.start + it.count)
-        ids[lo:hi] = it.request.token_slice(it.start, it.start + it.count)
+    layout = pack_layout(items)
+    counts, ends, cu, positions = layout.counts, layout.ends, layout.cu, layout.positions
+    ids = host_input_ids(items, layout, nd)
     micro = [
         _micro(items, lo, hi, cu, ends, batch.rows, nd)
         for lo, hi in _split_items(cu, micro_batches)

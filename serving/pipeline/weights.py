@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rollout_accel.serving.engine.weights import _MUST_MATCH, WeightUpdater
-from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
+from rollout_accel.serving.engine.weights import WeightUpdater
 from rollout_accel.serving.models.loader import iter_safetensors
 
 if TYPE_CHECKING:
@@ -71,18 +70,9 @@ class PipelineWeightUpdater(WeightUpdater):
         recapture_cuda_graph: bool = False,
     ) -> tuple[bool, str]:
         path = Path(model_path)
-        if not path.is_dir():
-            return False, f"model_path: {model_path!r} is not a directory"
-        try:
-            incoming = ModelConfig.from_dir(path)
-        except ModelConfigError as exc:
-            return False, str(exc)
-        for name in _MUST_MATCH:
-            if getattr(incoming, name) != getattr(self.model_config, name):
-                return False, (
-                    f"config.json: {name} is {getattr(incoming, name)}, the served model has "
-                    f"{getattr(self.model_config, name)}"
-                )
+        problem = self.check_checkpoint_dir(path)
+        if problem is not None:
+            return False, problem
         ok, message = self.from_tensors(
             list(iter_safetensors(path)), flush_cache, weight_version, strict_all=True
         )

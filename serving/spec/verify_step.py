@@ -28,7 +28,7 @@ from rollout_accel.serving.models.paged_kv import AttentionMetadata
 from rollout_accel.serving.spec.acceptance import verify_drafts
 
 if TYPE_CHECKING:
-    from rollout_accel.serving.engine.batch import Batch, CompletedStep, StepResult
+    from rollout_accel.serving.engine.batch import Batch, CompletedStep, PackedLayout, StepResult
     from rollout_accel.serving.engine.model_runner import ModelRunner
     from rollout_accel.serving.engine.request import Request
     from rollout_accel.serving.engine.scheduler import Scheduler
@@ -113,20 +113,16 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
     """One forward over plain and verify decode rows (a CUDA graph when one fits, else eager);
     plain rows sampled by the engine's sampler, verify rows by `verify_drafts`; results on the
     host."""
-    from rollout_accel.serving.engine.batch import CompletedStep, StepResult
+    from rollout_accel.serving.engine.batch import CompletedStep, StepResult, pack_layout
 
     items = batch.items
     nd = batch.num_decode
     n = len(items)
     dev = runner.device
     table = runner.table
-    starts = np.fromiter((it.start for it in items), np.int64, n)
-    counts = np.fromiter((it.count for it in items), np.int64, n)
-    ends = starts + counts
-    cu = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=cu[1:])
-    total = int(cu[-1])
-    ids = np.empty(total, dtype=np.int64)
+    layout = pack_layout(items)
+    starts, counts, ends, cu = layout.starts, layout.counts, layout.ends, layout.cu
+    ids = np.empty(layout.total, dtype=np.int64)
     for index, it in enumerate(items):
         lo = int(cu[index])
         last = it.request.token_slice(it.start, it.start + 1)
@@ -160,7 +156,7 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
         plain_logits = per_row[:nd, 0]
         verify_logits = per_row[nd:]
     else:
-        logits = _forward_eager(runner, batch, ids, starts, counts, cu)
+        logits = _forward_eager(runner, batch, ids, layout)
         plain_logits = logits[torch.from_numpy(cu[:nd]).to(dev)]
         width = int(counts[nd:].max())
         # Row r, position i scores the token after draft[:i]: logits row cu[r] + i (padded with
@@ -234,14 +230,11 @@ def _forward_eager(
     runner: ModelRunner,
     batch: Batch,
     ids: np.ndarray,
-    starts: np.ndarray,
-    counts: np.ndarray,
-    cu: np.ndarray,
+    layout: PackedLayout,
 ) -> torch.Tensor:
     """The packed forward without graphs: logits of every computed token [total, vocab]."""
+    counts, ends, cu, positions = layout.counts, layout.ends, layout.cu, layout.positions
     n = len(counts)
-    positions = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)])
-    ends = starts + counts
     rows = batch.rows
     parts = [ids, positions, rows, ends, cu, batch.slots.numpy(), np.repeat(rows, counts)]
     packed = torch.from_numpy(np.concatenate(parts))
