@@ -105,6 +105,20 @@ class ModelRunner:
             )
         if not emitting:
             return CompletedStep(batch, StepResult([], [], input_logprobs))
+        tokens, logprobs = self._sample(batch, emitting, sample_logits, emit_rows, emit_next)
+        return self._results_handle(batch, tokens, logprobs, input_logprobs)
+
+    def _sample(
+        self,
+        batch: Batch,
+        emitting: list[int],
+        logits: torch.Tensor,
+        emit_rows: torch.Tensor,
+        emit_next: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples the emitting items' tokens (device tensors) and writes them into the device
+        token table, where the next decode step reads them."""
+        items = batch.items
         requests = [items[i].request for i in emitting]
         host_positions = np.fromiter(
             (items[i].start + items[i].count - len(items[i].request.input_ids) for i in emitting),
@@ -112,16 +126,27 @@ class ModelRunner:
             len(emitting),
         )
         tokens, logprobs = self.sampler.sample(
-            requests, sample_logits, emit_rows, emit_next, host_positions
+            requests, logits, emit_rows, emit_next, host_positions
         )
-        # Sampled tokens go into the device token table, where the next decode step reads them.
         self.table.token_ids[emit_rows, emit_next] = tokens
+        return tokens, logprobs
+
+    def _results_handle(
+        self,
+        batch: Batch,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        input_logprobs: dict[int, list[float]],
+    ) -> StepHandle:
+        """The step's handle: results on the host at once (CPU), or one pinned copy behind an
+        event (GPU; the caller keeps going)."""
         if not self.is_cuda:
-            result = StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
-            return CompletedStep(batch, result)
+            return CompletedStep(
+                batch, StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
+            )
         self._flip ^= 1
         host = self._results[self._flip]
-        count = len(emitting)
+        count = int(tokens.numel())
         # A contiguous prefix of the pinned buffer: a copy into a strided slice would go through
         # a pageable temporary and block until this step finishes (no overlap at all).
         packed = host[: 2 * count].view(2, count)

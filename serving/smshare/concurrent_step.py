@@ -37,10 +37,7 @@ import torch
 
 from rollout_accel.serving.engine.batch import (
     Batch,
-    CompletedStep,
-    QueuedStep,
     StepHandle,
-    StepResult,
 )
 from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
@@ -344,18 +341,7 @@ class SmShareRunner(ModelRunner):
             logprobs = torch.cat([d_logprobs.float(), p_logprobs.float()])
         else:
             tokens, logprobs = d_tokens, d_logprobs
-        if not self.is_cuda:
-            return CompletedStep(
-                batch, StepResult(tokens.tolist(), logprobs.tolist(), input_logprobs)
-            )
-        self._flip ^= 1
-        host = self._results[self._flip]
-        count = int(tokens.numel())
-        packed = host[: 2 * count].view(2, count)
-        packed.copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return QueuedStep(batch, packed, event, count, input_logprobs)
+        return self._results_handle(batch, tokens, logprobs, input_logprobs)
 
     @contextlib.contextmanager
     def _join(self, main: torch.cuda.Stream, preset: Preset) -> Iterator[None]:
@@ -389,16 +375,7 @@ class SmShareRunner(ModelRunner):
             logits, emit_rows, emit_next, input_logprobs = self._forward_eager(batch, emitting)
         if not emitting:
             return None, None, input_logprobs
-        requests = [items[i].request for i in emitting]
-        host_positions = np.fromiter(
-            (items[i].start + items[i].count - len(items[i].request.input_ids) for i in emitting),
-            np.int64,
-            len(emitting),
-        )
-        tokens, logprobs = self.sampler.sample(
-            requests, logits, emit_rows, emit_next, host_positions
-        )
-        self.table.token_ids[emit_rows, emit_next] = tokens
+        tokens, logprobs = self._sample(batch, emitting, logits, emit_rows, emit_next)
         return tokens, logprobs, input_logprobs
 
     # -- memory ---------------------------------------------------------------------------------
