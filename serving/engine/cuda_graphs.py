@@ -94,7 +94,7 @@ class DecodeGraphs:
         # Rotary tables must exist for every position before capture (no growth inside a graph).
         self.model.model.rotary.tables(self.width, self.device)
         self._stage_padding(0, self.max_bs)
-        stream = torch.cuda.Stream(self.device)
+        stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):
@@ -108,6 +108,11 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         self.captures += 1
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """The stream the graphs are captured on (a graph keeps to the SMs of the stream it was
+        captured on: a side stream here, a partition's stream for SM sharing)."""
+        return torch.cuda.Stream(self.device)
 
     def release(self) -> None:
         """Drops the graphs and their memory pool (they would point at moved buffers)."""

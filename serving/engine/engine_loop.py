@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from rollout_accel.serving.engine.batch import Batch, StepHandle
 from rollout_accel.serving.engine.errors import EngineClosedError, EngineDeadError
 from rollout_accel.serving.engine.model_runner import ModelRunner
@@ -34,13 +36,13 @@ from rollout_accel.serving.engine.scheduler import Scheduler
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
 _FATAL_MARKERS = ("CUDA error", "CUDA-capable", "cudaError", "NCCL error", "illegal memory access")
 
 
 def is_fatal(exc: BaseException) -> bool:
     """Errors after which the device state cannot be trusted (sticky CUDA faults)."""
-    accelerator_error = getattr(__import__("torch"), "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
+    if _ACCELERATOR_ERROR is not None and isinstance(exc, _ACCELERATOR_ERROR):
         return True
     text = str(exc)
     return isinstance(exc, MemoryError) or any(marker in text for marker in _FATAL_MARKERS)

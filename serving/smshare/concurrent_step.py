@@ -74,25 +74,8 @@ class StreamDecodeGraphs(DecodeGraphs):
         super().__init__(model, kv_cache, table, max_bs)
         self.stream = stream
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        self.release()
-        self.model.model.rotary.tables(self.width, self.device)
-        self._stage_padding(0, self.max_bs)
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._body(bs)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bs] = self._body(bs)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        self.captures += 1
+    def _capture_stream(self) -> torch.cuda.Stream:
+        return self.stream
 
 
 @dataclass(slots=True)
