@@ -15,14 +15,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rollout_accel.serving.engine.cuda_graphs import batch_buckets
+from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
 
 
-class VerifyGraphs:
-    """Captured verify graphs over static inputs; `run` stages a batch and replays."""
+class VerifyGraphs(DecodeGraphs):
+    """Captured verify graphs over static inputs; `run` stages a batch and replays. Capture,
+    buckets, the memory pool and release are `DecodeGraphs`'; the layout is the verify one."""
 
     def __init__(
         self,
@@ -32,18 +33,11 @@ class VerifyGraphs:
         max_bs: int,
         q_stride: int,
     ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.table = table
-        self.max_bs = max_bs
-        self.q_stride = q_stride
-        self.buckets = batch_buckets(max_bs)
-        self.device = table.device
-        self.width = table.max_context
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
-        self.replays = 0
+        self.q_stride = q_stride  # the input layout below needs it
+        super().__init__(model, kv_cache, table, max_bs)
+
+    def _allocate_inputs(self) -> None:
+        max_bs, q_stride = self.max_bs, self.q_stride
         n = max_bs * q_stride
         # Per token: ids, positions, table rows, slots; per row: rows, seq_lens. One copy a step.
         self.static = torch.zeros(4 * n + 2 * max_bs, dtype=torch.int64, device=self.device)
@@ -52,10 +46,6 @@ class VerifyGraphs:
             self._hosts = [h.pin_memory() for h in self._hosts]
         self._flip = 0
         self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device) * q_stride
-
-    @property
-    def captured(self) -> bool:
-        return bool(self.graphs)
 
     def fits(self, batch_size: int) -> bool:
         return 0 < batch_size <= self.max_bs
@@ -86,7 +76,7 @@ class VerifyGraphs:
             ids[:n], pos[:n], meta, self.kv_cache, logit_rows=None, max_position=self.width - 1
         )
 
-    def _stage_padding(self, host: np.ndarray, start_row: int, end_row: int) -> None:
+    def _pad_host(self, host: np.ndarray, start_row: int, end_row: int) -> None:
         q = self.q_stride
         ids, pos, trows, slots, rows, seq = self._views_np(host)
         for arr in (ids, pos, slots):
@@ -106,35 +96,11 @@ class VerifyGraphs:
             host[4 * n + self.max_bs :],
         )
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        self.release()
-        self.model.model.rotary.tables(self.width, self.device)
+    def _stage_padding(self, start: int, end: int) -> None:
+        """Padding rows [start, end) in the device inputs (staged through a host buffer)."""
         host_t = self._hosts[0]
-        self._stage_padding(host_t.numpy(), 0, self.max_bs)
+        self._pad_host(host_t.numpy(), start, end)
         self.static.copy_(host_t)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._body(bs)  # warm-up: Triton compiles outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bs] = self._body(bs)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-
-    def release(self) -> None:
-        if not self.graphs and self.pool is None:
-            return
-        self.graphs.clear()
-        self.outputs.clear()
-        self.pool = None
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def run(
@@ -167,7 +133,7 @@ class VerifyGraphs:
             h_slots[r * q : r * q + k] = slots[r]
         h_rows[:bs] = rows
         h_seq[:bs] = starts + q
-        self._stage_padding(host_t.numpy(), bs, bucket)
+        self._pad_host(host_t.numpy(), bs, bucket)
         self.static.copy_(host_t, non_blocking=True)
         self.graphs[bucket].replay()
         self.replays += 1
