@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.pool = None
         self.replays = 0
         self.captures = 0
+        self._rotary_generation = -1
         self._allocate_inputs()
 
     @property
@@ -92,7 +93,9 @@ class DecodeGraphs:
         """Captures every bucket (padding rows: seq_len 0, K/V into the reserved slot 0)."""
         self.release()
         # Rotary tables must exist for every position before capture (no growth inside a graph).
-        self.model.model.rotary.tables(self.width, self.device)
+        rotary = self.model.model.rotary
+        rotary.tables(self.width, self.device)
+        self._rotary_generation = rotary.generation
         self._stage_padding(0, self.max_bs)
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -108,6 +111,17 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         self.captures += 1
+
+    @property
+    def stale(self) -> bool:
+        """The rotary tables were reallocated since capture: the graphs read freed memory."""
+        return self.captured and self.model.model.rotary.generation != self._rotary_generation
+
+    def ensure_current(self) -> None:
+        """Captures when there are no graphs yet or they went stale (correctness first: a
+        stale replay would compute with garbage cos/sin)."""
+        if not self.captured or self.stale:
+            self.capture()
 
     def _capture_stream(self) -> torch.cuda.Stream:
         """The stream the graphs are captured on (a graph keeps to the SMs of the stream it was
@@ -136,6 +150,7 @@ class DecodeGraphs:
     def run(self, positions: np.ndarray, rows: np.ndarray, slots: torch.Tensor) -> torch.Tensor:
         """Stages one decode batch and replays its bucket's graph; returns the logits
         [bs, vocab] (a view of the graph's output, valid until the next replay)."""
+        self.ensure_current()
         bs = len(positions)
         bucket = next(b for b in self.buckets if b >= bs)
         self._flip ^= 1

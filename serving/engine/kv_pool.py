@@ -149,9 +149,10 @@ class RequestTable:
                 pos_l.append(np.arange(start, start + values.size, dtype=np.int64))
                 val_l.append(values.astype(np.int64, copy=False))
             self._pending.clear()
-            packed = self._to_device(
-                np.stack([np.concatenate(rows_l), np.concatenate(pos_l), np.concatenate(val_l)])
+            rows_a, pos_a, val_a = _last_writes(
+                np.concatenate(rows_l), np.concatenate(pos_l), np.concatenate(val_l)
             )
+            packed = self._to_device(np.stack([rows_a, pos_a, val_a]))
             self.req_to_token[packed[0], packed[1]] = packed[2].to(torch.int32)
         if self._pending_params:
             rows = np.fromiter(self._pending_params, np.int64, len(self._pending_params))
@@ -169,3 +170,20 @@ class RequestTable:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+
+def _last_writes(
+    rows: np.ndarray, positions: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The queued writes with each (row, position) once, holding its latest value.
+
+    Why: an indexed assignment with repeated indices keeps an unspecified one of them on a GPU
+    (the CPU happens to keep the last). A row's pending writes can repeat positions — a
+    finished request's canonical prefix, then the next request's prefix in the recycled row —
+    and an older one winning points a sequence at another sequence's KV.
+    """
+    keys = rows * (int(positions.max()) + 1) + positions
+    # np.unique keeps the first occurrence: take it over the reversed order, i.e. the last write.
+    _, first_in_reversed = np.unique(keys[::-1], return_index=True)
+    keep = keys.size - 1 - first_in_reversed
+    return rows[keep], positions[keep], values[keep]

@@ -46,6 +46,7 @@ class RotaryEmbedding(nn.Module):
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._initial = initial_positions
+        self.generation = 0  # bumped at every reallocation (CUDA graphs check it)
 
     def _grow(self, needed: int, device: torch.device) -> None:
         size = max(needed, self._initial, 2 * (0 if self._cos is None else self._cos.shape[0]))
@@ -53,9 +54,17 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = emb.cos(), emb.sin()
+        self.generation += 1
 
     def tables(self, max_position: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] <= max_position or self._cos.device != device:
+        """The tables, covering `max_position`, on `device`. They are reallocated only when too
+        short or on another device: a captured CUDA graph holds their address, so a needless
+        reallocation (say "cuda" vs "cuda:0") would leave it reading freed memory."""
+        if (
+            self._cos is None
+            or self._cos.shape[0] <= max_position
+            or not _same_device(self._cos.device, torch.device(device))
+        ):
             self._grow(max_position + 1, device)
         assert self._cos is not None and self._sin is not None
         return self._cos, self._sin
@@ -70,6 +79,15 @@ class RotaryEmbedding(nn.Module):
         top = int(positions.max().item()) if max_position is None else max_position
         cos, sin = self.tables(top, positions.device)
         return cos[positions], sin[positions]
+
+
+def _same_device(have: torch.device, want: torch.device) -> bool:
+    """`want` without an index ("cuda") means the current device of its type."""
+    if have.type != want.type:
+        return False
+    if want.index is None:
+        return have.type != "cuda" or have.index == torch.cuda.current_device()
+    return have.index == want.index
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

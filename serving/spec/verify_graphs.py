@@ -113,8 +113,7 @@ class VerifyGraphs(DecodeGraphs):
         """Row r computes tokens `ids[r]` (1 <= len <= Q) at positions starts[r].. into
         `slots[r]`. Returns logits [bs * Q, vocab]: row r position i at r * Q + i (a view of
         the graph's output, valid until the next replay)."""
-        if not self.captured:
-            self.capture()
+        self.ensure_current()
         bs = len(ids)
         q = self.q_stride
         bucket = next(b for b in self.buckets if b >= bs)
