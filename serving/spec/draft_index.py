@@ -16,12 +16,17 @@ first tokens match earlier responses' first tokens, not arbitrary n-grams).
 `SelfIndex` is prompt-lookup over a request's own prompt + output: the latest earlier occurrence
 of its last n tokens (n from `max_anchor` down to `min_anchor`), updated as tokens arrive.
 
-Costs: `add_document` marks the index dirty; the next lookup rebuilds it (numpy, O(N log N)).
-A lookup is one `searchsorted` per anchor length tried plus O(candidates * max_match) numpy work.
+Costs: documents added since the last lookup are indexed then as one new segment (numpy,
+O(n log n) in the new tokens); past a few segments they are merged (amortised O(log) rebuilds
+as siblings arrive one by one). A lookup is two `searchsorted` per segment and anchor length
+tried, then pure Python over the candidates (O(candidates * max_match)): it runs once per
+rejecting row per verify step, on the engine's critical path, where numpy's per-call overhead
+dominated (~0.25 ms a lookup).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +35,8 @@ import numpy as np
 SEPARATOR = -1  # before every document; never a token id
 _MASK = (1 << 64) - 1
 _MULT = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the n-gram hash
+_SEP_ARRAY = np.array([SEPARATOR], dtype=np.int64)
+_MAX_SEGMENTS = 4  # index segments searched per lookup before they are merged into one
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +86,14 @@ class NgramIndex:
 
     def __init__(self, config: IndexConfig | None = None) -> None:
         self.config = config or IndexConfig()
-        self._parts: list[np.ndarray] = []
-        self._tokens = np.zeros(0, dtype=np.int64)
-        self._starts = np.zeros(0, dtype=np.int64)
-        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._dirty = False
+        # Every document, a separator before each; 8 bytes a token, fast scalar reads.
+        self._tokens = array("q")
+        # Index segments, oldest first: anchor -> (sorted n-gram hashes, their end positions).
+        self._segments: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+        self._pending: list[np.ndarray] = []  # documents added since the last build
+        self._pending_base = 0  # corpus position of the first pending separator
+        # Document openings: first n tokens (n < max_anchor) -> start positions, in order.
+        self._openings: dict[tuple[int, ...], list[int]] = {}
         self.num_tokens = 0
         self.num_documents = 0
 
@@ -94,131 +104,147 @@ class NgramIndex:
             raise ValueError("documents hold token ids >= 0")
         if arr.size == 0:
             return 0
-        self._parts += [np.array([SEPARATOR], dtype=np.int64), arr]
+        if not self._pending:
+            self._pending_base = len(self._tokens)
+        self._tokens.append(SEPARATOR)
+        start = len(self._tokens)
+        self._tokens.frombytes(arr.tobytes())
+        self._pending.append(arr)
+        opening = arr[: self.config.max_anchor - 1].tolist()
+        for n in range(len(opening) + 1):
+            self._openings.setdefault(tuple(opening[:n]), []).append(start)
         self.num_tokens += int(arr.size)
         self.num_documents += 1
-        self._dirty = True
         return int(arr.size)
 
     # -- building ---------------------------------------------------------------------------
 
     def _build(self) -> None:
-        self._tokens = np.concatenate([self._tokens, *self._parts]) if self._parts else self._tokens
-        self._parts = []
-        tokens = self._tokens
-        self._starts = np.flatnonzero(tokens == SEPARATOR) + 1
+        """Indexes the pending documents as one new segment; past `_MAX_SEGMENTS` segments,
+        everything is re-indexed as one (amortised: a group's siblings arrive one by one)."""
+        if not self._pending:
+            return
+        if len(self._segments) >= _MAX_SEGMENTS:
+            self._segments = []
+            base, seg = 0, np.frombuffer(self._tokens.tobytes(), dtype=np.int64)
+        else:
+            parts = [p for arr in self._pending for p in (_SEP_ARRAY, arr)]
+            base, seg = self._pending_base, np.concatenate(parts)
+        self._pending = []
+        index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for a in range(self.config.min_anchor, self.config.max_anchor + 1):
             # pos: the token after an a-gram free of separators, itself not a separator.
-            pos = np.arange(a, tokens.size, dtype=np.int64)
-            ok = tokens[pos] != SEPARATOR
+            pos = np.arange(a, seg.size, dtype=np.int64)
+            ok = seg[pos] != SEPARATOR
             for j in range(1, a + 1):
-                ok &= tokens[pos - j] != SEPARATOR
+                ok &= seg[pos - j] != SEPARATOR
             pos = pos[ok]
-            keys = _hash_array(tokens, pos, a)
+            keys = _hash_array(seg, pos, a)
             order = np.argsort(keys, kind="stable")  # equal keys stay oldest-first
-            self._index[a] = (keys[order], pos[order])
-        self._dirty = False
+            index[a] = (keys[order], pos[order] + base)
+        self._segments.append(index)
 
     def build(self) -> None:
         """Index pending documents now (lookups do it lazily; call it off the hot path)."""
-        if self._dirty:
-            self._build()
-
-    def _ready(self) -> np.ndarray:
-        if self._dirty:
-            self._build()
-        return self._tokens
+        self._build()
 
     # -- drafting ---------------------------------------------------------------------------
 
     def follow(self, cursor: int, k: int) -> list[int]:
         """Up to k tokens of the corpus from `cursor`, stopping at a document's end."""
-        tokens = self._ready()
-        out: list[int] = []
-        for t in tokens[cursor : cursor + k].tolist():
-            if t == SEPARATOR:
-                break
-            out.append(t)
+        out = self._tokens[cursor : cursor + k].tolist()
+        if SEPARATOR in out:
+            del out[out.index(SEPARATOR) :]
         return out
 
     def token_at(self, cursor: int) -> int:
-        tokens = self._ready()
-        return int(tokens[cursor]) if 0 <= cursor < tokens.size else SEPARATOR
+        tokens = self._tokens
+        return tokens[cursor] if 0 <= cursor < len(tokens) else SEPARATOR
 
     def lookup(self, context: Sequence[int], k: int) -> Match | None:
-        """The voted continuation of `context`'s longest matching suffix, or None."""
+        """The voted continuation of `context`'s longest matching suffix, or None.
+
+        Pure Python over the few candidates (numpy only for the sorted-hash search): a lookup
+        is on the engine's critical path, once per rejecting row per verify step."""
         if k <= 0 or self.num_documents == 0:
             return None
-        tokens = self._ready()
-        cfg = self.config
-        tail = list(context[-cfg.max_match :])
+        self._build()
+        tail = list(context[-self.config.max_match :])
         pos, match_len = self._prefix_candidates(tail)
-        if pos.size == 0:
+        if not pos:
             pos, match_len = self._anchor_candidates(tail)
-        if pos.size == 0:
+        if not pos:
             return None
-        return self._vote(tokens, pos, match_len, k)
+        return self._vote(pos, match_len, k)
 
-    def _prefix_candidates(self, tail: list[int]) -> tuple[np.ndarray, int]:
+    def _prefix_candidates(self, tail: list[int]) -> tuple[list[int], int]:
         """Documents that begin with the whole context (only for contexts shorter than an
         anchor, where a response's opening is the best evidence)."""
         n = len(tail)
         if n >= self.config.max_anchor:
-            return np.zeros(0, dtype=np.int64), 0
+            return [], 0
         tokens = self._tokens
-        pos = self._starts + n
-        pos = pos[pos < tokens.size]
-        if n:
-            idx = pos[:, None] - n + np.arange(n)[None, :]
-            pos = pos[(tokens[idx] == np.asarray(tail)[None, :]).all(axis=1)]
-        pos = pos[tokens[pos] != SEPARATOR]
+        size = len(tokens)
+        starts = self._openings.get(tuple(tail), [])
+        pos = [s + n for s in starts if s + n < size and tokens[s + n] != SEPARATOR]
         return pos[-self.config.max_candidates :], n + 1  # +1: the document start matched too
 
-    def _anchor_candidates(self, tail: list[int]) -> tuple[np.ndarray, int]:
+    def _anchor_candidates(self, tail: list[int]) -> tuple[list[int], int]:
         cfg = self.config
         tokens = self._tokens
-        for a in range(min(cfg.max_anchor, len(tail)), cfg.min_anchor - 1, -1):
-            keys, positions = self._index[a]
-            key = np.uint64(_hash_tuple(tail[-a:]))
-            lo = int(np.searchsorted(keys, key, side="left"))
-            hi = int(np.searchsorted(keys, key, side="right"))
-            if hi == lo:
+        n = len(tail)
+        for a in range(min(cfg.max_anchor, n), cfg.min_anchor - 1, -1):
+            key = _hash_tuple(tail[-a:])
+            # [key, key + 1) in one search (a key of 2**64 - 1 is only ever a collision's loss).
+            bounds = np.array([key, min(key + 1, _MASK)], dtype=np.uint64)
+            found: list[int] = []
+            for segment in self._segments:
+                keys, positions = segment[a]
+                lo, hi = keys.searchsorted(bounds).tolist()
+                if hi > lo:
+                    found += positions[max(lo, hi - cfg.max_candidates) : hi].tolist()
+            if not found:
                 continue
-            pos = positions[max(lo, hi - cfg.max_candidates) : hi]
-            back = np.arange(1, len(tail) + 1)
-            idx = pos[:, None] - back[None, :]
-            valid = idx >= 0
-            same = (tokens[np.maximum(idx, 0)] == np.asarray(tail[::-1])[None, :]) & valid
-            match = np.cumprod(same, axis=1).sum(axis=1)
-            best = int(match.max())
+            # How far back each occurrence agrees with the context; keep the best.
+            best, chosen = -1, []
+            for p in found[-cfg.max_candidates :]:
+                m = 0
+                while m < n and p - m > 0 and tokens[p - m - 1] == tail[n - 1 - m]:
+                    m += 1
+                if m > best:
+                    best, chosen = m, [p]
+                elif m == best:
+                    chosen.append(p)
             if best < a:  # only hash collisions
                 continue
-            return pos[match == best], best
-        return np.zeros(0, dtype=np.int64), 0
+            return chosen, best
+        return [], 0
 
-    def _vote(self, tokens: np.ndarray, pos: np.ndarray, match_len: int, k: int) -> Match | None:
-        idx = np.minimum(pos[:, None] + np.arange(k)[None, :], tokens.size - 1)
-        nxt = tokens[idx]
-        nxt[pos[:, None] + np.arange(k)[None, :] >= tokens.size] = SEPARATOR
-        alive = np.ones(pos.size, dtype=bool)
+    def _vote(self, pos: list[int], match_len: int, k: int) -> Match | None:
+        tokens = self._tokens
+        size = len(tokens)
+        alive = pos  # ascending corpus positions
         draft: list[int] = []
         for t in range(k):
-            col = nxt[:, t]
-            live = alive & (col != SEPARATOR)
-            if not live.any():
+            counts: dict[int, int] = {}
+            latest: dict[int, int] = {}
+            for i, p in enumerate(alive):
+                if p + t >= size:
+                    continue
+                tok = tokens[p + t]
+                if tok != SEPARATOR:
+                    counts[tok] = counts.get(tok, 0) + 1
+                    latest[tok] = i
+            if not counts:
                 break
-            values, counts = np.unique(col[live], return_counts=True)
-            top = values[counts == counts.max()]
-            if top.size > 1:  # the latest live occurrence among the tied tokens
-                choice = int(col[np.flatnonzero(live & np.isin(col, top))[-1]])
-            else:
-                choice = int(top[0])
+            most = max(counts.values())
+            # Most frequent; ties go to the latest live occurrence.
+            choice = max((tok for tok, c in counts.items() if c == most), key=latest.__getitem__)
             draft.append(choice)
-            alive = live & (col == choice)
+            alive = [p for p in alive if p + t < size and tokens[p + t] == choice]
         if not draft:
             return None
-        cursor = int(pos[np.flatnonzero(alive)[-1]])
-        return Match(draft=draft, match_len=match_len, cursor=cursor)
+        return Match(draft=draft, match_len=match_len, cursor=alive[-1])
 
 
 class SelfIndex:

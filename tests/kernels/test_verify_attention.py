@@ -53,6 +53,11 @@ def test_dispatch_uses_reference_on_cpu(gen: torch.Generator, monkeypatch) -> No
     assert torch.equal(out, paged_verify_attention_reference(case.q, *case.args(), 3))
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU runs the compiled kernel against the reference (test_verify_attention_gpu); "
+    "Triton 3.6's interpreter cannot run this kernel's loaded loop bounds",
+)
 def test_triton_kernel_under_interpreter() -> None:
     proc = run_interpreter("tests.kernels.verify_attention_interpret", drop_env=attention.ENV_VAR)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"

@@ -59,6 +59,92 @@ def test_cursor_follows_and_documents_append() -> None:
         ix.add_document([1, -3])
 
 
+def _brute_force_lookup(docs: list[list[int]], context: list[int], k: int, cfg: IndexConfig):
+    """The lookup rule by exhaustive scan: the oracle of NgramIndex (no hashing, no segments)."""
+    corpus: list[int] = []
+    starts = []
+    for d in docs:
+        corpus.append(-1)
+        starts.append(len(corpus))
+        corpus += d
+    tail = context[-cfg.max_match :]
+    n = len(tail)
+    if n < cfg.max_anchor:
+        pos = [
+            s + n
+            for s in starts
+            if s + n < len(corpus) and corpus[s : s + n] == tail and corpus[s + n] != -1
+        ][-cfg.max_candidates :]
+        if pos:
+            return _brute_vote(corpus, pos, n + 1, k)
+    for a in range(min(cfg.max_anchor, n), cfg.min_anchor - 1, -1):
+        pos = [
+            p
+            for p in range(a, len(corpus))
+            if corpus[p] != -1 and -1 not in corpus[p - a : p] and corpus[p - a : p] == tail[-a:]
+        ][-cfg.max_candidates :]
+        if not pos:
+            continue
+
+        def agree(p: int) -> int:
+            m = 0
+            while m < n and p - m > 0 and corpus[p - m - 1] == tail[n - 1 - m]:
+                m += 1
+            return m
+
+        best = max(agree(p) for p in pos)
+        return _brute_vote(corpus, [p for p in pos if agree(p) == best], best, k)
+    return None
+
+
+def _brute_vote(corpus: list[int], pos: list[int], match_len: int, k: int):
+    alive, draft = pos, []
+    for t in range(k):
+        col = [(i, corpus[p + t]) for i, p in enumerate(alive) if p + t < len(corpus)]
+        col = [(i, tok) for i, tok in col if tok != -1]
+        if not col:
+            break
+        counts: dict[int, int] = {}
+        for _, tok in col:
+            counts[tok] = counts.get(tok, 0) + 1
+        most = max(counts.values())
+        choice = [tok for _, tok in col if counts[tok] == most][-1]
+        draft.append(choice)
+        alive = [p for p in alive if p + t < len(corpus) and corpus[p + t] == choice]
+    return (draft, match_len, alive[-1]) if draft else None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lookup_matches_an_exhaustive_scan(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    cfg = IndexConfig(min_anchor=1, max_anchor=4, max_match=8, max_candidates=rng.choice([3, 64]))
+    ix = NgramIndex(cfg)
+    docs: list[list[int]] = []
+    for round_ in range(14):  # more documents than segments: exercises merging
+        doc = [rng.randrange(6) for _ in range(rng.randrange(1, 40))]
+        ix.add_document(doc)
+        docs.append(doc)
+        for _ in range(25):
+            if rng.random() < 0.5:  # a context taken from a document, perturbed at its end
+                src = rng.choice(docs)
+                cut = rng.randrange(0, len(src) + 1)
+                context = src[max(0, cut - rng.randrange(0, 10)) : cut]
+                if context and rng.random() < 0.3:
+                    context[-1] = rng.randrange(6)
+            else:
+                context = [rng.randrange(6) for _ in range(rng.randrange(0, 10))]
+            k = rng.randrange(1, 6)
+            got = ix.lookup(context, k)
+            want = _brute_force_lookup(docs, context, k, cfg)
+            assert (None if got is None else (got.draft, got.match_len, got.cursor)) == want, (
+                round_,
+                context,
+                k,
+            )
+
+
 def test_self_index_finds_earlier_occurrence_only() -> None:
     own = SelfIndex(IndexConfig(min_anchor=1, max_anchor=3))
     own.extend([4, 5, 6, 7])
