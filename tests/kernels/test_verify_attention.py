@@ -55,7 +55,7 @@ def test_dispatch_uses_reference_on_cpu(gen: torch.Generator, monkeypatch) -> No
 
 @pytest.mark.skipif(
     torch.cuda.is_available(),
-    reason="a GPU runs the compiled kernel against the reference (test_verify_attention_gpu); "
+    reason="a GPU runs the compiled kernel against the reference (the gpu tests above); "
     "Triton 3.6's interpreter cannot run this kernel's loaded loop bounds",
 )
 def test_triton_kernel_under_interpreter() -> None:
