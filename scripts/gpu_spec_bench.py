@@ -135,6 +135,7 @@ def main() -> None:
         return
 
     from rollout_accel.serving.engine import Engine
+    from rollout_accel.serving.engine.engine_loop import LoopTiming
     from rollout_accel.serving.spec import CORPUS_FIELD, spec_of
     from rollout_accel.serving.spec.proposer import Proposer
 
@@ -155,6 +156,7 @@ def main() -> None:
     prompts = [[rng.randrange(vocab) for _ in range(args.in_len)] for _ in range(args.prompts)]
     norm = engine.model.model.norm.weight
     base_norm = norm.detach().clone()
+    timings: dict[str, dict] = {}  # the last run's engine-thread time per step, by mode
 
     def generate(seed_base: int, corpora: bool, active: bool) -> tuple[list[dict], float]:
         spec.active = active
@@ -174,10 +176,15 @@ def main() -> None:
                 )
         if cuda:
             torch.cuda.synchronize()
+        engine.loop.timing = LoopTiming()
         t0 = time.perf_counter()
         outs = engine.generate(input_ids=ids, sampling_params=params)
         if cuda:
             torch.cuda.synchronize()
+        timings[("spec" if active else "plain")] = {
+            "steps": engine.loop.timing.steps,
+            **engine.loop.timing.per_step_ms(),
+        }
         return outs, time.perf_counter() - t0
 
     def measure(scale: float) -> dict:
@@ -228,6 +235,7 @@ def main() -> None:
             "diverged_seqs": len(diverged),
             "first_divergence_min": min(diverged) if diverged else None,
             "verify_graph_replays": graphs.replays if graphs is not None else 0,
+            "loop_ms_per_step": dict(timings),
         }
 
     scales = [float(s) for s in args.scales.split(",")]
@@ -278,6 +286,13 @@ def main() -> None:
             f"{r['plain_tok_s']:>10.0f} {r['spec_tok_s']:>10.0f} {r['speedup']:>5.2f} "
             f"{r['tokens_per_verify']:>10.2f} {r['diverged_seqs']:>8d}"
         )
+    for r in rows:
+        parts = [
+            f"{mode} {t['steps']} steps: "
+            + " ".join(f"{k} {t[k]:.2f}" for k in ("schedule", "launch", "process", "wait"))
+            for mode, t in r["loop_ms_per_step"].items()
+        ]
+        print(f"scale {r['scale']:g} engine thread ms/step: " + " | ".join(parts))
     for kr in kernels:
         print(
             f"attention rows={kr['rows']} q={kr['q_stride']} ctx={kr['context']}: verify "

@@ -46,7 +46,7 @@ class IndexConfig:
     min_anchor: int = 1
     max_anchor: int = 4
     max_match: int = 16
-    max_candidates: int = 64
+    max_candidates: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_anchor <= self.max_anchor <= self.max_match:
@@ -259,14 +259,20 @@ class SelfIndex:
         self._indexed = 0
 
     def extend(self, tokens: Sequence[int]) -> None:
+        """Appends tokens; they are indexed at the next lookup (most rows follow a corpus
+        cursor and never look up, so indexing every token eagerly was wasted work)."""
         self.tokens.extend(tokens)
+
+    def _catch_up(self) -> None:
         lo, hi = self.config.min_anchor, self.config.max_anchor
-        for end in range(max(self._indexed, 1), len(self.tokens)):
+        seq, latest = self.tokens, self._latest
+        for end in range(max(self._indexed, 1), len(seq)):
             for n in range(lo, min(hi, end) + 1):
-                self._latest[tuple(self.tokens[end - n : end])] = end
-        self._indexed = len(self.tokens)
+                latest[tuple(seq[end - n : end])] = end
+        self._indexed = len(seq)
 
     def lookup(self, k: int) -> Match | None:
+        self._catch_up()
         cfg = self.config
         seq = self.tokens
         for n in range(min(cfg.max_anchor, len(seq)), cfg.min_anchor - 1, -1):
