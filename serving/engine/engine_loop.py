@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from rollout_accel.serving.engine.batch import Batch, StepHandle
+from rollout_accel.serving.engine.batch import Batch, CompletedStep, StepHandle
 from rollout_accel.serving.engine.errors import EngineClosedError, EngineDeadError
 from rollout_accel.serving.engine.model_runner import ModelRunner
 from rollout_accel.serving.engine.scheduler import Scheduler
@@ -183,7 +183,12 @@ class EngineLoop:
         if previous is not None:
             self._process(previous)
         solo = suspect is not None and [it.request for it in batch.items] == [suspect]
-        if self.overlap and not solo and not self.scheduler.suspects:
+        # A verify step (serving/spec) synchronises, so its results are on the host already:
+        # keeping it "in flight" would only hide its rows from the next schedule, which would
+        # then run the undrafted rest alone (an extra small step after every verify step).
+        # (CPU steps are complete too, but they overlap: that exercises the GPU's pipeline.)
+        overlappable = not (isinstance(handle, CompletedStep) and batch.items[-1].draft)
+        if self.overlap and overlappable and not solo and not self.scheduler.suspects:
             self._inflight = handle
         else:
             self._process(handle)
