@@ -1,6 +1,8 @@
 """Pipeline-parallel decode on 2 GPUs (nvidia-h200-x2), side by side in one run: pp = 1 on one GPU
-(the reference), pp = 2 with SGLang's even static split, pp = 2 with dynamic layer rebalancing,
-and (time permitting) pp = 2 with the best static split found offline from the even run.
+(the reference), then on one pp = 2 engine: SGLang's even static split, dynamic layer
+rebalancing, the even split again (A-B-A: the spread of the two even runs is the noise floor),
+greedy even with 2 and with 1 micro-batch, and (until `--deadline-s`) greedy dynamic and the best
+static split found offline from the even run's timings.
 
     OUT=/path python scripts/gpu_pipeline_bench.py            # ~1-2 min on 2 H200s (bound 150 s)
     python scripts/gpu_pipeline_bench.py --device cpu --model tiny-qwen3-8l-32k \
@@ -25,7 +27,8 @@ stage is 1.4x the first, ~10% at 2x. The earlier estimate for this shape was a <
 short of the issue's >= 20% target, which needs micro-batches in flight across steps (SGLang's
 `event_loop_pp`). Stages also run eagerly (no CUDA graphs), so a host-bound stage hides part of
 the head's device time. This script measures; it claims nothing. The pp = 1 reference runs eagerly
-too (cuda_graph off), so its ratio compares like with like.
+too (cuda_graph off; its CPU/GPU overlap scheduling on, as pp = 1 serves), so its ratio compares
+eager with eager.
 
 Token checks (greedy and seeded top-p, bf16): the pp = 2 modes must give identical tokens (same
 engine, GEMM shapes, kernels; a difference is a bug and the script exits 1 after writing the
