@@ -1,15 +1,23 @@
 """`rollout bench --scenario pipeline`: pipeline-parallel decode with an even layer split, the best
-static split (found offline from the even run's timings) and dynamic rebalancing, in one run.
+static split (found offline from the even run's timings) and dynamic rebalancing, in one run;
+optionally (`--reference`) the same requests on a pp = 1 engine first, as the reference.
 
 Workload (rollout-shaped, seeded): `--num-seqs` requests start together with prompts of 32-96
 tokens; response lengths are long-tailed (log-normal, median max_len / 3, capped at `--max-len`),
 so contexts grow while the batch shrinks, as in an RL rollout step. Sampling as slime runs it:
-temperature 0.8 with top-p (`--top-p`, default 0.9), plus a greedy pass reported separately.
-Every mode runs the same requests on the same engine; their tokens must be identical (a mode
-that changed a token is a bug: the run exits non-zero after writing its results).
+temperature 0.8 with top-p (`--top-p`, default 0.9, per-request seeds), plus a greedy pass
+reported separately. The imbalance is the one the issue describes: the last stage also runs the
+final norm, the LM head over the vocabulary and the (top-p) sampler.
 
-Per mode: mean / p90 step latency, output tokens/s, bubble fraction per stage (1 - busy / step
-time), the predictor's out-of-sample error, and the partition timeline.
+Token checks: the pp modes share one engine, GEMM shapes and kernels, so their tokens must be
+identical (a mode that changed a token is a bug: the run exits non-zero after writing its
+results). Against pp = 1 the check is reported, not enforced: a greedy pp run with one
+micro-batch has pp = 1's GEMM shapes (expected identical); with more micro-batches the GEMMs run
+on fewer rows, and in bf16 a near-tie between two tokens may then flip (float32 on the CPU).
+
+Per run: engine-loop ms per step (the same measure for pp = 1 and pp > 1), output tokens/s; for
+pp runs also the stages' mean busy time, the bottleneck, bubble fraction per stage, the
+predictor's out-of-sample error and the partition timeline.
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ import argparse
 import itertools
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MODES = ("even", "best-static", "dynamic")
+Progress = Callable[[str], None]
 
 
 def make_workload(
@@ -77,12 +87,69 @@ def best_static_bounds(runner: Any, history: list[dict[str, Any]]) -> tuple[int,
     return min(_all_bounds(layers, pp), key=total)
 
 
-def _run_mode(engine: Any, mode: str, work, sampling, bounds) -> dict[str, Any]:
+class _Heartbeat:
+    """Reports the engine's step count every `every` seconds while a run blocks (so a run cut
+    short by a timeout still says where it was)."""
+
+    def __init__(self, engine: Any, label: str, progress: Progress | None, every: float) -> None:
+        self.engine, self.label, self.progress, self.every = engine, label, progress, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        first = self.engine.loop.timing.steps
+        while not self._stop.wait(self.every):
+            steps = self.engine.loop.timing.steps - first
+            assert self.progress is not None
+            self.progress(f"  {self.label}: {steps} steps so far")
+
+    def __enter__(self) -> _Heartbeat:
+        if self.progress is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+def _generate(
+    engine: Any, label: str, work, sampling, progress: Progress | None
+) -> tuple[list[Any], float, int]:
+    """Runs the requests once on a flushed cache; (outputs, seconds, engine steps)."""
+    engine.flush_cache()  # no prefix reuse from the previous mode
+    steps0 = engine.loop.timing.steps
+    t0 = time.perf_counter()
+    with _Heartbeat(engine, label, progress, 10.0):
+        outs = engine.generate(input_ids=[p for p, _ in work], sampling_params=sampling)
+    return outs, time.perf_counter() - t0, engine.loop.timing.steps - steps0
+
+
+def _common(outs: list[Any], seconds: float, steps: int) -> dict[str, Any]:
+    tokens = sum(len(o["output_ids"]) for o in outs)
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        # Engine-loop time per step (scheduling + launch + results), the same measure for pp = 1.
+        "e2e_step_ms": 1e3 * seconds / max(steps, 1),
+        "output_ids": [o["output_ids"] for o in outs],
+    }
+
+
+def _run_mode(
+    engine: Any,
+    mode: str,
+    work,
+    sampling,
+    bounds,
+    progress: Progress | None = None,
+    label: str = "",
+) -> dict[str, Any]:
     from rollout_accel.serving.pipeline.latency import LatencyPredictor
     from rollout_accel.serving.pipeline.rebalance import Rebalancer
 
     runner = engine.runner
-    engine.flush_cache()
 
     def setup() -> None:
         runner.request_bounds(bounds)
@@ -95,35 +162,64 @@ def _run_mode(engine: Any, mode: str, work, sampling, bounds) -> dict[str, Any]:
 
     engine.loop.call(setup)
     first = runner.steps
-    t0 = time.perf_counter()
-    outs = engine.generate(input_ids=[p for p, _ in work], sampling_params=sampling)
-    seconds = time.perf_counter() - t0
+    outs, seconds, steps = _generate(engine, label or mode, work, sampling, progress)
     history = [h for h in runner.history if h["step"] > first]
     walls = np.array([h["wall"] for h in history])
     busy = np.array([h["busy"] for h in history])
     decode = [h for h in history if h["tokens"] == h["batch"]]
-    tokens = sum(len(o["output_ids"]) for o in outs)
+    half = walls[len(walls) // 2 :]
     return {
         "mode": mode,
+        **_common(outs, seconds, steps),
+        "micro_batches": runner.micro_batches,
         "initial_bounds": list(bounds),
         "final_bounds": list(runner.bounds),
-        "steps": len(history),
-        "seconds": seconds,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / seconds,
+        "moves": sum("layer" in t for t in runner.timeline),
         "mean_step_ms": 1e3 * float(walls.mean()),
         "p90_step_ms": 1e3 * float(np.percentile(walls, 90)),
+        "second_half_step_ms": 1e3 * float(half.mean()),
         "mean_decode_step_ms": 1e3 * float(np.mean([h["wall"] for h in decode]))
         if decode
         else None,
         "mean_bottleneck_ms": 1e3 * float(busy.max(axis=1).mean()),
+        "mean_busy_ms": [1e3 * float(b) for b in busy.mean(axis=0)],
         "bubble_per_stage": [
             float(1 - busy[:, i].sum() / walls.sum()) for i in range(busy.shape[1])
         ],
         "predictor": runner.predictor.report(),
         "timeline": [{**t, "step": t["step"] - first} for t in runner.timeline],
         "history": history,
-        "output_ids": [o["output_ids"] for o in outs],
+    }
+
+
+def _warm_up(engine: Any, work, sampling, greedy_sampling) -> None:
+    """Every prompt, a few tokens, both sampling modes: the full batch's shapes (allocator,
+    kernel compilation, cuBLAS heuristics) before anything is measured."""
+    ids = [p for p, _ in work]
+    for samp in (sampling, greedy_sampling):
+        short = [{**s, "max_new_tokens": 4} for s in samp]
+        engine.generate(input_ids=ids, sampling_params=short)
+    engine.flush_cache()
+
+
+def compare_tokens(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
+    """How far `other` agrees with `reference`: identical sequences, and the share of tokens
+    before each sequence's first difference (after one, the contexts differ and later tokens say
+    nothing)."""
+    prefixes = []
+    for a, b in zip(reference, other, strict=True):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
+        prefixes.append(diff[0] if diff else min(len(a), len(b)))
+    identical = sum(a == b for a, b in zip(reference, other, strict=True))
+    return {
+        "identical": identical == len(reference),
+        "identical_seqs": identical,
+        "seqs": len(reference),
+        "prefix_token_share": sum(prefixes) / max(sum(len(a) for a in reference), 1),
+        "first_divergence": min(
+            (n for n, a, b in zip(prefixes, reference, other, strict=True) if a != b),
+            default=None,
+        ),
     }
 
 
@@ -136,52 +232,128 @@ def run_pipeline_bench(
     seed: int = 0,
     micro_batches: int = 0,
     greedy_pass: bool = True,
+    reference: bool = False,
+    best_static: bool = True,
+    deadline_s: float | None = None,
+    progress: Progress | None = None,
     **engine_args: Any,
 ) -> dict[str, Any]:
-    """Runs every mode (and a greedy pass of even vs dynamic) on one engine; returns the results."""
+    """Runs the modes on one pp engine (see the module docstring); with `reference`, first the
+    same requests on a pp = 1 engine (eager, like the stages) and a greedy pp run with one
+    micro-batch (pp = 1's GEMM shapes). Optional runs (greedy dynamic, best static) are skipped
+    once `deadline_s` has passed. Returns the results (tokens compared, not returned)."""
+    import gc
+
+    import torch
+
     from rollout_accel.serving.engine import Engine
     from rollout_accel.serving.pipeline.partition import even_bounds
 
-    engine = Engine(
-        model,
-        pp_size=pp_size,
-        pp_microbatches=micro_batches,
-        max_running_requests=max(num_seqs, 8),
-        seed=seed,
-        **engine_args,
-    )
+    t_start = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(message)
+
+    def in_time(what: str) -> bool:
+        if deadline_s is None or time.perf_counter() - t_start < deadline_s:
+            return True
+        say(f"skipping {what}: past the {deadline_s:.0f} s deadline")
+        return False
+
+    common = dict(max_running_requests=max(num_seqs, 8), seed=seed, **engine_args)
+    ref: dict[str, Any] = {}
+    if reference:
+        say("pp=1 reference engine: building")
+        t0 = time.perf_counter()
+        engine = Engine(model, pp_size=1, cuda_graph=False, **common)
+        say(f"pp=1 engine built in {time.perf_counter() - t0:.1f} s")
+        try:
+            vocab = engine.model_config.vocab_size
+            work = make_workload(num_seqs, max_len, seed, vocab)
+            sampling = _sampling(work, 0.8, top_p)
+            greedy_sampling = _sampling(work, 0.0, 1.0)
+            _warm_up(engine, work, sampling, greedy_sampling)
+            for kind, samp in (("top-p", sampling), ("greedy", greedy_sampling)):
+                outs, seconds, steps = _generate(engine, f"pp=1 {kind}", work, samp, progress)
+                ref[kind] = {"mode": "pp1", **_common(outs, seconds, steps)}
+                say(f"pp=1 {kind}: {steps} steps, {ref[kind]['e2e_step_ms']:.2f} ms/step")
+        finally:
+            engine.shutdown()
+            del engine
+            gc.collect()  # the pp = 1 weights and KV go before the stages allocate theirs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    say(f"pp={pp_size} engine: building")
+    t0 = time.perf_counter()
+    engine = Engine(model, pp_size=pp_size, pp_microbatches=micro_batches, **common)
+    say(f"pp={pp_size} engine built in {time.perf_counter() - t0:.1f} s")
     try:
         runner = engine.runner
         layers = engine.model_config.num_hidden_layers
         vocab = engine.model_config.vocab_size
         work = make_workload(num_seqs, max_len, seed, vocab)
         sampling = _sampling(work, 0.8, top_p)
+        greedy_sampling = _sampling(work, 0.0, 1.0)
         even = even_bounds(layers, pp_size)
-        # Warm-up (allocator, kernels), not measured.
-        engine.generate(
-            input_ids=[p for p, _ in work[:4]], sampling_params=_sampling(work[:4], 0.8, top_p)
-        )
-        runs = {"even": _run_mode(engine, "even", work, sampling, even)}
-        static = best_static_bounds(runner, runs["even"]["history"])
-        runs["best-static"] = _run_mode(engine, "best-static", work, sampling, static)
-        runs["dynamic"] = _run_mode(engine, "dynamic", work, sampling, even)
-        greedy = {}
+        _warm_up(engine, work, sampling, greedy_sampling)
+        say("pp warm-up done")
+
+        def run(name: str, kind: str, bounds, mode: str | None = None) -> dict[str, Any]:
+            samp = sampling if kind == "top-p" else greedy_sampling
+            label = f"pp={pp_size} {kind} {name}"
+            say(f"{label}: start (split {list(bounds)})")
+            r = _run_mode(engine, mode or name, work, samp, bounds, progress, label)
+            say(
+                f"{label}: {r['steps']} steps, {r['e2e_step_ms']:.2f} ms/step, "
+                f"split {r['initial_bounds']} -> {r['final_bounds']} ({r['moves']} moves)"
+            )
+            return r
+
+        runs = {"even": run("even", "top-p", even), "dynamic": run("dynamic", "top-p", even)}
+        # The even split once more after dynamic (A-B-A): the spread of the two even runs is the
+        # run-to-run noise (and any drift) a difference must exceed to mean something.
+        runs["even-again"] = run("even-again", "top-p", even, mode="even")
+        greedy: dict[str, Any] = {}
         if greedy_pass:
-            g = _sampling(work, 0.0, 1.0)
-            greedy = {m: _run_mode(engine, m, work, g, even) for m in ("even", "dynamic")}
+            greedy["even"] = run("even", "greedy", even)
+        if reference:
+            micro = runner.micro_batches
+            engine.loop.call(lambda: setattr(runner, "micro_batches", 1))
+            try:
+                greedy["even-1mb"] = run("even-1mb", "greedy", even, mode="even")
+            finally:
+                engine.loop.call(lambda: setattr(runner, "micro_batches", micro))
+        if greedy_pass and in_time("greedy dynamic"):
+            greedy["dynamic"] = run("dynamic", "greedy", even)
+        if best_static and in_time("best static"):
+            static = best_static_bounds(runner, runs["even"]["history"])
+            runs["best-static"] = run("best-static", "top-p", static)
     finally:
         engine.shutdown()
-    reference = runs["even"]["output_ids"]
-    token_check = {name: run["output_ids"] == reference for name, run in runs.items()}
-    if greedy:
+    # Within the pp engine the modes share GEMM shapes and kernels: tokens must be identical.
+    reference_ids = runs["even"]["output_ids"]
+    token_check = {
+        name: run["output_ids"] == reference_ids for name, run in runs.items() if name != "even"
+    }
+    if "dynamic" in greedy:
         token_check["greedy-dynamic"] = (
             greedy["dynamic"]["output_ids"] == greedy["even"]["output_ids"]
         )
-    for run in [*runs.values(), *greedy.values()]:
-        run.pop("output_ids")
-        run["history"] = [
-            {k: v for k, v in h.items() if k != "micro_features"} for h in run["history"]
-        ]
+    # Against pp = 1: reported, not enforced (see `format_table` for when they may differ).
+    vs_pp1 = {}
+    for kind, pp1 in ref.items():
+        group = runs if kind == "top-p" else greedy
+        for mode, r in group.items():
+            vs_pp1[f"{kind} {mode}"] = compare_tokens(pp1["output_ids"], r["output_ids"])
+    for r in [*runs.values(), *greedy.values(), *ref.values()]:
+        r.pop("output_ids")
+        if "history" in r:
+            r["history"] = [
+                {k: v for k, v in h.items() if k != "micro_features"} for h in r["history"]
+            ]
+    even_busy = runs["even"]["mean_busy_ms"]
     return {
         "model": model,
         "pp_size": pp_size,
@@ -191,40 +363,77 @@ def run_pipeline_bench(
         "micro_batches": micro_batches or pp_size,
         "modes": runs,
         "greedy": greedy,
+        "reference_pp1": ref,
+        # The imbalance the bench runs under: the last stage's busy time over the first's, even split.
+        "even_split_busy_ratio_last_first": even_busy[-1] / max(even_busy[0], 1e-12),
         "tokens_identical": token_check,
+        "vs_pp1": vs_pp1,
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
-    rows = [("top-p", m, r) for m, r in result["modes"].items()]
-    rows += [("greedy", m, r) for m, r in result["greedy"].items()]
-    base = {kind: next(r for k, m, r in rows if k == kind and m == "even") for kind, _, _ in rows}
+    """One row per run: engine-loop ms per step and its ratio to the even split (the mean of the
+    even runs of the same sampling) and to pp = 1; for pp runs the stage view: 'late ms' (mean
+    launch wall over the second half of the steps, after the rebalancer's warm-up), the
+    bottleneck, each stage's mean busy time, the split (initial -> final) and layer moves; then
+    the token checks and the dynamic run's partition timeline."""
+    pp = result["pp_size"]
+    ref = result.get("reference_pp1", {})
+    groups = {"top-p": result["modes"], "greedy": result["greedy"]}
     lines = [
-        f"pipeline bench: {result['model']}, pp={result['pp_size']}, {result['num_seqs']} seqs, "
-        f"max_len {result['max_len']}, micro-batches {result['micro_batches']}",
-        f"{'sampling':8} {'mode':12} {'step ms':>8} {'vs even':>8} {'p90 ms':>7} {'bneck ms':>8} "
-        f"{'tok/s':>8} {'bubble/stage':>16} {'pred err':>12} {'partition (final)':>18}",
+        f"pipeline bench: {result['model']}, pp={pp} vs pp=1, {result['num_seqs']} seqs, "
+        f"max_len {result['max_len']}, top-p {result['top_p']}, micro-batches "
+        f"{result['micro_batches']}; even split: last stage busy "
+        f"{result['even_split_busy_ratio_last_first']:.2f}x the first",
+        f"{'sampling':8} {'run':16} {'ms/step':>8} {'vs even':>8} {'vs pp1':>7} {'late ms':>7} "
+        f"{'bneck ms':>8} {'busy/stage ms':>14} {'tok/s':>8} {'split':>12} {'moves':>5}",
     ]
-    for kind, mode, r in rows:
-        ratio = r["mean_step_ms"] / base[kind]["mean_step_ms"]
-        bubble = "/".join(f"{b:.2f}" for b in r["bubble_per_stage"])
-        err = "/".join(f"{e:.2f}" for e in r["predictor"]["mean_rel_error"])
+    for kind, r in ref.items():
         lines.append(
-            f"{kind:8} {mode:12} {r['mean_step_ms']:8.2f} {ratio:8.3f} {r['p90_step_ms']:7.2f} "
-            f"{r['mean_bottleneck_ms']:8.2f} {r['tokens_per_s']:8.1f} {bubble:>16} {err:>12} "
-            f"{r['final_bounds']!s:>18}"
+            f"{kind:8} {'pp=1 (eager)':16} {r['e2e_step_ms']:8.2f} {'':>8} {1.0:7.3f} {'':>7} "
+            f"{'':>8} {'':>14} {r['tokens_per_s']:8.1f} {'':>12} {'':>5}"
         )
+    for kind, runs in groups.items():
+        evens = [r["e2e_step_ms"] for m, r in runs.items() if m in ("even", "even-again")]
+        base = float(np.mean(evens)) if evens else float("nan")
+        for mode, r in runs.items():
+            ms = r["e2e_step_ms"]
+            vs1 = f"{ms / ref[kind]['e2e_step_ms']:7.3f}" if kind in ref else f"{'':>7}"
+            busy = "/".join(f"{b:.2f}" for b in r["mean_busy_ms"])
+            split = f"{_counts(r['initial_bounds'])}->{_counts(r['final_bounds'])}"
+            lines.append(
+                f"{kind:8} {f'pp={pp} {mode}':16} {ms:8.2f} {ms / base:8.3f} {vs1} "
+                f"{r['second_half_step_ms']:7.2f} {r['mean_bottleneck_ms']:8.2f} {busy:>14} "
+                f"{r['tokens_per_s']:8.1f} {split:>12} {r['moves']:5d}"
+            )
     bad = [name for name, same in result["tokens_identical"].items() if not same]
     lines.append(
-        "tokens identical across modes: "
+        f"tokens identical across pp={pp} modes: "
         + ("yes" if not bad else f"NO ({', '.join(bad)} differ from even: a bug)")
     )
+    if result.get("vs_pp1"):
+        parts = [
+            f"{name} {c['identical_seqs']}/{c['seqs']} ({c['prefix_token_share']:.3f})"
+            for name, c in result["vs_pp1"].items()
+        ]
+        lines.append(
+            "vs pp=1, seqs identical (share of tokens before a first difference): "
+            + ", ".join(parts)
+        )
+        lines.append(
+            "  (greedy even-1mb has pp=1's GEMM shapes: expected identical; with more micro-batches"
+            " each GEMM has fewer rows and a bf16 near-tie may flip a token)"
+        )
     timeline = result["modes"]["dynamic"]["timeline"]
     lines.append(
         "dynamic timeline (top-p): "
-        + ", ".join(f"step {t['step']}: {t['bounds']}" for t in timeline)
+        + (", ".join(f"step {t['step']}: {t['bounds']}" for t in timeline) or "no moves")
     )
     return "\n".join(lines)
+
+
+def _counts(bounds: list[int]) -> str:
+    return "+".join(str(b - a) for a, b in itertools.pairwise(bounds))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -242,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-total-tokens", type=int, default=16_384)
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    parser.add_argument("--reference", action="store_true", help="also run pp = 1 first")
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/pipeline_bench.json)")
     args = parser.parse_args(argv)
     result = run_pipeline_bench(
@@ -253,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         micro_batches=args.micro_batches,
         greedy_pass=not args.no_greedy,
+        reference=args.reference,
         max_total_tokens=args.max_total_tokens,
     )
     out = Path(args.out or Path(os.environ.get("OUT", "out")) / "pipeline_bench.json")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rollout_accel.serving.models.config import ModelConfig, ModelConfigError
-from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.decoder import CausalLM, RotaryEmbedding
 from rollout_accel.serving.models.presets import PRESETS, init_random_weights, preset_names
 from rollout_accel.serving.models.tokenizer import TextTokenizer
 
@@ -55,6 +55,16 @@ def resolve_dtype(
     return DTYPES[dtype]
 
 
+def _allocate(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """The model with uninitialised parameters of `dtype` on `device` (tied head re-tied)."""
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model(
     model_path: str,
     *,
@@ -69,10 +79,17 @@ def load_model(
         preset = PRESETS[model_path]
         config = preset.config
         torch_dtype = resolve_dtype(dtype, config, device)
-        model = CausalLM(config)
-        init_random_weights(model, preset.init_std, seed)
-        model = model.to(device=device, dtype=torch_dtype).eval()
-        return LoadedModel(model, TextTokenizer.byte_level(config.vocab_size), config, model_path)
+        # Built on meta and allocated once on `device` (no default init, no host copy of a
+        # multi-GB model). Presets keep the rotary frequencies in the model dtype, as they always
+        # had (the stages of a pipeline mirror it).
+        model = _allocate(config, device, torch_dtype)
+        inv_freq = RotaryEmbedding(config.head_dim, config.rope_theta).inv_freq
+        model.model.rotary.inv_freq = inv_freq.to(device=device, dtype=torch_dtype)
+        gen_device = device if preset.init_on_device else torch.device("cpu")
+        init_random_weights(model, preset.init_std, seed, device=gen_device)
+        return LoadedModel(
+            model.eval(), TextTokenizer.byte_level(config.vocab_size), config, model_path
+        )
     path = Path(model_path)
     if not path.is_dir():
         raise ModelLoadError(
@@ -83,9 +100,7 @@ def load_model(
     except ModelConfigError as exc:
         raise ModelLoadError(str(exc)) from exc
     torch_dtype = resolve_dtype(dtype, config, device)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    model = model.to_empty(device=device).to(torch_dtype)
+    model = _allocate(config, device, torch_dtype)
     # Buffers (rotary tables) were created on meta; rebuild them on the real device.
     model.model.rotary.inv_freq = 1.0 / (
         config.rope_theta
@@ -94,8 +109,6 @@ def load_model(
             / config.head_dim
         )
     )
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     load_weights_from_dir(model, path)
     from rollout_accel.serving.models.tokenizer import TextTokenizer as _Tok
 

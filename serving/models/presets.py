@@ -17,8 +17,14 @@ _EOS = 256  # "<|endoftext|>" in the byte-level tokenizer
 
 @dataclass(frozen=True, slots=True)
 class Preset:
+    """A shape and its random init. `init_on_device`: draw the weights with the target device's
+    generator (seconds instead of minutes for multi-GB shapes); the weights are then the same for
+    one device type + seed, not across CPU and GPU. Otherwise they are drawn on the CPU, so every
+    device gets the same weights."""
+
     config: ModelConfig
     init_std: float = 0.02
+    init_on_device: bool = False
 
 
 def _tiny(arch: str, **overrides) -> Preset:
@@ -85,7 +91,8 @@ PRESETS: dict[str, Preset] = {
             tie_word_embeddings=False,
             eos_token_ids=(_EOS,),
             torch_dtype="bfloat16",
-        )
+        ),
+        init_on_device=True,  # 8.2B parameters: drawn on the GPU, not the host
     ),
 }
 
@@ -95,14 +102,21 @@ def preset_names() -> list[str]:
 
 
 @torch.no_grad()
-def init_random_weights(model: torch.nn.Module, std: float, seed: int) -> None:
-    """Normal(0, std) matrices and embeddings, ones for norms, zeros for biases; seeded on the CPU
-    so every device gets the same weights."""
-    gen = torch.Generator().manual_seed(seed)
+def init_random_weights(
+    model: torch.nn.Module, std: float, seed: int, device: str | torch.device = "cpu"
+) -> None:
+    """Normal(0, std) matrices and embeddings, ones for norms, small normal biases, drawn in
+    float32 by a generator on `device` (the CPU by default, so every device gets the same
+    weights) and cast to each parameter's dtype."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=gen.device)
+
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):
-            param.copy_(torch.randn(param.shape, generator=gen) * std * 0.1)
+            param.copy_(randn(param.shape) * std * 0.1)
         else:
-            param.copy_((torch.randn(param.shape, generator=gen) * std).to(param.dtype))
+            param.copy_((randn(param.shape) * std).to(param.dtype))

@@ -270,10 +270,15 @@ class PipelineRunner:
         if not self.rebalance:
             return
         self.rebalancer.observe(max(busy))
-        micro = plan.micro
+        # A stage's predicted time is linear in its layer count: predict the per-layer and extra
+        # costs once per stage, not once per DP cell (the DP asks O(layers^2) times: for 36
+        # layers that was ~5 ms of host time per step).
+        pred, micro = self.predictor, plan.micro
+        per_layer = [sum(pred.layer_cost(s, mb.features) for mb in micro) for s in range(len(busy))]
+        extra = [sum(pred.extra_cost(s, mb.features) for mb in micro) for s in range(len(busy))]
 
         def stage_time(stage: int, layers: int) -> float:
-            return sum(self.predictor.stage_time(stage, mb.features, layers) for mb in micro)
+            return layers * per_layer[stage] + extra[stage]
 
         target = self.rebalancer.propose(self.steps, self.bounds, stage_time)
         if target is not None:
