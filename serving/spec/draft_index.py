@@ -62,6 +62,9 @@ class Match:
     draft: list[int]
     match_len: int
     cursor: int  # corpus position of draft[0] in an occurrence agreeing with the whole draft
+    # Corpus positions of the request's next token in every occurrence the vote started from
+    # (ascending): a request keeps them and filters them as its tokens arrive (`advance`).
+    candidates: tuple[int, ...] = ()
 
 
 def _hash_tuple(tokens: Sequence[int]) -> int:
@@ -220,6 +223,18 @@ class NgramIndex:
             return chosen, best
         return [], 0
 
+    def advance(self, positions: Sequence[int], new: Sequence[int]) -> list[int]:
+        """The candidate positions whose corpus text continues with `new`, moved past it."""
+        tokens = self._tokens
+        n = len(new)
+        want = list(new)
+        return [p + n for p in positions if tokens[p : p + n].tolist() == want]
+
+    def vote(self, positions: Sequence[int], k: int) -> list[int]:
+        """The draft voted among candidate positions (as in `lookup`), [] when none continues."""
+        found = self._vote(list(positions), 0, k)
+        return found.draft if found is not None else []
+
     def _vote(self, pos: list[int], match_len: int, k: int) -> Match | None:
         tokens = self._tokens
         size = len(tokens)
@@ -244,7 +259,7 @@ class NgramIndex:
             alive = [p for p in alive if p + t < size and tokens[p + t] == choice]
         if not draft:
             return None
-        return Match(draft=draft, match_len=match_len, cursor=alive[-1])
+        return Match(draft=draft, match_len=match_len, cursor=alive[-1], candidates=tuple(pos))
 
 
 class SelfIndex:

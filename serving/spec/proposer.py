@@ -7,9 +7,11 @@ Sources, per request:
   (b) siblings: finished responses of the same group (same prompt, or
       `custom_params["spec_group"]`), added as they finish (`SpecState.on_finished`);
   (c) self: the request's own prompt + output so far (prompt lookup).
-A request that keeps accepting follows its cursor in (a) or (b) with no lookup; after a mismatch
-all sources are looked up and the longest match wins (ties: corpus, siblings, self). A lookup that
-finds nothing backs off (1, 2, 4, ... engine steps, up to `probe_every`).
+A request follows its cursor in (a) or (b) — every occurrence that agrees with its output since
+the last lookup, filtered as tokens arrive, voting the draft — with no lookup; only when no
+occurrence agrees any more are all sources looked up, and the longest match wins (ties: corpus,
+siblings, self). A lookup that finds nothing backs off (1, 2, 4, ... engine steps, up to
+`probe_every`).
 
 Adaptivity: each request keeps a decayed count of accepted and rejected draft tokens; it drafts
 k tokens while its per-token acceptance estimate a has a**k >= draft_cost, so a request whose
@@ -84,9 +86,12 @@ class AcceptanceTracker:
 
 @dataclass(slots=True)
 class _Cursor:
+    """Where a request is in one source: the corpus positions of its next token in every
+    occurrence that agrees with its output since the lookup (filtered as tokens arrive)."""
+
     source: str
     index: NgramIndex
-    position: int  # corpus position of the request's next token
+    positions: list[int]
 
 
 @dataclass(slots=True)
@@ -189,9 +194,10 @@ class Proposer:
         st.own.extend(new)
         cur = st.cursor
         if cur is not None:
-            if cur.index.follow(cur.position, len(new)) == new and self._live(st, cur):
-                cur.position += len(new)
-            else:
+            # Occurrences that disagree with the emitted tokens drop out; a mismatch with the
+            # draft often leaves another occurrence that agrees, and no lookup is needed.
+            cur.positions = cur.index.advance(cur.positions, new) if self._live(st, cur) else []
+            if not cur.positions:
                 st.cursor = None
         st.synced = len(output)
 
@@ -240,7 +246,7 @@ class Proposer:
     def _draft(self, st: RequestDrafts, req: DraftRequest, k: int) -> list[int]:
         cur = st.cursor
         if cur is not None:
-            draft = cur.index.follow(cur.position, k)
+            draft = cur.index.vote(cur.positions, k)
             if draft:
                 return draft
             st.cursor = None
@@ -261,7 +267,7 @@ class Proposer:
         st.next_backoff = 1
         source, index, found = best
         if index is not None:
-            st.cursor = _Cursor(source, index, found.cursor)
+            st.cursor = _Cursor(source, index, list(found.candidates))
         return found.draft
 
     def _sources(self, st: RequestDrafts) -> list[tuple[str, NgramIndex | None]]:
