@@ -82,7 +82,9 @@ class PrefillGraphs:
         views = torch.split(self.static, self._sizes)
         (self.ids, self.positions, self.token_rows, self.slots, self.cu) = views[:5]
         (self.seq_lens, self.item_rows, self.logit_rows, self.emit_rows, self.emit_next) = views[5:]
-        self._hosts = [torch.zeros_like(self.static, device="cpu").pin_memory() for _ in range(2)]
+        self.is_cuda = self.device.type == "cuda"
+        hosts = [torch.zeros_like(self.static, device="cpu") for _ in range(2)]
+        self._hosts = [h.pin_memory() for h in hosts] if self.is_cuda else hosts
         self._flip = 0
 
     @property
@@ -98,12 +100,17 @@ class PrefillGraphs:
         those chunks run eagerly)."""
         items = batch.items
         return (
-            self.captured
+            (self.captured or not self.is_cuda)
             and 0 < len(items) <= self.max_items
             and batch.num_decode == 0
             and int(sum(it.count for it in items)) <= self.max_tokens
             and not any(it.wants_input_logprobs or it.draft is not None for it in items)
         )
+
+    def forward_eager(self, bucket: int) -> torch.Tensor:
+        """What `bucket`'s graph computes, run eagerly on the current stream (the CPU check of
+        the padded layout): logits [max_items, vocab] of the staged logit rows."""
+        return self._body(bucket)
 
     def _body(self, bucket: int) -> torch.Tensor:
         table = self.table
@@ -190,7 +197,7 @@ class PrefillGraphs:
     ) -> int:
         """Copies one chunk's inputs into the static buffers on the current stream; returns
         the bucket to replay."""
-        if not self.captured or self.stale:
+        if self.is_cuda and (not self.captured or self.stale):
             self.capture()
         tokens = len(ids)
         bucket = next(b for b in self.buckets if b >= tokens)
@@ -199,7 +206,7 @@ class PrefillGraphs:
         arrays = [ids, positions, token_rows, slots, cu, seq_lens, item_rows, logit_rows]
         self._stage_host(host_t.numpy(), [*arrays, emit_rows, emit_next], tokens)
         # The whole pinned block: a sliced source would go through pageable memory and stall.
-        self.static.copy_(host_t, non_blocking=True)
+        self.static.copy_(host_t, non_blocking=self.is_cuda)
         return bucket
 
     def stage(self, batch: Batch) -> StagedPrefill:
