@@ -320,12 +320,12 @@ def part_c_bench(torch, out: Path) -> dict[str, Any]:
     from rollout_accel.serving.engine import Engine
 
     rng = np.random.default_rng(5)
-    short = [rng.integers(10, 30000, size=64).tolist() for _ in range(48)]
-    long = [rng.integers(10, 30000, size=int(n)).tolist() for n in rng.integers(1200, 2000, 12)]
+    short = [rng.integers(10, 30000, size=64).tolist() for _ in range(32)]
+    long = [rng.integers(10, 30000, size=int(n)).tolist() for n in rng.integers(1000, 2000, 24)]
     prompts = short + long
-    params = [{"temperature": 0, "max_new_tokens": 128, "ignore_eos": True}] * len(short)
+    params = [{"temperature": 0, "max_new_tokens": 96, "ignore_eos": True}] * len(short)
     params += [{"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}] * len(long)
-    new_tokens = 128 * len(short) + 8 * len(long)
+    new_tokens = 96 * len(short) + 8 * len(long)
     with Engine(
         "qwen3-0.6b-shape",
         dtype="bfloat16",
