@@ -367,6 +367,10 @@ def part_c_bench(torch, out: Path) -> dict[str, Any]:
                 "identical_to_time_share": sum(
                     a == b for a, b in zip(outs, reference, strict=True)
                 ),
+                "mixed_steps_planned": len(steps),
+                "mean_mixed_step_ms": round(
+                    1e3 * sum(r.measured_s for r in steps) / max(1, len(steps)), 3
+                ),
             }
             if mode != "time-share":
                 t0 = steps[0].time if steps else 0.0
