@@ -12,8 +12,8 @@
       workload at qwen3-0.6b-shape bf16, time-shared (sequential) vs SM-shared (adaptive, two
       static presets): output tokens/s and the ratio, per-step timeline in smshare_timeline.json;
   (d) with --scenario: `rollout bench --scenario smshare` as well (minutes more).
-Each part is bounded (SIGALRM) and runs on its own: a failing part prints its exception and the
-others still run. Prints a table last; writes JSON to $OUT (default ./out).
+Each part is bounded (SIGALRM; part c in child processes, so an abort costs only that part) and
+the others still run. Prints a table last; writes JSON to $OUT (default ./out).
 """
 
 from __future__ import annotations
@@ -430,13 +430,51 @@ def _part(name: str, results: dict[str, Any], limit_s: int, fn, *args) -> None:
     print(json.dumps(results[name], indent=1, default=str), flush=True)
 
 
+def _child(name: str, results: dict[str, Any], limit_s: int, out: Path) -> None:
+    """Runs part `name` in a child process: an abort there (a CUDA error raised in a destructor
+    ends the process) or a hang costs that part only, never the table."""
+    import subprocess
+
+    began = time.perf_counter()
+    print(f"== {name} (child process)", flush=True)
+    path = out / f"part_{name}.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name]
+    try:
+        proc = subprocess.run(cmd, timeout=limit_s, check=False)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = f"killed after {limit_s} s"
+    if path.exists():
+        results[name] = json.loads(path.read_text())
+    else:
+        results[name] = {"ok": False, "error": f"child process ended without a result (rc {rc})"}
+    results[name]["seconds"] = round(time.perf_counter() - began, 1)
+
+
+CHILD_PARTS = {"c_outputs_tiny_fp32": 60, "c_bench_0.6b_bf16": 85}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--scenario", action="store_true", help="also run `rollout bench --scenario smshare`"
     )
+    parser.add_argument("--part", choices=sorted(CHILD_PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     _import_path()
+    if args.part:  # a child of the run below: one part, its JSON to $OUT/part_<name>.json
+        import torch
+
+        out = Path(os.environ.get("OUT", "out"))
+        one: dict[str, Any] = {}
+        limit = CHILD_PARTS[args.part] - 10
+        if args.part == "c_outputs_tiny_fp32":
+            _part(args.part, one, limit, part_c_outputs, torch)
+        else:
+            _part(args.part, one, limit, part_c_bench, torch, out)
+        (out / f"part_{args.part}.json").write_text(json.dumps(one[args.part], default=str))
+        return 0
     import logging
 
     import torch
@@ -454,11 +492,13 @@ def main() -> int:
     results["green_contexts"] = why or "ok"
     if why is not None:
         print(f"green contexts unavailable: {why}")
-    _part("a_smid_disjoint", results, 35, part_a, torch)
-    _part("a2_corun_proxies", results, 30, part_corun, torch)
-    _part("b_no_leak", results, 30, part_b, torch)
-    _part("c_outputs_tiny_fp32", results, 60, part_c_outputs, torch)
-    _part("c_bench_0.6b_bf16", results, 80, part_c_bench, torch, out)
+    _part("a_smid_disjoint", results, 30, part_a, torch)
+    _part("a2_corun_proxies", results, 25, part_corun, torch)
+    _part("b_no_leak", results, 25, part_b, torch)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the children get the memory these parts cached
+    for name, limit in CHILD_PARTS.items():
+        _child(name, results, limit, out)
     if args.scenario:
 
         def bench() -> dict[str, Any]:
