@@ -1,18 +1,19 @@
-"""SM sharing on one GPU (issue 14), in one go (~4 minutes on an H200):
+"""SM sharing on one GPU (issue 14), in one go (under 4 minutes on an H200):
 
-    python scripts/gpu_smshare.py [--skip-bench]
+    python scripts/gpu_smshare.py [--scenario]
 
   (a) partitions are disjoint: a Triton kernel reads %smid on each partition's stream (alone and
       both at once); also a graph captured on the decode stream vs one captured elsewhere and
       replayed there (does a foreign graph keep to the partition?); then prefill/decode proxy
       GEMMs at once on each preset vs one after the other on the whole GPU;
   (b) 1,000 preset switches (and 20 create/close cycles) leak no memory, contexts or streams;
-  (c) greedy outputs: SM-shared (every preset, adaptive) == the same decomposition run one part
-      after the other on one stream (exact), and vs time-sharing (today), at tiny-qwen3 fp32 and
-      qwen3-0.6b-shape bf16;
-  (d) the bench scenario (time-share / static / adaptive) at qwen3-0.6b-shape.
-Each part runs on its own: a failing part prints its exception and the others still run.
-Prints a table last; writes JSON (and the timeline PNG) to $OUT (default ./out).
+  (c) the concurrent runner: tiny-qwen3 fp32 outputs (greedy and seeded temperature 1) with SM
+      sharing (every preset, adaptive) == the plain runner's; then a mixed prefill + decode
+      workload at qwen3-0.6b-shape bf16, time-shared (sequential) vs SM-shared (adaptive, two
+      static presets): output tokens/s and the ratio, per-step timeline in smshare_timeline.json;
+  (d) with --scenario: `rollout bench --scenario smshare` as well (minutes more).
+Each part is bounded (SIGALRM; part c in child processes, so an abort costs only that part) and
+the others still run. Prints a table last; writes JSON to $OUT (default ./out).
 """
 
 from __future__ import annotations
@@ -262,30 +263,72 @@ def part_b(torch) -> dict[str, Any]:
     }
 
 
-# -- (c) outputs ----------------------------------------------------------------------------------
-def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+# -- (c) the concurrent runner: outputs, then a mixed-workload bench ------------------------------
+def _generate(engine, prompts, params) -> tuple[list[list[int]], float]:
+    engine.flush_cache()
+    began = time.perf_counter()
+    outs = engine.generate(input_ids=prompts, sampling_params=params)
+    return [o["output_ids"] for o in outs], time.perf_counter() - began
+
+
+def part_c_outputs(torch) -> dict[str, Any]:
+    """tiny-qwen3 fp32: SM-shared outputs (every preset, adaptive) == the plain runner's, greedy
+    and seeded temperature 1 (the GPU test asserts the same)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    lens = rng.integers(16, 1500, size=n)
-    return [rng.integers(10, min(vocab, 30000), size=int(k)).tolist() for k in lens]
-
-
-def _outputs(engine, prompts, new: int) -> list[list[int]]:
-    engine.flush_cache()
-    outs = engine.generate(
-        input_ids=prompts,
-        sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True},
-    )
-    return [o["output_ids"] for o in outs]
-
-
-def part_c(torch, model: str, dtype: str) -> dict[str, Any]:
     from rollout_accel.serving.engine import Engine
 
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (300, 20, 180, 90, 5, 140)]
+    greedy = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    sampled = {"temperature": 1.0, "sampling_seed": 11, "max_new_tokens": 32, "ignore_eos": True}
     with Engine(
-        model,
-        dtype=dtype,
+        "tiny-qwen3", dtype="float32", device="cuda", max_prefill_tokens=64, sm_share=True
+    ) as engine:
+        runner = engine.runner
+        if not runner.available:
+            return {"ok": False, "error": f"unavailable: {runner.unavailable_reason}"}
+        rows: dict[str, Any] = {}
+        for label, params in (("greedy", greedy), ("seeded_t1", sampled)):
+            engine.loop.call(lambda: runner.set_mode("time-share"))
+            plain, _ = _generate(engine, prompts, params)
+            for preset in [None, *runner.partitions.presets]:
+                mode = "adaptive" if preset is None else "static"
+                index = None if preset is None else preset.index
+                engine.loop.call(lambda m=mode, i=index: runner.set_mode(m, i))
+                before = runner.concurrent_steps
+                outs, _ = _generate(engine, prompts, params)
+                name = f"{label} {'adaptive' if preset is None else preset.name}"
+                same = sum(a == b for a, b in zip(outs, plain, strict=True))
+                rows[name] = {
+                    "identical": f"{same}/{len(prompts)}",
+                    "concurrent_steps": runner.concurrent_steps - before,
+                }
+        engine.loop.call(lambda: runner.set_mode("time-share"))
+        ok = all(r["identical"] == f"{len(prompts)}/{len(prompts)}" for r in rows.values())
+        ok = ok and all(r["concurrent_steps"] > 0 for k, r in rows.items() if "adaptive" not in k)
+        return {"runs": rows, "alive": engine.alive, "ok": ok and engine.alive}
+
+
+def part_c_bench(torch, out: Path) -> dict[str, Any]:
+    """qwen3-0.6b-shape bf16: a mixed workload (a running batch of short prompts decoding while
+    long prompts prefill in 512-token chunks) time-shared (one merged forward per mixed step:
+    the sequential baseline) vs SM-shared (adaptive, and static on two presets). Output tokens/s
+    side by side in one process, and the per-step timeline of each SM-shared run (JSON)."""
+    import numpy as np
+
+    from rollout_accel.serving.engine import Engine
+
+    rng = np.random.default_rng(5)
+    short = [rng.integers(10, 30000, size=64).tolist() for _ in range(32)]
+    long = [rng.integers(10, 30000, size=int(n)).tolist() for n in rng.integers(1000, 2000, 24)]
+    prompts = short + long
+    params = [{"temperature": 0, "max_new_tokens": 96, "ignore_eos": True}] * len(short)
+    params += [{"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}] * len(long)
+    new_tokens = 96 * len(short) + 8 * len(long)
+    with Engine(
+        "qwen3-0.6b-shape",
+        dtype="bfloat16",
         device="cuda",
         max_prefill_tokens=512,
         max_running_requests=64,
@@ -297,62 +340,141 @@ def part_c(torch, model: str, dtype: str) -> dict[str, Any]:
         runner = engine.runner
         if not runner.available:
             return {"ok": False, "error": f"unavailable: {runner.unavailable_reason}"}
-        prompts = _prompts(24, engine.model_config.vocab_size, 5)
-
-        def run(mode: str, preset: int | None = None) -> list[list[int]]:
-            engine.loop.call(lambda: runner.set_mode(mode, preset))
-            before = runner.concurrent_steps
-            outs = _outputs(engine, prompts, 48)
-            counts[f"{mode}{'' if preset is None else ' ' + str(preset)}"] = (
-                runner.concurrent_steps - before
-            )
-            return outs
-
-        def same(a: list[list[int]], b: list[list[int]]) -> str:
-            return f"{sum(x == y for x, y in zip(a, b, strict=True))}/{len(a)}"
-
-        counts: dict[str, int] = {}
-        time_shared = run("time-share")
-        split = run("split")
-        rows = {}
-        for preset in runner.partitions.presets:
-            rows[preset.name] = same(run("static", preset.index), split)
-        adaptive = run("adaptive")
+        presets = runner.partitions.presets
+        modes: list[tuple[str, str, int | None]] = [("time-share", "time-share", None)]
+        modes.append(("adaptive", "adaptive", None))
+        for preset in (presets[0], presets[len(presets) // 2]):
+            modes.append((f"static {preset.name}", "static", preset.index))
         engine.loop.call(lambda: runner.set_mode("time-share"))
-        full = f"{len(prompts)}/{len(prompts)}"
-        # Exact: SM-shared steps vs the same two parts run one after the other (same kernels,
-        # same shapes). Time-sharing runs ONE merged forward per mixed step, so bf16 rounding
-        # may differ from the split runs; adaptive mixes both kinds of step.
+        _generate(engine, prompts[:8] + prompts[-2:], params[:8] + params[-2:])  # warm-up
+        rows: dict[str, Any] = {}
+        timelines: dict[str, list[dict[str, Any]]] = {}
+        reference: list[list[int]] | None = None
+        for label, mode, index in modes:
+            engine.loop.call(lambda m=mode, i=index: runner.set_mode(m, i))
+            engine.loop.call(lambda: runner.timeline.clear())
+            before = (runner.concurrent_steps, runner.ungraphable_steps)
+            outs, seconds = _generate(engine, prompts, params)
+            engine.loop.call(lambda: torch.cuda.synchronize())
+            engine.loop.call(runner._poll_timings)
+            steps = list(runner.timeline)
+            reference = outs if reference is None else reference
+            rows[label] = {
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(new_tokens / seconds, 1),
+                "concurrent_steps": runner.concurrent_steps - before[0],
+                "ungraphable_mixed_steps": runner.ungraphable_steps - before[1],
+                "identical_to_time_share": sum(
+                    a == b for a, b in zip(outs, reference, strict=True)
+                ),
+                "mixed_steps_planned": len(steps),
+                "mean_mixed_step_ms": round(
+                    1e3 * sum(r.measured_s for r in steps) / max(1, len(steps)), 3
+                ),
+            }
+            if mode != "time-share":
+                t0 = steps[0].time if steps else 0.0
+                timelines[label] = [
+                    {
+                        "t_s": round(r.time - t0, 5),
+                        "preset": r.preset,
+                        "decode_rows": r.decode_rows,
+                        "prefill_tokens": r.prefill_tokens,
+                        "predicted_ms": round(r.predicted_s * 1e3, 3),
+                        "measured_ms": round(r.measured_s * 1e3, 3),
+                    }
+                    for r in steps
+                ]
+        engine.loop.call(lambda: runner.set_mode("time-share"))
+        base = rows["time-share"]["tokens_per_s"]
+        for row in rows.values():
+            row["vs_time_share"] = round(row["tokens_per_s"] / base, 3)
+        (out / "smshare_timeline.json").write_text(json.dumps(timelines))
         return {
-            "model": model,
-            "dtype": dtype,
-            "static_vs_split_identical_sequences": rows,
-            "split_vs_time_share_identical_sequences": same(split, time_shared),
-            "adaptive_vs_time_share_identical_sequences": same(adaptive, time_shared),
-            "adaptive_vs_split_identical_sequences": same(adaptive, split),
-            "concurrent_steps": counts,
-            "ok": all(v == full for v in rows.values()) and counts.get("static 0", 0) > 0,
+            "requests": len(prompts),
+            "output_tokens": new_tokens,
+            "runs": rows,
+            "timeline_json": str(out / "smshare_timeline.json"),
+            "alive": engine.alive,
+            # Honest: ok means it ran and stayed alive; the ratio is a measurement, not a gate.
+            "ok": engine.alive,
         }
 
 
 # -- main -----------------------------------------------------------------------------------------
-def _part(name: str, results: dict[str, Any], fn, *args) -> None:
+class PartTimeout(Exception):
+    """A part ran past its time limit."""
+
+
+def _part(name: str, results: dict[str, Any], limit_s: int, fn, *args) -> None:
+    """Runs one part bounded by `limit_s` (SIGALRM in the main thread); a failing part prints
+    its exception and the others still run."""
+    import signal
+
+    def expired(signum, frame):
+        raise PartTimeout(f"{name} ran past {limit_s} s")
+
     began = time.perf_counter()
     print(f"== {name}", flush=True)
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(limit_s)
     try:
         results[name] = fn(*args)
     except Exception as exc:  # one failing part must not stop the others
         traceback.print_exc()
         results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     results[name]["seconds"] = round(time.perf_counter() - began, 1)
     print(json.dumps(results[name], indent=1, default=str), flush=True)
 
 
+def _child(name: str, results: dict[str, Any], limit_s: int, out: Path) -> None:
+    """Runs part `name` in a child process: an abort there (a CUDA error raised in a destructor
+    ends the process) or a hang costs that part only, never the table."""
+    import subprocess
+
+    began = time.perf_counter()
+    print(f"== {name} (child process)", flush=True)
+    path = out / f"part_{name}.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name]
+    try:
+        proc = subprocess.run(cmd, timeout=limit_s, check=False)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = f"killed after {limit_s} s"
+    if path.exists():
+        results[name] = json.loads(path.read_text())
+    else:
+        results[name] = {"ok": False, "error": f"child process ended without a result (rc {rc})"}
+    results[name]["seconds"] = round(time.perf_counter() - began, 1)
+
+
+CHILD_PARTS = {"c_outputs_tiny_fp32": 60, "c_bench_0.6b_bf16": 85}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument(
+        "--scenario", action="store_true", help="also run `rollout bench --scenario smshare`"
+    )
+    parser.add_argument("--part", choices=sorted(CHILD_PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     _import_path()
+    if args.part:  # a child of the run below: one part, its JSON to $OUT/part_<name>.json
+        import torch
+
+        out = Path(os.environ.get("OUT", "out"))
+        one: dict[str, Any] = {}
+        limit = CHILD_PARTS[args.part] - 10
+        if args.part == "c_outputs_tiny_fp32":
+            _part(args.part, one, limit, part_c_outputs, torch)
+        else:
+            _part(args.part, one, limit, part_c_bench, torch, out)
+        (out / f"part_{args.part}.json").write_text(json.dumps(one[args.part], default=str))
+        return 0
     import logging
 
     import torch
@@ -370,12 +492,14 @@ def main() -> int:
     results["green_contexts"] = why or "ok"
     if why is not None:
         print(f"green contexts unavailable: {why}")
-    _part("a_smid_disjoint", results, part_a, torch)
-    _part("a2_corun_proxies", results, part_corun, torch)
-    _part("b_no_leak", results, part_b, torch)
-    _part("c_outputs_tiny_fp32", results, part_c, torch, "tiny-qwen3", "float32")
-    _part("c_outputs_0.6b_bf16", results, part_c, torch, "qwen3-0.6b-shape", "bfloat16")
-    if not args.skip_bench:
+    _part("a_smid_disjoint", results, 30, part_a, torch)
+    _part("a2_corun_proxies", results, 25, part_corun, torch)
+    _part("b_no_leak", results, 25, part_b, torch)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the children get the memory these parts cached
+    for name, limit in CHILD_PARTS.items():
+        _child(name, results, limit, out)
+    if args.scenario:
 
         def bench() -> dict[str, Any]:
             from rollout_accel.rollout.bench import smshare_scenario
@@ -385,7 +509,7 @@ def main() -> int:
             data = json.loads(path.read_text()) if path.exists() and rc == 0 else {}
             return {"rc": rc, "results": data.get("results"), "ok": rc == 0}
 
-        _part("d_bench", results, bench)
+        _part("d_scenario", results, 300, bench)
     (out / "gpu_smshare.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\ndevice: {results['device']}  green contexts: {results['green_contexts']}")
     print(f"{'part':<24}{'ok':>6}{'s':>8}  note")
@@ -397,13 +521,28 @@ def main() -> int:
                 note = f"best {best['preset']}: {best['speedup_vs_whole_sequential']:.2f}x vs sequential"
             if name == "b_no_leak" and "host_us_per_switch" in res:
                 note = f"{res['host_us_per_switch']:.1f} us/switch, drift {res['free_memory_drift_mib']:.1f} MiB"
-            if name.startswith("c_") and "split_vs_time_share_identical_sequences" in res:
-                note = (
-                    f"shared==split {sorted(set(res['static_vs_split_identical_sequences'].values()))}"
-                    f", split==time-share {res['split_vs_time_share_identical_sequences']}"
+            if name == "c_outputs_tiny_fp32" and "runs" in res:
+                bad = [
+                    k for k, r in res["runs"].items() if len(set(r["identical"].split("/"))) != 1
+                ]
+                note = f"{len(res['runs'])} runs, differing: {bad or 'none'}"
+            if name == "c_bench_0.6b_bf16" and "runs" in res:
+                note = ", ".join(
+                    f"{k} {r['vs_time_share']:.2f}x ({r['concurrent_steps']} conc)"
+                    for k, r in res["runs"].items()
+                    if k != "time-share"
                 )
             print(f"{name:<24}{res.get('ok')!s:>6}{res.get('seconds', 0):>8}  {note[:90]}")
-    bench = results.get("d_bench", {}).get("results") or {}
+    runs = results.get("c_bench_0.6b_bf16", {}).get("runs") or {}
+    if runs:
+        print(f"\nmixed workload, qwen3-0.6b-shape bf16 ({results['device']}):")
+        print(f"{'mode':<16}{'tok/s':>10}{'x time-share':>14}{'concurrent':>12}{'ungraphable':>13}")
+        for mode, r in runs.items():
+            print(
+                f"{mode:<16}{r['tokens_per_s']:>10}{r['vs_time_share']:>14}"
+                f"{r['concurrent_steps']:>12}{r['ungraphable_mixed_steps']:>13}"
+            )
+    bench = results.get("d_scenario", {}).get("results") or {}
     if bench:
         from rollout_accel.rollout.bench.smshare_scenario import format_table
 

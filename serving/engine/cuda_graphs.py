@@ -150,6 +150,14 @@ class DecodeGraphs:
     def run(self, positions: np.ndarray, rows: np.ndarray, slots: torch.Tensor) -> torch.Tensor:
         """Stages one decode batch and replays its bucket's graph; returns the logits
         [bs, vocab] (a view of the graph's output, valid until the next replay)."""
+        bucket = self.stage(positions, rows, slots)
+        self.replay(bucket)
+        return self.outputs[bucket][: len(positions)]
+
+    @torch.inference_mode()
+    def stage(self, positions: np.ndarray, rows: np.ndarray, slots: torch.Tensor) -> int:
+        """Copies one decode batch into the static inputs (on the current stream); returns the
+        bucket to replay. Staging and replay may go to different streams (SM sharing)."""
         self.ensure_current()
         bs = len(positions)
         bucket = next(b for b in self.buckets if b >= bs)
@@ -165,6 +173,9 @@ class DecodeGraphs:
         # The whole pinned block (16 bytes a row): a sliced, non-contiguous source would be
         # staged through pageable memory, and that copy waits for the stream (a full stall).
         self.static.copy_(host_t, non_blocking=True)
+        return bucket
+
+    def replay(self, bucket: int) -> None:
+        """Replays `bucket`'s graph on the current stream (inputs staged by `stage`)."""
         self.graphs[bucket].replay()
         self.replays += 1
-        return self.outputs[bucket][:bs]

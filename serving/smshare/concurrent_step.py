@@ -1,15 +1,21 @@
 """`SmShareRunner`: a mixed step's decode rows and prefill chunk run at once on disjoint SMs.
 
 The scheduler already builds mixed batches (the first `num_decode` items are decode rows, the
-rest prefill chunks). For such a batch this runner asks the planner for a split; with a preset it
-  1. queues on the main stream what the step shares (pending table writes), records an event;
-  2. on the preset's decode stream (after that event): replays the decode graph captured ON that
-     stream (a graph captured elsewhere may not keep to the partition's SMs), samples, writes the
-     tokens into the device token table;
-  3. on the prefill stream (after that event): the prefill chunk's eager forward, its sampling and
-     token-table writes;
-  4. makes the main stream wait for both streams, then copies the joined results to the host as
-     `ModelRunner` does: one handle, tokens in item order (decode rows first).
+rest prefill chunks). For such a batch this runner asks the planner for a split; with a preset:
+  1. on the main stream: pending table writes, then both parts' inputs staged into the static
+     buffers of their graphs (pinned host -> device copies), then an event;
+  2. the preset's decode stream waits for that event and replays the decode graph captured ON it;
+     the prefill stream waits for it and replays the prefill-chunk graph captured on it
+     (`prefill_graphs.py`); each stream then records its partition's own event;
+  3. the main stream waits for both partition events, samples both parts, writes the tokens into
+     the device token table and copies the results to the host as `ModelRunner` does: one handle,
+     tokens in item order (decode rows first).
+Partition streams run ONLY graph replays and event records/waits. Eager work there allocates
+from torch's caching allocators on a green context's stream and their event bookkeeping runs in
+the primary context; on the H200 freeing such a tensor aborted the process ("invalid device
+context" from the event record). Replays allocate nothing, every tensor a step allocates lives
+on the main stream, and the event each partition stream records was created in its own green
+context (`Partition.record_done`), so no torch-managed event or block ever touches those streams.
 KV is zero-copy: one pool. The two parts touch disjoint rows and slots (every slot a step writes
 was allocated for this step), and every step starts after the previous step's streams joined the
 main stream, so a prefill's KV is complete before any later decode step reads it.
@@ -17,19 +23,19 @@ main stream, so a prefill's KV is complete before any later decode step reads it
 Why the join per step: the scheduler processes a step as one unit, so decode rows see the whole
 step as their time per token; the planner weighs that (see planner.py).
 
-Everywhere SM sharing is unavailable (CPU, no green contexts, no CUDA graphs, failed start-up) and
-for decode-only or prefill-only batches, `launch` IS `ModelRunner.launch`. Mode `split` runs the
-two parts one after the other on the current stream (the decomposition without concurrency: the
-reference that concurrent runs must match token for token, and runnable on the CPU).
+Everywhere SM sharing is unavailable (CPU, no green contexts, no CUDA graphs, failed start-up),
+for decode-only or prefill-only batches, and for mixed steps the graphs cannot run (prompt
+logprobs, more prefill items or tokens than captured), `launch` IS `ModelRunner.launch`. Mode
+`split` runs the two parts one after the other on the current stream, eagerly (the decomposition
+without concurrency, runnable on the CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +59,7 @@ from rollout_accel.serving.smshare.partitions import (
     open_partitions,
 )
 from rollout_accel.serving.smshare.planner import LatencyModel, LatencyTable, PlanChoice, Planner
+from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,7 @@ class SmShareRunner(ModelRunner):
     ) -> None:
         self.partitions: PartitionSet | None = None
         self.preset_graphs: dict[int, StreamDecodeGraphs] = {}
+        self.prefill_graphs: dict[int, PrefillGraphs] = {}
         self.planner: Planner | None = None
         self.unavailable_reason: str | None = None
         self.timeline: deque[StepRecord] = deque(maxlen=200_000)
@@ -125,6 +133,7 @@ class SmShareRunner(ModelRunner):
         self._logged_at = time.perf_counter()
         self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
         self.concurrent_steps = 0  # of which on partition streams at once
+        self.ungraphable_steps = 0  # mixed steps time-shared because the graphs cannot run them
         if not tpot_ms > 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
         self.tpot_s = tpot_ms / 1e3
@@ -162,6 +171,11 @@ class SmShareRunner(ModelRunner):
             )
             graphs.capture()
             self.preset_graphs[preset.index] = graphs
+            prefill = PrefillGraphs(
+                self.model, self.kv_cache, self.table, max_prefill_tokens, preset.prefill.stream
+            )
+            prefill.capture()
+            self.prefill_graphs[preset.index] = prefill
         self._check_join()
         if profile:
             table = profile_latency(self, max_prefill_tokens)
@@ -177,36 +191,25 @@ class SmShareRunner(ModelRunner):
         )
 
     def _check_join(self) -> None:
-        """One empty concurrent step per preset: events between the main stream and partition
-        streams work (else start-up fails here, not in a served step)."""
-        main = torch.cuda.current_stream(self.device)
+        """Empty concurrent steps on every preset (events only): the fork and the join work
+        with these streams (else start-up fails here, not in a served step)."""
         assert self.partitions is not None
-        probe = torch.zeros(2, device=self.device)
+        main = torch.cuda.current_stream(self.device)
         for _ in range(2):
             for preset in self.partitions.presets:
-                with self._join(main, preset):
-                    for half, part in enumerate((preset.decode, preset.prefill)):
-                        with torch.cuda.stream(part.stream):
-                            # A pinned non-blocking copy, as eager steps make on these streams
-                            # (the host allocator records an event on the stream).
-                            one = torch.ones(1).pin_memory().to(self.device, non_blocking=True)
-                            probe[half : half + 1].add_(one)
-                probe.mul_(2)  # main-stream work between steps: wrong order gives wrong sums
+                self._fork(main, preset)
+                self._join(main, preset)
         torch.cuda.synchronize(self.device)
-        value = 0.0
-        for _ in range(2 * len(self.partitions.presets)):
-            value = (value + 1) * 2
-        if probe.tolist() != [value, value]:
-            raise RuntimeError(f"partition streams ran out of order: {probe.tolist()} != {value}")
 
     def _unavailable(self, reason: str) -> None:
         self.unavailable_reason = reason
         log_once(f"SM sharing unavailable ({reason}); prefill and decode time-share the GPU")
 
     def _teardown(self) -> None:
-        for graphs in self.preset_graphs.values():
+        for graphs in [*self.preset_graphs.values(), *self.prefill_graphs.values()]:
             graphs.release()
         self.preset_graphs.clear()
+        self.prefill_graphs.clear()
         self.planner = None
         if self.partitions is not None:
             partitions, self.partitions = self.partitions, None
@@ -255,6 +258,9 @@ class SmShareRunner(ModelRunner):
         if self._mode == "split":
             return self._launch_parts(batch, None)
         assert self.planner is not None and self.partitions is not None
+        if not self._graphable(batch):
+            self.ungraphable_steps += 1
+            return super().launch(batch)
         context = int(sum(it.start + 1 for it in batch.items[:nd]))
         self._poll_timings()
         choice: PlanChoice = self.planner.choose(nd, context, batch.num_tokens - nd)
@@ -276,7 +282,7 @@ class SmShareRunner(ModelRunner):
         # it): what the step cost on the GPU, fed back to the planner once it completed.
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        handle = super().launch(batch) if preset is None else self._launch_parts(batch, preset)
+        handle = super().launch(batch) if preset is None else self._launch_concurrent(batch, preset)
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self._timings.append((choice, record, start, end))
@@ -292,33 +298,94 @@ class SmShareRunner(ModelRunner):
         while len(self._timings) > 64:
             self._timings.popleft()
 
+    def _graphable(self, batch: Batch) -> bool:
+        """Both parts of this mixed batch can run as graph replays (every preset captured the
+        same shapes, so the first preset's graphs answer for all)."""
+        if self.released & {"weights", "kv_cache", "cuda_graph"} or not self.prefill_graphs:
+            return False
+        items = batch.items
+        nd = batch.num_decode
+        if items[-1].draft is not None or (
+            self.kvreuse is not None and self.kvreuse.handles(batch)
+        ):
+            return False
+        decode_graphs = next(iter(self.preset_graphs.values()))
+        prefill_graphs = next(iter(self.prefill_graphs.values()))
+        return decode_graphs.fits(nd) and prefill_graphs.fits(self._parts(batch)[1])
+
+    @staticmethod
+    def _parts(batch: Batch) -> tuple[Batch, Batch]:
+        """The decode rows and the prefill items as two batches."""
+        nd = batch.num_decode
+        decode = Batch(batch.items[:nd], batch.slots[:nd], nd, nd, batch.rows[:nd])
+        slots = batch.slots[nd:]
+        prefill = Batch(batch.items[nd:], slots, 0, len(slots), batch.rows[nd:])
+        return decode, prefill
+
     def _launch_parts(self, batch: Batch, preset: Preset | None) -> StepHandle:
-        """The decode rows and the prefill items as two parts: on `preset`'s streams at once, or
-        (None) one after the other on the current stream."""
+        """Split mode: the decode rows, then the prefill items, on the current stream (eager
+        prefill; the reference decomposition, runnable on the CPU)."""
+        del preset
         if self.released & {"weights", "kv_cache"}:
             return super().launch(batch)  # raises MemoryReleasedError
         self.table.flush()
         self.split_steps += 1
-        self.concurrent_steps += preset is not None
         nd = batch.num_decode
-        decode = Batch(batch.items[:nd], batch.slots[:nd], nd, nd, batch.rows[:nd])
-        prefill_slots = batch.slots[nd:]
-        prefill = Batch(batch.items[nd:], prefill_slots, 0, len(prefill_slots), batch.rows[nd:])
-        if preset is None:
-            d_tokens, d_logprobs, _ = self._forward_sample(decode, self.graphs)
-            p_tokens, p_logprobs, p_input = self._forward_sample(prefill, None)
-        else:
-            main = torch.cuda.current_stream(self.device)
-            with self._join(main, preset):
-                # Decode first: its graph replay queues in microseconds, so it is running while
-                # the host queues the prefill kernels (and any prompt-logprob readback waits).
-                with torch.cuda.stream(preset.decode.stream):
-                    graphs = self.preset_graphs.get(preset.index)
-                    d_tokens, d_logprobs, _ = self._forward_sample(decode, graphs)
-                with torch.cuda.stream(preset.prefill.stream):
-                    p_tokens, p_logprobs, p_input = self._forward_sample(prefill, None)
+        decode, prefill = self._parts(batch)
+        d_tokens, d_logprobs, _ = self._forward_sample(decode, self.graphs)
+        p_tokens, p_logprobs, p_input = self._forward_sample(prefill, None)
         input_logprobs = {nd + index: values for index, values in p_input.items()}
         assert d_tokens is not None and d_logprobs is not None  # every decode row emits
+        return self._joined_handle(
+            batch, d_tokens, d_logprobs, p_tokens, p_logprobs, input_logprobs
+        )
+
+    def _launch_concurrent(self, batch: Batch, preset: Preset) -> StepHandle:
+        """Both parts at once on `preset`'s partitions, as graph replays (see the module doc)."""
+        self.table.flush()
+        self.split_steps += 1
+        self.concurrent_steps += 1
+        nd = batch.num_decode
+        decode, prefill = self._parts(batch)
+        d_graphs = self.preset_graphs[preset.index]
+        p_graphs = self.prefill_graphs[preset.index]
+        main = torch.cuda.current_stream(self.device)
+        # Staging on the main stream: the pinned buffers and the copies never meet a partition
+        # stream (stage() may also recapture stale graphs: that synchronizes, before the fork).
+        positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
+        d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
+        staged = p_graphs.stage(prefill)
+        self._fork(main, preset)
+        # Decode first: its replay is running while the prefill replay is queued.
+        with torch.cuda.stream(preset.decode.stream):
+            d_graphs.replay(d_bucket)
+        with torch.cuda.stream(preset.prefill.stream):
+            p_graphs.replay(staged.bucket)
+        self._join(main, preset)
+        # Sampling on the main stream (after both parts): its tensors are the main stream's.
+        d_logits = d_graphs.outputs[d_bucket][:nd]
+        d_rows, d_next = d_graphs.rows[:nd], d_graphs.positions[:nd] + 1
+        d_tokens, d_logprobs = self._sample(decode, list(range(nd)), d_logits, d_rows, d_next)
+        p_tokens = p_logprobs = None
+        if staged.emitting:
+            p_tokens, p_logprobs = self._sample(
+                prefill,
+                staged.emitting,
+                p_graphs.logits(staged),
+                staged.emit_rows,
+                staged.emit_next,
+            )
+        return self._joined_handle(batch, d_tokens, d_logprobs, p_tokens, p_logprobs, {})
+
+    def _joined_handle(
+        self,
+        batch: Batch,
+        d_tokens: torch.Tensor,
+        d_logprobs: torch.Tensor,
+        p_tokens: torch.Tensor | None,
+        p_logprobs: torch.Tensor | None,
+        input_logprobs: dict[int, list[float]],
+    ) -> StepHandle:
         if p_tokens is not None and p_logprobs is not None:
             tokens = torch.cat([d_tokens, p_tokens])
             logprobs = torch.cat([d_logprobs.float(), p_logprobs.float()])
@@ -326,19 +393,21 @@ class SmShareRunner(ModelRunner):
             tokens, logprobs = d_tokens, d_logprobs
         return self._results_handle(batch, tokens, logprobs, input_logprobs)
 
-    @contextlib.contextmanager
-    def _join(self, main: torch.cuda.Stream, preset: Preset) -> Iterator[None]:
-        """Both partition streams start after the main stream's work so far; on exit the main
-        stream waits for both (so the next step, whatever its split, starts after this one)."""
+    def _fork(self, main: torch.cuda.Stream, preset: Preset) -> None:
+        """Both partition streams start after the main stream's work so far. The event is
+        torch's (primary context) recorded on the main stream: waiting on an event of another
+        context is allowed."""
         start = torch.cuda.Event()
         start.record(main)
         preset.decode.stream.wait_event(start)
         preset.prefill.stream.wait_event(start)
-        try:
-            yield
-        finally:
-            main.wait_stream(preset.decode.stream)
-            main.wait_stream(preset.prefill.stream)
+
+    def _join(self, main: torch.cuda.Stream, preset: Preset) -> None:
+        """The main stream waits for both partition streams (so the next step, whatever its
+        split, starts after this one); events of the partitions' own green contexts."""
+        for part in (preset.decode, preset.prefill):
+            part.record_done()
+            part.block(main)
 
     def _forward_sample(
         self, batch: Batch, graphs: DecodeGraphs | None
@@ -364,7 +433,7 @@ class SmShareRunner(ModelRunner):
     # -- memory ---------------------------------------------------------------------------------
     def release(self, tags: list[str]) -> None:
         if set(tags) & set(MEMORY_TAGS):
-            for graphs in self.preset_graphs.values():
+            for graphs in [*self.preset_graphs.values(), *self.prefill_graphs.values()]:
                 graphs.release()
         super().release(tags)
 
@@ -372,7 +441,7 @@ class SmShareRunner(ModelRunner):
         super().recapture_if_needed(force)
         if self.released & {"weights", "kv_cache", "cuda_graph"}:
             return
-        for graphs in self.preset_graphs.values():
+        for graphs in [*self.preset_graphs.values(), *self.prefill_graphs.values()]:
             if force or not graphs.captured:
                 graphs.capture()
 

@@ -97,12 +97,29 @@ def unsupported_reason(device: torch.device) -> str | None:
 
 @dataclass(eq=False)
 class Partition:
-    """One green context with one stream; `sms` is what the driver actually gave."""
+    """One green context with one stream; `sms` is what the driver actually gave.
+
+    `_done` is an event created (driver API) IN this green context: `record_done` marks the end
+    of the work queued so far on the stream and `block(stream)` makes another stream wait for it.
+    Why not a torch event: cuEventRecord requires the event and the stream to belong to the
+    same context, and torch creates its events (its own, the caching allocators' pools) in the
+    primary context; waiting on an event of another context is allowed (cuStreamWaitEvent)."""
 
     sms: int
     stream: torch.cuda.ExternalStream
     _context: Any
     _raw_stream: Any
+    _done: Any = None
+
+    def record_done(self) -> None:
+        """Marks the end of what is queued on this partition's stream so far."""
+        driver = _driver()
+        _call(driver, "cuEventRecord", self._done, self._raw_stream)
+
+    def block(self, stream: torch.cuda.Stream) -> None:
+        """`stream`'s later work waits for this partition's work up to `record_done`."""
+        driver = _driver()
+        _call(driver, "cuStreamWaitEvent", driver.CUstream(stream.cuda_stream), self._done, 0)
 
 
 @dataclass(eq=False)
@@ -221,10 +238,30 @@ def _make_partition(driver: Any, dev: Any, device: torch.device, resource: Any) 
         raise
     _LIVE["streams"] += 1
     stream = torch.cuda.ExternalStream(int(raw), device=device)
-    return Partition(int(resource.sm.smCount), stream, context, raw)
+    part = Partition(int(resource.sm.smCount), stream, context, raw)
+    try:
+        part._done = _green_event(driver, context)
+    except BaseException:
+        _destroy_partition(driver, part)
+        raise
+    return part
+
+
+def _green_event(driver: Any, context: Any) -> Any:
+    """An event (no timing) created while the green context is current: it belongs to it."""
+    ctx = _call(driver, "cuCtxFromGreenCtx", context)
+    _call(driver, "cuCtxPushCurrent", ctx)
+    try:
+        flags = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        return _call(driver, "cuEventCreate", flags)
+    finally:
+        _call(driver, "cuCtxPopCurrent")
 
 
 def _destroy_partition(driver: Any, part: Partition) -> None:
+    if part._done is not None:
+        event, part._done = part._done, None
+        _call(driver, "cuEventDestroy", event)
     if part._raw_stream is not None:
         raw, part._raw_stream = part._raw_stream, None
         _call(driver, "cuStreamDestroy", raw)

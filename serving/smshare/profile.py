@@ -1,11 +1,13 @@
 """Start-up profiling for the planner: a few timed runs per configuration (GPU only).
 
 Per configuration (the whole GPU, and each preset's partitions): decode graph replays at three
-batch sizes x two context lengths on the decode partition's stream, and single-sequence prefill
-forwards at three chunk sizes on the prefill partition's stream; plus the host cost of one
-join (events between the main stream and a preset's streams). Runs before the engine serves
-anything: decode rows use free table rows (restored after) and write K/V only to the reserved
-slot 0; prefill writes K/V into free slots, which are overwritten before any request reads them.
+batch sizes x two context lengths, and single-sequence prefills at three chunk sizes (eager on
+the whole GPU; prefill-graph replays on a preset's prefill partition); plus the host cost of one
+fork + join (events between the main stream and a preset's streams). As in served steps, a
+partition stream only replays graphs: inputs are staged on the main stream and the timing events
+bracket the fork and join on the main stream. Runs before the engine serves anything: decode
+rows use free table rows (restored after) and write K/V only to the reserved slot 0; prefill
+writes K/V into free slots, which are overwritten before any request reads them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
 from rollout_accel.serving.models.paged_kv import AttentionMetadata
-from rollout_accel.serving.smshare.partitions import PartitionSet
+from rollout_accel.serving.smshare.partitions import Partition, PartitionSet
 from rollout_accel.serving.smshare.planner import WHOLE, LatencyTable
+from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
 
 if TYPE_CHECKING:
     from rollout_accel.serving.smshare.concurrent_step import SmShareRunner
@@ -28,16 +31,31 @@ if TYPE_CHECKING:
 REPS = 3
 
 
-def _timed(stream: torch.cuda.Stream, fn: Callable[[], object], reps: int = REPS) -> float:
-    """Mean seconds of `fn` on `stream` (one warm-up run first)."""
-    with torch.cuda.stream(stream):
-        fn()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        for _ in range(reps):
+def _timed(
+    main: torch.cuda.Stream, part: Partition | None, fn: Callable[[], object], reps: int = REPS
+) -> float:
+    """Mean seconds of `fn` (graph replays only when `part` is given) on `part`'s stream, or on
+    the main stream; one warm-up run first."""
+
+    def once() -> None:
+        if part is None:
             fn()
-        end.record(stream)
+            return
+        start = torch.cuda.Event()
+        start.record(main)
+        part.stream.wait_event(start)
+        with torch.cuda.stream(part.stream):
+            fn()
+        part.record_done()
+        part.block(main)
+
+    once()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record(main)
+    for _ in range(reps):
+        once()
+    end.record(main)
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
 
@@ -62,19 +80,6 @@ def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTa
     device = runner.device
     table = runner.table
     main = torch.cuda.current_stream(device)
-    configs: list[tuple[int, str, torch.cuda.Stream, torch.cuda.Stream, DecodeGraphs]] = [
-        (WHOLE, "whole", main, main, runner.graphs)
-    ]
-    for preset in partitions.presets:
-        configs.append(
-            (
-                preset.index,
-                preset.name,
-                preset.decode.stream,
-                preset.prefill.stream,
-                runner.preset_graphs[preset.index],
-            )
-        )
     result = LatencyTable()
     num_slots = runner.kv_cache.num_slots
     max_context = table.max_context
@@ -82,77 +87,121 @@ def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTa
         (b, c) for b, c in decode_points(runner.graphs.max_bs, max_context) if b <= table.max_rows
     ]
     p_points = prefill_points(max_prefill_tokens, max_context, num_slots)
-    for cfg, name, d_stream, p_stream, graphs in configs:
-        result.names[cfg] = name
-        result.decode[cfg] = [
-            (b, b * c, _time_decode(runner, graphs, d_stream, b, c)) for b, c in d_points
+    result.names[WHOLE] = "whole"
+    result.decode[WHOLE] = [
+        (b, b * c, _time_decode(runner, runner.graphs, main, None, b, c)) for b, c in d_points
+    ]
+    result.prefill[WHOLE] = [(n, _time_prefill_eager(runner, main, n)) for n in p_points]
+    for preset in partitions.presets:
+        result.names[preset.index] = preset.name
+        graphs = runner.preset_graphs[preset.index]
+        result.decode[preset.index] = [
+            (b, b * c, _time_decode(runner, graphs, main, preset.decode, b, c)) for b, c in d_points
         ]
-        result.prefill[cfg] = [(n, _time_prefill(runner, p_stream, n)) for n in p_points]
+        prefill = runner.prefill_graphs[preset.index]
+        # A graph computes its whole bucket: time each point's bucket, full.
+        buckets = sorted({next(b for b in prefill.buckets if b >= n) for n in p_points})
+        buckets = [b for b in buckets if b < min(max_context, num_slots)]
+        result.prefill[preset.index] = [
+            (b, _time_prefill_graph(runner, prefill, main, preset.prefill, b)) for b in buckets
+        ]
     torch.cuda.synchronize(device)
     result.switch_overhead_s = _join_cost(runner, partitions)
     return result
 
 
 def _time_decode(
-    runner: SmShareRunner, graphs: DecodeGraphs, stream: torch.cuda.Stream, bs: int, ctx: int
+    runner: SmShareRunner,
+    graphs: DecodeGraphs,
+    main: torch.cuda.Stream,
+    part: Partition | None,
+    bs: int,
+    ctx: int,
 ) -> float:
     table = runner.table
     device = runner.device
     num_slots = runner.kv_cache.num_slots
     rows = np.arange(bs, dtype=np.int64)
     # Distinct slots per row and position, so attention reads as much KV as a real batch would.
-    torch.cuda.current_stream(device).wait_stream(stream)
     spread = torch.arange(bs * ctx, device=device, dtype=torch.int64) % (num_slots - 1) + 1
     table.req_to_token[:bs, :ctx] = spread.view(bs, ctx).to(torch.int32)
-    stream.wait_stream(torch.cuda.current_stream(device))
     positions = np.full(bs, ctx - 1, dtype=np.int64)
     slots = torch.zeros(bs, dtype=torch.int64)  # K/V of the profiled token -> reserved slot 0
-    seconds = _timed(stream, lambda: graphs.run(positions, rows, slots))
+    bucket = graphs.stage(positions, rows, slots)  # on the main stream
+    seconds = _timed(main, part, lambda: graphs.replay(bucket))
     torch.cuda.synchronize(device)
     table.req_to_token[:bs].zero_()  # back to the host mirror's state (rows are free)
     torch.cuda.synchronize(device)
     return seconds
 
 
-def _time_prefill(runner: SmShareRunner, stream: torch.cuda.Stream, n: int) -> float:
+def _time_prefill_graph(
+    runner: SmShareRunner,
+    graphs: PrefillGraphs,
+    main: torch.cuda.Stream,
+    part: Partition,
+    n: int,
+) -> float:
+    """One sequence of `n` tokens on the table's spare row (restored after)."""
+    table = runner.table
+    num_slots = runner.kv_cache.num_slots
+    positions = np.arange(n, dtype=np.int64)
+    bucket = graphs.stage_arrays(
+        np.zeros(n, dtype=np.int64),
+        positions,
+        np.full(n, table.pad_row, dtype=np.int64),
+        positions % (num_slots - 1) + 1,
+        np.array([0, n], dtype=np.int64),
+        np.array([n], dtype=np.int64),
+        np.array([table.pad_row], dtype=np.int64),
+        np.array([n - 1], dtype=np.int64),
+        np.zeros(1, dtype=np.int64),
+        np.zeros(1, dtype=np.int64),
+    )
+    seconds = _timed(main, part, lambda: graphs.replay(bucket))
+    torch.cuda.synchronize(runner.device)
+    table.req_to_token[table.pad_row].zero_()
+    torch.cuda.synchronize(runner.device)
+    return seconds
+
+
+def _time_prefill_eager(runner: SmShareRunner, main: torch.cuda.Stream, n: int) -> float:
     device = runner.device
     num_slots = runner.kv_cache.num_slots
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        ids = torch.zeros(n, dtype=torch.int64, device=device)
-        positions = torch.arange(n, dtype=torch.int64, device=device)
-        slots = torch.arange(n, dtype=torch.int64, device=device) % (num_slots - 1) + 1
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            block_table=slots.to(torch.int32)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-            cu_q_lens=torch.tensor([0, n], dtype=torch.int32, device=device),
-            page_size=1,
-            is_decode=False,
-            max_q_len=n,
-            num_decode=0,
-        )
-        last = torch.tensor([n - 1], dtype=torch.int64, device=device)
+    ids = torch.zeros(n, dtype=torch.int64, device=device)
+    positions = torch.arange(n, dtype=torch.int64, device=device)
+    slots = torch.arange(n, dtype=torch.int64, device=device) % (num_slots - 1) + 1
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        block_table=slots.to(torch.int32)[None],
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        cu_q_lens=torch.tensor([0, n], dtype=torch.int32, device=device),
+        page_size=1,
+        is_decode=False,
+        max_q_len=n,
+        num_decode=0,
+    )
+    last = torch.tensor([n - 1], dtype=torch.int64, device=device)
 
     def run() -> torch.Tensor:
         return runner.model.forward_paged(
             ids, positions, meta, runner.kv_cache, logit_rows=last, max_position=n - 1
         )
 
-    seconds = _timed(stream, run)
+    seconds = _timed(main, None, run)
     torch.cuda.synchronize(device)
     return seconds
 
 
 def _join_cost(runner: SmShareRunner, partitions: PartitionSet, joins: int = 200) -> float:
-    """Host seconds one join adds (events both ways), measured on the first preset."""
+    """Host seconds one fork + join adds (events both ways), measured on the first preset."""
     preset = partitions.presets[0]
     main = torch.cuda.current_stream(runner.device)
     torch.cuda.synchronize(runner.device)
     began = time.perf_counter()
     for _ in range(joins):
-        with runner._join(main, preset):
-            pass
+        runner._fork(main, preset)
+        runner._join(main, preset)
     torch.cuda.synchronize(runner.device)
     return (time.perf_counter() - began) / joins
 

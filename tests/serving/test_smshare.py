@@ -192,6 +192,45 @@ def test_runner_on_cpu_is_model_runner_and_split_matches() -> None:
         assert np.allclose(in_a, in_c, atol=1e-4)
 
 
+def test_prefill_graph_layout_matches_the_eager_forward() -> None:
+    """The padded static layout a prefill graph computes (padding tokens on the spare row and
+    slot 0, padding items with no tokens, full-width block table, fixed logit rows), run eagerly
+    on the CPU, gives the eager forward's logits and the same sampling rows for every prefill
+    chunk the scheduler makes (chunks with a cached prefix included)."""
+    from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
+
+    checks: list[float] = []
+    with Engine("tiny-qwen3", device="cpu", dtype="float32", max_prefill_tokens=24) as eng:
+        runner = eng.runner
+        graphs = PrefillGraphs(runner.model, runner.kv_cache, runner.table, 24, stream=None)
+        assert graphs.buckets == [64]
+        original = runner.launch
+
+        def checked(batch):
+            _, prefill = SmShareRunner._parts(batch)
+            emitting = [i for i, it in enumerate(prefill.items) if it.emits_token]
+            if emitting and graphs.fits(prefill):
+                with torch.inference_mode():
+                    runner.table.flush()
+                    staged = graphs.stage(prefill)
+                    got = graphs.forward_eager(staged.bucket)[: len(emitting)]
+                    want, rows, nxt, _ = runner._forward_eager(prefill, emitting)
+                assert staged.emitting == emitting
+                assert staged.emit_rows.tolist() == rows.tolist()
+                assert staged.emit_next.tolist() == nxt.tolist()
+                checks.extend(float(d) for d in (got.float() - want.float()).abs().amax(dim=1))
+            return original(batch)
+
+        runner.launch = checked
+        prompts = _prompts()
+        eng.generate(
+            input_ids=prompts,
+            sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+        )
+    assert len(checks) == len(prompts)  # every prompt's last chunk was checked
+    assert max(checks) < 1e-4, checks
+
+
 def test_runner_refuses_unknown_mode() -> None:
     with Engine("tiny-qwen3", device="cpu", sm_share=True) as eng:
         with pytest.raises(ValueError, match="sm_share mode"):

@@ -54,6 +54,11 @@ class FakeDriver:
     class CUstream_flags(enum.IntEnum):
         CU_STREAM_NON_BLOCKING = 1
 
+    class CUevent_flags(enum.IntEnum):
+        CU_EVENT_DISABLE_TIMING = 2
+
+    CUstream = int
+
     def __init__(self, total: int = 132, fail_stream_at: int | None = None) -> None:
         self.total = total
         self.fail_stream_at = fail_stream_at
@@ -61,6 +66,10 @@ class FakeDriver:
         self.streams: set[int] = set()
         self.made_streams = 0
         self._ctx_ids = itertools.count(1)
+        self.current: list[int] = []  # the context stack (green contexts pushed as -id)
+        self.events: dict[int, int] = {}  # event -> the context it was created in
+        self.recorded: list[tuple[int, int]] = []
+        self._event_ids = itertools.count(0x9000)
 
     def cuInit(self, flags: int):
         return (_Result.CUDA_SUCCESS,)
@@ -101,6 +110,30 @@ class FakeDriver:
         self.streams.add(stream.handle)
         return (_Result.CUDA_SUCCESS, stream)
 
+    def cuCtxFromGreenCtx(self, ctx):
+        return (_Result.CUDA_SUCCESS, -ctx)
+
+    def cuCtxPushCurrent(self, ctx):
+        self.current.append(ctx)
+        return (_Result.CUDA_SUCCESS,)
+
+    def cuCtxPopCurrent(self):
+        return (_Result.CUDA_SUCCESS, self.current.pop())
+
+    def cuEventCreate(self, flags):
+        assert flags == 2 and self.current, "events are made inside a pushed green context"
+        event = next(self._event_ids)
+        self.events[event] = self.current[-1]
+        return (_Result.CUDA_SUCCESS, event)
+
+    def cuEventRecord(self, event, stream):
+        self.recorded.append((event, int(stream)))
+        return (_Result.CUDA_SUCCESS,)
+
+    def cuEventDestroy(self, event):
+        del self.events[event]
+        return (_Result.CUDA_SUCCESS,)
+
     def cuStreamDestroy(self, stream):
         self.streams.remove(int(stream))
         return (_Result.CUDA_SUCCESS,)
@@ -138,11 +171,18 @@ def test_presets_are_one_split_each_sorted_and_closed(fake: FakeDriver) -> None:
     for preset in ps.presets:
         assert preset.prefill.sms + preset.decode.sms == 132
         assert preset.prefill.stream.cuda_stream != preset.decode.stream.cuda_stream
-    assert len(fake.contexts) == len(fake.streams) == 10
+    assert len(fake.contexts) == len(fake.streams) == len(fake.events) == 10
+    assert not fake.current  # every push was popped
+    # Each partition's event belongs to its own green context (cuEventRecord needs the event
+    # and the stream in one context).
+    assert sorted(fake.events.values()) == sorted(-c for c in fake.contexts)
+    preset = ps.presets[0]
+    preset.decode.record_done()
+    assert fake.recorded == [(preset.decode._done, preset.decode.stream.cuda_stream)]
     assert parts.live_handles()["streams"] == before["streams"] + 10
     ps.close()
     ps.close()  # idempotent
-    assert not fake.contexts and not fake.streams
+    assert not fake.contexts and not fake.streams and not fake.events
     assert parts.live_handles() == before
 
 
@@ -165,7 +205,7 @@ def test_a_failing_driver_call_is_named_and_nothing_leaks(fake: FakeDriver) -> N
     fake.fail_stream_at = 5  # the sixth stream: the third preset's decode side
     with pytest.raises(parts.GreenContextError, match="cuGreenCtxStreamCreate.*INVALID_VALUE"):
         parts.PartitionSet.create(DEVICE)
-    assert not fake.contexts and not fake.streams
+    assert not fake.contexts and not fake.streams and not fake.events
     assert parts.live_handles() == before
 
 

@@ -1,0 +1,240 @@
+"""Prefill chunks replayed from CUDA graphs captured on a partition's stream (GPU only).
+
+Why graphs: a partition's stream (a green context's) must only replay graphs. Eager work there
+allocates from torch's caching allocators on that stream, and their bookkeeping (events recorded
+when a block used on the stream is freed, pinned staging buffers) runs in the primary context:
+on the H200 that aborted the process ("invalid device context"). A graph captured on the
+partition's stream keeps to its SMs, and replaying it allocates nothing.
+
+A graph covers a prefill chunk of up to `bucket` tokens in up to `max_items` items: the slot-table
+update, the block-table gather, the forward, the logits of the emitting items' last tokens.
+Inputs are staged on the caller's (main) stream into static buffers: padding tokens write K/V to
+the reserved slot 0 through the table's spare row and belong to no item; padding items have no
+tokens (the prefill kernel skips them). Sampling happens outside, on the main stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rollout_accel.serving.engine.batch import Batch, host_input_ids, pack_layout
+from rollout_accel.serving.engine.kv_pool import RequestTable
+from rollout_accel.serving.models.decoder import CausalLM
+from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+
+MAX_ITEMS = 16  # prefill items per graphed chunk; a chunk with more time-shares the GPU
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from 64 up to the first one >= max_tokens."""
+    buckets = [64]
+    while buckets[-1] < max_tokens:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+@dataclass(slots=True)
+class StagedPrefill:
+    """A staged chunk: the bucket to replay and, for its emitting items (in item order), their
+    index in the chunk, device rows and next positions (for sampling after the replay)."""
+
+    bucket: int
+    emitting: list[int]
+    emit_rows: torch.Tensor
+    emit_next: torch.Tensor
+
+
+class PrefillGraphs:
+    """Captured prefill-chunk graphs over static inputs; `stage` on the main stream, `replay` on
+    the partition's stream, `logits` after the join."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        table: RequestTable,
+        max_tokens: int,
+        stream: torch.cuda.Stream,
+        max_items: int = MAX_ITEMS,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.table = table
+        self.stream = stream
+        self.device = table.device
+        self.width = table.max_context
+        self.buckets = token_buckets(max(1, max_tokens))
+        self.max_tokens = self.buckets[-1]
+        self.max_items = max_items
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.replays = 0
+        self._rotary_generation = -1
+        t, p = self.max_tokens, max_items
+        # One int64 block: ids, positions, token rows, slots [t each]; cu [p + 1]; seq_lens,
+        # item rows, logit rows, emit rows, emit next positions [p each]. One pinned copy a step.
+        self._sizes = [t, t, t, t, p + 1, p, p, p, p, p]
+        self.static = torch.zeros(sum(self._sizes), dtype=torch.int64, device=self.device)
+        views = torch.split(self.static, self._sizes)
+        (self.ids, self.positions, self.token_rows, self.slots, self.cu) = views[:5]
+        (self.seq_lens, self.item_rows, self.logit_rows, self.emit_rows, self.emit_next) = views[5:]
+        self.is_cuda = self.device.type == "cuda"
+        hosts = [torch.zeros_like(self.static, device="cpu") for _ in range(2)]
+        self._hosts = [h.pin_memory() for h in hosts] if self.is_cuda else hosts
+        self._flip = 0
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    @property
+    def stale(self) -> bool:
+        return self.captured and self.model.model.rotary.generation != self._rotary_generation
+
+    def fits(self, batch: Batch) -> bool:
+        """A prefill-only chunk these graphs can run (prompt logprobs need every row's logits:
+        those chunks run eagerly)."""
+        items = batch.items
+        return (
+            (self.captured or not self.is_cuda)
+            and 0 < len(items) <= self.max_items
+            and batch.num_decode == 0
+            and int(sum(it.count for it in items)) <= self.max_tokens
+            and not any(it.wants_input_logprobs or it.draft is not None for it in items)
+        )
+
+    def forward_eager(self, bucket: int) -> torch.Tensor:
+        """What `bucket`'s graph computes, run eagerly on the current stream (the CPU check of
+        the padded layout): logits [max_items, vocab] of the staged logit rows."""
+        return self._body(bucket)
+
+    def _body(self, bucket: int) -> torch.Tensor:
+        table = self.table
+        positions, slots = self.positions[:bucket], self.slots[:bucket]
+        table.req_to_token[self.token_rows[:bucket], positions] = slots.to(torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_table=table.req_to_token.index_select(0, self.item_rows),
+            seq_lens=self.seq_lens.to(torch.int32),
+            cu_q_lens=self.cu.to(torch.int32),
+            page_size=1,
+            is_decode=False,
+            max_q_len=bucket,
+            num_decode=0,
+        )
+        return self.model.forward_paged(
+            self.ids[:bucket],
+            positions,
+            meta,
+            self.kv_cache,
+            logit_rows=self.logit_rows,
+            max_position=self.width - 1,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Captures every bucket on `stream` (largest first, one shared pool)."""
+        self.release()
+        rotary = self.model.model.rotary
+        rotary.tables(self.width, self.device)
+        self._rotary_generation = rotary.generation
+        self._stage_host(self._hosts[0].numpy(), [], 0)
+        self.static.copy_(self._hosts[0])
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):
+                self._body(bucket)  # warm-up: Triton compiles outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bucket] = self._body(bucket)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bucket] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        """Drops the graphs and their pool (they would point at moved buffers)."""
+        if not self.graphs and self.pool is None:
+            return
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def _stage_host(self, host: np.ndarray, items_arrays: list[np.ndarray], tokens: int) -> None:
+        """Fills the host block: the given arrays (ids, positions, token rows, slots, cu,
+        seq_lens, item rows, logit rows, emit rows, emit next; each a prefix) then padding."""
+        host[:] = 0
+        views = np.split(host, np.cumsum(self._sizes)[:-1])
+        for view, values in zip(views, items_arrays, strict=False):
+            view[: len(values)] = values
+        pad = self.table.pad_row
+        views[2][tokens:] = pad  # padding tokens: the spare row, position 0, slot 0
+        count = len(items_arrays[5]) if len(items_arrays) > 5 else 0
+        views[4][count + 1 :] = tokens  # padding items: no tokens
+        views[6][count:] = pad  # ... on the spare row, seq_len 0
+
+    @torch.inference_mode()
+    def stage_arrays(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        token_rows: np.ndarray,
+        slots: np.ndarray,
+        cu: np.ndarray,
+        seq_lens: np.ndarray,
+        item_rows: np.ndarray,
+        logit_rows: np.ndarray,
+        emit_rows: np.ndarray,
+        emit_next: np.ndarray,
+    ) -> int:
+        """Copies one chunk's inputs into the static buffers on the current stream; returns
+        the bucket to replay."""
+        if self.is_cuda and (not self.captured or self.stale):
+            self.capture()
+        tokens = len(ids)
+        bucket = next(b for b in self.buckets if b >= tokens)
+        self._flip ^= 1
+        host_t = self._hosts[self._flip]
+        arrays = [ids, positions, token_rows, slots, cu, seq_lens, item_rows, logit_rows]
+        self._stage_host(host_t.numpy(), [*arrays, emit_rows, emit_next], tokens)
+        # The whole pinned block: a sliced source would go through pageable memory and stall.
+        self.static.copy_(host_t, non_blocking=self.is_cuda)
+        return bucket
+
+    def stage(self, batch: Batch) -> StagedPrefill:
+        """Stages a prefill-only chunk (`fits(batch)`); on the current stream."""
+        items = batch.items
+        layout = pack_layout(items)
+        emitting = [i for i, it in enumerate(items) if it.emits_token]
+        emit = np.asarray(emitting, dtype=np.int64)
+        bucket = self.stage_arrays(
+            host_input_ids(items, layout, 0),
+            layout.positions,
+            np.repeat(batch.rows, layout.counts),
+            batch.slots.numpy(),
+            layout.cu,
+            layout.ends,
+            batch.rows,
+            (layout.cu[1:] - 1)[emit],
+            batch.rows[emit],
+            layout.ends[emit],
+        )
+        n = len(emitting)
+        return StagedPrefill(bucket, emitting, self.emit_rows[:n], self.emit_next[:n])
+
+    def replay(self, bucket: int) -> None:
+        """Replays `bucket`'s graph on the current stream (the partition's)."""
+        self.graphs[bucket].replay()
+        self.replays += 1
+
+    def logits(self, staged: StagedPrefill) -> torch.Tensor:
+        """The emitting items' logits of the last replay (valid until the next one)."""
+        return self.outputs[staged.bucket][: len(staged.emitting)]
