@@ -11,6 +11,7 @@ threads here), and a CPU backend registered through slime's own accelerator API.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -174,6 +175,29 @@ def inline_ray() -> types.SimpleNamespace:
     )
 
 
+def _ray_stand_in() -> dict[str, types.ModuleType]:
+    """`ray` and `ray.actor` with the names slime imports at module level, and `get` of
+    InlineActor refs; `remote` raises (nothing the harness drives needs a real actor)."""
+    ray = types.ModuleType("ray")
+    actor = types.ModuleType("ray.actor")
+
+    class ObjectRef:  # annotations only
+        pass
+
+    class ActorHandle:  # annotations only
+        pass
+
+    def remote(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Ray is not installed here; the slime harness runs without actors")
+
+    ray.ObjectRef = ObjectRef  # type: ignore[attr-defined]
+    ray.get = inline_ray().get  # type: ignore[attr-defined]
+    ray.remote = remote  # type: ignore[attr-defined]
+    ray.actor = actor  # type: ignore[attr-defined]
+    actor.ActorHandle = ActorHandle  # type: ignore[attr-defined]
+    return {"ray": ray, "ray.actor": actor}
+
+
 def install_slime(root: Path, cpu_accelerator: bool) -> Callable[[], None]:
     """Puts slime (at `root`) on sys.path with the SGLang stubs, and a CPU accelerator when there
     is no GPU; returns the function that undoes it."""
@@ -187,6 +211,11 @@ def install_slime(root: Path, cpu_accelerator: bool) -> Callable[[], None]:
     }
     stubs["sglang.srt.server_args"].ServerArgs = StubServerArgs
     stubs["sglang.srt.utils"].kill_process_tree = lambda *a, **kw: None
+    if importlib.util.find_spec("ray") is None:
+        # A GPU box without Ray (its wheel is too large to carry): slime's weight-update module
+        # imports ray at the top, and the harness replaces its Ray calls with `inline_ray`
+        # anyway; anything else that reaches for Ray fails loudly.
+        stubs.update(_ray_stand_in())
     for name, module in stubs.items():
         sys.modules.setdefault(name, module)
     from slime.utils import accelerator
