@@ -8,6 +8,7 @@ between steps (`EngineLoop`). Outputs are SGLang-shaped dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,6 +44,11 @@ from rollout_accel.serving.spec.state import attach_spec
 log = logging.getLogger(__name__)
 Sink = Callable[[dict[str, Any], bool], None]
 _CPU_DEFAULT_SLOTS = 131_072
+
+
+def _current_device(device: torch.device) -> Any:
+    """`torch.cuda.device(device)` for CUDA devices, else a no-op context."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _raise_on_error(out: dict[str, Any]) -> dict[str, Any]:
@@ -114,17 +120,20 @@ class Engine:
 
             self.runner = PipelineRunner.start(self)
         else:
-            self.runner = runner_cls(
-                self.model,
-                self.kv_cache,
-                self.table,
-                self.eos_ids,
-                cuda_graph_max_bs=min(
-                    self.config.cuda_graph_max_bs, self.config.max_running_requests
+            # Graph capture launches Triton kernels, which run on the thread's current device:
+            # an engine on another GPU than the caller's current one must capture on its own.
+            with _current_device(self.device):
+                self.runner = runner_cls(
+                    self.model,
+                    self.kv_cache,
+                    self.table,
+                    self.eos_ids,
+                    cuda_graph_max_bs=min(
+                        self.config.cuda_graph_max_bs, self.config.max_running_requests
+                    )
+                    if graphs
+                    else 0,
                 )
-                if graphs
-                else 0,
-            )
         self._weight_version = self.config.weight_version
         self.requests = RequestFactory(
             self.tokenizer, cfg.vocab_size, self.context_length, self.config.seed, self.eos_ids

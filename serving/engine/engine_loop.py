@@ -138,6 +138,11 @@ class EngineLoop:
         return self.paused or bool(self.runner.released & {"weights", "kv_cache"})
 
     def _run(self) -> None:
+        device = getattr(self.runner, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            # The current device is per thread, and Triton launches on it: this thread must be
+            # on the engine's GPU whatever the creating thread's current device is.
+            torch.cuda.set_device(device)
         try:
             while not self.closed:
                 has_work = self.scheduler.has_work or self._inflight is not None
