@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             timed("continue", engine.continue_generation)
             uwd.disconnect_rollout_engines_from_distributed(args, "slime-pp_0", group, actors)
         after = timed("generate (new weights)", generate)
+        # Prefills from scratch, as the reference's: KV reused from the batched run above would
+        # carry that batch's bf16 rounding, and a near-tie could flip a greedy token.
+        engine.flush_cache()
         sequential = generate(one_at_a_time=True)
         loop.run_until_complete(http_utils._http_client.aclose())
         loop.close()
