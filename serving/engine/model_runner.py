@@ -245,6 +245,7 @@ class ModelRunner:
             for name, param in self.model.named_parameters():
                 self._offloaded[name] = param.data.to("cpu", copy=True)
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            self.model.drop_fused_projections()  # they own the storage; `resume` re-fuses
         if "kv_cache" in tags and not self.kv_cache.released:
             self.kv_cache.release()
         self.released |= set(tags)
@@ -279,6 +280,7 @@ class ModelRunner:
             self.kv_cache.release()
         for param in self.model.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.model.drop_fused_projections()
         self.released |= {"weights", "kv_cache", "cuda_graph"}
         if self.is_cuda:
             torch.cuda.synchronize(self.device)

@@ -284,6 +284,15 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
 
+    def drop_fused_projections(self) -> None:
+        """Forgets the fused weights (the paged path falls back to the separate projections).
+        A memory release must call it: the fused tensors own the storage the parameters view,
+        so offloading the parameters alone would keep every attention and MLP weight resident."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv_weight = None
+            layer.self_attn.qkv_bias = None
+            layer.mlp.gate_up_weight = None
+
     def parameter_by_name(self, name: str) -> torch.Tensor:
         """The parameter a checkpoint or trainer calls `name` (tied lm_head included)."""
         if name == "lm_head.weight" and self.config.tie_word_embeddings:

@@ -274,6 +274,26 @@ def test_bad_model_paths(tmp_path) -> None:
         Engine("tiny-qwen3", not_an_arg=1)
 
 
+def test_weight_release_frees_fused_projections_too() -> None:
+    """The fused qkv / gate_up weights (the GPU paged path) own the storage the projection
+    parameters view: a weight release must drop them too, or it frees only embeddings and
+    norms. Fused here by hand, as a CUDA engine does at start and after every resume."""
+    with Engine("tiny-qwen3") as eng:
+        eng.model.fuse_projections()
+        before = eng.generate(input_ids=[4, 5, 6], sampling_params=GREEDY)
+        ok, _ = eng.release_memory_occupation(["weights"])
+        assert ok
+        layers = eng.model.model.layers
+        assert all(layer.self_attn.qkv_weight is None for layer in layers)
+        assert all(layer.mlp.gate_up_weight is None for layer in layers)
+        assert sum(p.numel() for p in eng.model.parameters()) == 0
+        ok, _ = eng.resume_memory_occupation(["weights"])
+        assert ok
+        eng.model.fuse_projections()
+        after = eng.generate(input_ids=[4, 5, 6], sampling_params=GREEDY)
+    assert after["output_ids"] == before["output_ids"]
+
+
 def test_memory_release_and_resume(engine: Engine) -> None:
     before = engine.generate(input_ids=[4, 5, 6], sampling_params=GREEDY)
     ok, _ = engine.release_memory_occupation(["weights", "kv_cache"])
