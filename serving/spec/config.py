@@ -28,6 +28,9 @@ class SpecConfig:
     accept_decay: weight of the past in the per-request acceptance estimate, per verify step.
     probe_every: a request that stopped drafting drafts one token every this many steps, so it
         can recover when its text starts repeating.
+    min_batch_gain: a step drafts only if its rows' expected accepted draft tokens, summed, reach
+        this many per row of the batch (probe steps excepted): a drafting step is synchronous and
+        scores 1 + k tokens a row, so one eager row must not make the whole batch pay for it.
     max_groups / max_group_tokens: sibling indexes kept (LRU) and tokens per sibling group.
     """
 
@@ -40,7 +43,8 @@ class SpecConfig:
     draft_cost: float = 0.1
     verify_token_budget: int = 4096
     accept_decay: float = 0.8
-    probe_every: int = 8
+    probe_every: int = 16
+    min_batch_gain: float = 0.25
     max_groups: int = 4096
     max_group_tokens: int = 1 << 18
 
@@ -57,6 +61,8 @@ class SpecConfig:
             raise ValueError("speculative_draft_cost: must be in (0, 1)")
         if not 0.0 <= self.accept_decay < 1.0:
             raise ValueError("accept_decay: must be in [0, 1)")
+        if self.min_batch_gain < 0.0:
+            raise ValueError("min_batch_gain: must be >= 0")
         if self.max_corpus_tokens < 1:
             raise ValueError("speculative_ngram_external_corpus_max_tokens: must be >= 1")
         for name in (

@@ -76,6 +76,11 @@ class AcceptanceTracker:
         self.hits = self.hits * decay + accepted
         self.misses = self.misses * decay + (1.0 if accepted < drafted else 0.0)
 
+    def expected_accepted(self, k: int) -> float:
+        """Expected accepted tokens of a k-token draft: sum of rate**i, i = 1..k."""
+        a = self.rate
+        return k if a >= 1.0 else a * (1.0 - a**k) / (1.0 - a)
+
     def draft_len(self, k_max: int, cost: float) -> int:
         """Largest k <= k_max with rate**k >= cost (0 when even one token does not pay)."""
         a = self.rate
@@ -166,6 +171,32 @@ class Proposer:
         if st.tracker.draft_len(k_batch, self.config.draft_cost) == 0:
             return st.next_probe <= self.steps
         return st.cursor is not None or st.retry_at <= self.steps
+
+    def batch_wants_draft(self, ready: Sequence[DraftRequest], pending: int = 0) -> bool:
+        """Whether a step over these decode rows should draft: a probe is due, or the rows'
+        expected accepted tokens reach `min_batch_gain` per row (see SpecConfig). `pending`:
+        steps that will be processed before this one (1 when asked while a step is in flight),
+        so the probe schedule reads the same whether asked early or when the step is built."""
+        k_batch = self.batch_draft_len(len(ready))
+        if k_batch <= 0:
+            return False
+        cost = self.config.draft_cost
+        need = self.config.min_batch_gain * len(ready)
+        # Probe steps (every probe_every-th, the same for every row) draft whenever any row
+        # wants to: that is how rows below the gate, or stopped, learn that drafts pay again.
+        probe_step = (self.steps + pending) % self.config.probe_every == 0
+        gain = 0.0
+        for req in ready:
+            if not self.wants_draft(req, k_batch):
+                continue
+            if probe_step:
+                return True
+            st = self.requests.get(req.rid)
+            tracker = st.tracker if st is not None else AcceptanceTracker()
+            gain += tracker.expected_accepted(tracker.draft_len(k_batch, cost))
+            if gain >= need:
+                return True
+        return False
 
     # -- per-request state ------------------------------------------------------------------
 

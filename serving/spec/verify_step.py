@@ -43,9 +43,7 @@ def forces_sync(spec: SpecState | None, in_flight: bool, ready: list[Request]) -
     (drafting reads each row's last token on the host); other steps overlap as usual."""
     if not in_flight or spec is None or not spec.active or not ready:
         return False
-    proposer = spec.proposer
-    k_batch = proposer.batch_draft_len(len(ready))
-    return any(proposer.wants_draft(r, k_batch) for r in ready)
+    return spec.proposer.batch_wants_draft(ready, pending=1)
 
 
 def plan_drafts(scheduler: Scheduler, decode: list[Request]) -> list[list[int]] | None:
@@ -58,6 +56,8 @@ def plan_drafts(scheduler: Scheduler, decode: list[Request]) -> list[list[int]] 
     limits = scheduler.limits
     if scheduler.waiting and len(scheduler.running) < limits.max_running_requests:
         return None  # admit prompts first
+    if not spec.proposer.batch_wants_draft(decode):
+        return None  # too little to gain for a synchronous step
     drafts = spec.proposer.propose(decode)
     for req, draft in zip(decode, drafts, strict=True):
         room = limits.context_length - req.seq_len - 1

@@ -281,6 +281,31 @@ def test_bad_drafts_stop_and_probe() -> None:
     assert prop.requests["r"].accept_token_num == 0
 
 
+def test_batch_gate_one_eager_row_does_not_make_the_batch_draft() -> None:
+    """A drafting step is synchronous for the whole batch: it happens when the rows' expected
+    accepted tokens reach min_batch_gain per row, or on a probe step — not for one eager row."""
+    prop = _proposer(probe_every=16, min_batch_gain=0.25)
+    rows = [Req(f"r{i}", [7, 7], [1]) for i in range(16)]
+    for r in rows:  # every row has failed its drafts: acceptance estimate below the cost
+        for _ in range(12):
+            prop.on_verified(r, 1, 0)
+    eager = rows[0]
+    for _ in range(6):
+        prop.on_verified(eager, 4, 4)  # one row whose drafts keep landing
+    prop.steps = 3  # not a probe step
+    assert not prop.batch_wants_draft(rows)
+    assert prop.batch_wants_draft(rows[:1])  # alone, the same row pays for its step
+    prop.steps = 16  # a probe step: every row that wants to may draft
+    assert prop.batch_wants_draft(rows)
+    prop.steps = 15  # ... and asked while the step before it is still in flight
+    assert prop.batch_wants_draft(rows, pending=1)
+    prop.steps = 3
+    for r in rows:
+        for _ in range(12):
+            prop.on_verified(r, 4, 4)
+    assert prop.batch_wants_draft(rows)  # the whole batch repeats itself: draft
+
+
 def test_siblings_and_batch_cap_and_ineligible_rows() -> None:
     prop = _proposer(verify_token_budget=8)
     sib = Req("s1", [3, 3, 3], [50, 51, 52, 53, 54, 55])
