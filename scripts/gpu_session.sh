@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
 # log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, bench, profile,
-# spec, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
+# spec, specdiag, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -26,6 +26,8 @@ for p in ${PARTS:-tests smshare bench profile}; do
            part bench512 150 python3 scripts/gpu_bench.py --num-seqs 512 --skip-hf ;;
     profile) part profile 120 python3 scripts/gpu_profile_decode.py ;;
     spec) part spec 360 python3 scripts/gpu_spec_bench.py ;;
+    specdiag) part specdiag 240 python3 scripts/gpu_spec_diag.py ;;
+    gemmprobe) part gemmprobe 240 python3 scripts/gpu_smshare_gemm_probe.py ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;

@@ -27,7 +27,7 @@ T0=$SECONDS
   run smshare 0 200 python3 scripts/gpu_smshare.py ) &
 ( run spec 1 110 python3 scripts/gpu_spec_bench.py
   run policy_longtail 1 100 bash -c 'bench --model-path qwen3-0.6b-shape --max-len 1024 --steps 6 --policies sync,partial,history --no-progress --no-plots --recurrence realistic --out "$OUT"'
-  run policy_e2e 1 $((290 - (SECONDS - T0))) bash -c 'bench --scenario e2e --policies sync,partial,history --steps 6 --rollout-batch-size 64 --no-progress --no-plots --out "$OUT"' ) &
+  run policy_e2e 1 $((290 - (SECONDS - T0))) bash -c 'bench --scenario e2e --policies sync,partial,history --steps 6 --rollout-batch-size 64 --out "$OUT"' ) &
 wait
 echo "phase A done at $((SECONDS - T0)) s"
 run external 0,1 150 env SLIME_SRC="$PWD/.slime-src" python3 scripts/gpu_slime_external.py
