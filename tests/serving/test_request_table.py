@@ -63,3 +63,19 @@ def test_flush_of_a_recycled_row_keeps_the_new_requests_prefix() -> None:
     got = dict(zip(positions.tolist(), values.tolist(), strict=True))
     assert [got[p] for p in range(10)] == list(range(500, 510))
     assert [got[p] for p in range(10, 20)] == list(range(110, 120))
+
+
+def test_rotary_tables_stay_put_unless_they_must_grow() -> None:
+    """CUDA graphs hold the rotary tables' address: asking again for covered positions on the
+    same device must return the same tensors (a spurious reallocation once left the decode
+    graphs reading freed memory); growth is visible through `generation`."""
+    from rollout_accel.serving.models.decoder import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_dim=16, theta=10_000.0, initial_positions=64)
+    cos, sin = rotary.tables(40, torch.device("cpu"))
+    generation = rotary.generation
+    again = rotary.tables(63, torch.device("cpu"))
+    assert again[0] is cos and again[1] is sin and rotary.generation == generation
+    grown = rotary.tables(64, torch.device("cpu"))
+    assert grown[0].shape[0] > 64 and rotary.generation == generation + 1
+    assert torch.equal(grown[0][:64], cos)

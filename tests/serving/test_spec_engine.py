@@ -271,11 +271,25 @@ def test_overlap_schedule_drafts_only_on_settled_steps() -> None:
         extra = {"temperature": 1.0}
         _register_history(eng, extra)
         eng.spec.proposer.groups.clear()
+        batches: list[tuple[int, int]] = []  # (rows, rows with drafts) of each step
+        commit = eng.scheduler._commit
+
+        def traced(batch):
+            batches.append((len(batch.items), sum(1 for it in batch.items if it.draft)))
+            return commit(batch)
+
+        eng.scheduler._commit = traced
         spec = _run(eng, _params(0, extra), active=True)
+        spec_steps = len(batches)
         plain = _run(eng, _params(0, extra), active=False)
         _assert_same(plain, spec)
         assert eng.spec.totals.accepted_tokens > 0
         _assert_pool_empty(eng)
+        # A verify step is processed before the next is scheduled, so drafts never add steps
+        # (a verify step kept "in flight" once hid its rows from the next schedule, which ran
+        # the undrafted rest alone: an extra step after every verify step).
+        assert any(drafted for _, drafted in batches[:spec_steps])
+        assert spec_steps <= len(batches) - spec_steps, (spec_steps, len(batches) - spec_steps)
     finally:
         eng.shutdown()
 
