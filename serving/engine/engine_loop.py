@@ -80,6 +80,8 @@ class EngineLoop:
         self.closed = False
         self.dead: BaseException | None = None
         self._inflight: StepHandle | None = None
+        self._last_launch: tuple[float, bool] | None = None  # (start, drafting) of the last step
+        self._idled = False  # the loop waited for work since that step
         self.timing = LoopTiming()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any] | None]] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="rollout-accel-engine", daemon=True)
@@ -146,6 +148,7 @@ class EngineLoop:
         try:
             while not self.closed:
                 has_work = self.scheduler.has_work or self._inflight is not None
+                self._idled |= self.held or not has_work
                 self._run_commands(block=self.held or not has_work)
                 if self.closed:
                     break
@@ -156,6 +159,7 @@ class EngineLoop:
                     continue
                 if not self._step():
                     # Work exists but none can run (e.g. waiting for KV): wait for a command.
+                    self._idled = True
                     self._run_commands(block=True)
         except BaseException as exc:  # anything escaping recovery: fail loudly, never hang
             self._die(exc)
@@ -181,6 +185,7 @@ class EngineLoop:
             handle = self.runner.launch(batch)
             timing.launch_s += time.perf_counter() - t1
             timing.steps += 1
+            self._note_period(t0, batch)
         except Exception as exc:
             self._recover(exc, batch, suspect)
             return True
@@ -200,6 +205,18 @@ class EngineLoop:
             if solo and self.scheduler.suspects and self.scheduler.suspects[0] is suspect:
                 self.scheduler.suspects.pop(0)  # it ran alone without failing
         return True
+
+    def _note_period(self, start: float, batch: Batch) -> None:
+        """Launch-to-next-launch periods by step kind, for speculative decoding's cost model
+        (serving/spec/step_costs); periods that include idle waiting are dropped."""
+        spec = self.scheduler.spec
+        if spec is None or not spec.active:
+            self._last_launch = None
+            return
+        last, self._last_launch = self._last_launch, (start, bool(batch.items[-1].draft))
+        if last is not None and not self._idled:
+            spec.proposer.costs.observe(last[1], start - last[0])
+        self._idled = False
 
     def _settle(self) -> None:
         handle, self._inflight = self._inflight, None

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from rollout_accel.serving.spec.config import SpecConfig
 from rollout_accel.serving.spec.corpus import CorpusRegistry
 from rollout_accel.serving.spec.draft_index import IndexConfig, Match, NgramIndex, SelfIndex
+from rollout_accel.serving.spec.step_costs import StepCosts
 
 CORPUS_FIELD = "spec_corpus_id"  # custom_params key naming a request's external corpus
 GROUP_FIELD = "spec_group"  # custom_params key naming a request's sibling group
@@ -135,6 +136,7 @@ class Proposer:
             min_anchor=config.min_match, max_anchor=config.max_anchor, max_match=config.max_match
         )
         self.groups: OrderedDict[Any, NgramIndex] = OrderedDict()
+        self.costs = StepCosts()  # measured by the engine loop (see step_costs)
         self.requests: dict[str, RequestDrafts] = {}
         # Processed engine steps (`tick`). Probes fall on multiples of probe_every for every
         # request at once, so the steps in between stay plain (and overlapped) decode steps.
@@ -174,14 +176,19 @@ class Proposer:
 
     def batch_wants_draft(self, ready: Sequence[DraftRequest], pending: int = 0) -> bool:
         """Whether a step over these decode rows should draft: a probe is due, or the rows'
-        expected accepted tokens reach `min_batch_gain` per row (see SpecConfig). `pending`:
+        expected accepted tokens reach `min_batch_gain` per row (see SpecConfig), or more if the
+        measured cost of a drafting step demands it (`costs.break_even_gain`). `pending`:
         steps that will be processed before this one (1 when asked while a step is in flight),
         so the probe schedule reads the same whether asked early or when the step is built."""
         k_batch = self.batch_draft_len(len(ready))
         if k_batch <= 0:
             return False
         cost = self.config.draft_cost
-        need = self.config.min_batch_gain * len(ready)
+        per_row = self.config.min_batch_gain
+        measured = self.costs.break_even_gain()
+        if measured is not None:  # what a drafting step costs here, measured
+            per_row = max(per_row, measured)
+        need = per_row * len(ready)
         # Probe steps (every probe_every-th, the same for every row) draft whenever any row
         # wants to: that is how rows below the gate, or stopped, learn that drafts pay again.
         probe_step = (self.steps + pending) % self.config.probe_every == 0

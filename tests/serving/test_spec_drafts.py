@@ -306,6 +306,30 @@ def test_batch_gate_one_eager_row_does_not_make_the_batch_draft() -> None:
     assert prop.batch_wants_draft(rows)  # the whole batch repeats itself: draft
 
 
+def test_measured_step_costs_raise_the_batch_gate() -> None:
+    """When drafting steps are measured at 3x a plain step, a batch must expect 2 accepted
+    tokens per row to draft; rows at ~1.6 (which pass the 0.25 floor) then decode plainly."""
+    from rollout_accel.serving.spec.step_costs import StepCosts
+
+    costs = StepCosts()
+    assert costs.break_even_gain() is None
+    for _ in range(3):
+        costs.observe(True, 0.003)
+        costs.observe(False, 0.001)
+    assert costs.break_even_gain() == pytest.approx(2.0)
+    prop = _proposer(probe_every=16, min_batch_gain=0.25)
+    rows = [Req(f"r{i}", [7, 7], [1]) for i in range(8)]
+    for r in rows:  # half of each 4-token draft lands: ~1.6 expected accepted tokens
+        for _ in range(20):
+            prop.on_verified(r, 4, 2)
+    prop.steps = 3
+    assert prop.batch_wants_draft(rows)  # the static floor alone lets them draft
+    prop.costs = costs
+    assert not prop.batch_wants_draft(rows)
+    prop.steps = 16
+    assert prop.batch_wants_draft(rows)  # probe steps still draft (and refresh the costs)
+
+
 def test_siblings_and_batch_cap_and_ineligible_rows() -> None:
     prop = _proposer(verify_token_budget=8)
     sib = Req("s1", [3, 3, 3], [50, 51, 52, 53, 54, 55])
