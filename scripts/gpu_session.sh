@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
 # log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, bench, profile,
-# spec, specdiag, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
+# spec, specdiag, specqueue, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -27,6 +27,7 @@ for p in ${PARTS:-tests smshare bench profile}; do
     profile) part profile 120 python3 scripts/gpu_profile_decode.py ;;
     spec) part spec 360 python3 scripts/gpu_spec_bench.py ;;
     specdiag) part specdiag 240 python3 scripts/gpu_spec_diag.py ;;
+    specqueue) part specqueue 300 python3 scripts/gpu_spec_bench.py --max-running 64 --scales 1,32,128 ;;
     gemmprobe) part gemmprobe 240 python3 scripts/gpu_smshare_gemm_probe.py ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;

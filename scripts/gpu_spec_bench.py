@@ -3,6 +3,7 @@ useless drafts.
 
     python scripts/gpu_spec_bench.py [--prompts 64] [--samples 4] [--in-len 256] [--out-len 256]
                                      [--draft-tokens 6] [--scales 1,4,16,32,64,128]
+                                     [--max-running 64]
 
 Workload: qwen3-0.6b-shape, bf16 random weights, prompts x samples = 256 sequences (default),
 temperature 1, ignore_eos, seeded per sequence. The model's output entropy is set by a logit
@@ -110,6 +111,13 @@ def main() -> None:
     parser.add_argument("--out-len", type=int, default=256)
     parser.add_argument("--draft-tokens", type=int, default=6, help="verify window (k + 1)")
     parser.add_argument("--draft-cost", type=float, default=0.1)
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        default=0,
+        help="engine slots (default: every request at once); fewer queues the rest, so a row "
+        "that finishes early frees its slot (RL rollouts have more samples than slots)",
+    )
     parser.add_argument("--scales", default="1,4,16,32,64,128")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
@@ -144,7 +152,7 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
         cuda_graph=not args.no_cuda_graph,
-        max_running_requests=args.prompts * args.samples,
+        max_running_requests=args.max_running or args.prompts * args.samples,
         speculative_algorithm="NGRAM",
         speculative_num_draft_tokens=args.draft_tokens,
         speculative_draft_cost=args.draft_cost,
