@@ -97,6 +97,10 @@ class NgramIndex:
         self._pending_base = 0  # corpus position of the first pending separator
         # Document openings: first n tokens (n < max_anchor) -> start positions, in order.
         self._openings: dict[tuple[int, ...], list[int]] = {}
+        # Every token id in the documents: a context ending in a token the corpus never holds
+        # matches no n-gram, and sampled text often ends that way (O(1) instead of a search per
+        # anchor length and segment).
+        self._vocab: set[int] = set()
         self.num_tokens = 0
         self.num_documents = 0
 
@@ -113,6 +117,7 @@ class NgramIndex:
         start = len(self._tokens)
         self._tokens.frombytes(arr.tobytes())
         self._pending.append(arr)
+        self._vocab.update(arr.tolist())
         opening = arr[: self.config.max_anchor - 1].tolist()
         for n in range(len(opening) + 1):
             self._openings.setdefault(tuple(opening[:n]), []).append(start)
@@ -196,7 +201,12 @@ class NgramIndex:
         cfg = self.config
         tokens = self._tokens
         n = len(tail)
-        for a in range(min(cfg.max_anchor, n), cfg.min_anchor - 1, -1):
+        # Only suffixes whose every token occurs in the corpus can match.
+        vocab = self._vocab
+        known = 0
+        while known < min(cfg.max_anchor, n) and tail[n - 1 - known] in vocab:
+            known += 1
+        for a in range(known, cfg.min_anchor - 1, -1):
             key = _hash_tuple(tail[-a:])
             # [key, key + 1) in one search (a key of 2**64 - 1 is only ever a collision's loss).
             bounds = np.array([key, min(key + 1, _MASK)], dtype=np.uint64)
@@ -238,6 +248,11 @@ class NgramIndex:
     def _vote(self, pos: list[int], match_len: int, k: int) -> Match | None:
         tokens = self._tokens
         size = len(tokens)
+        if len(pos) == 1:  # one occurrence (the common case once a row follows its cursor)
+            draft = self.follow(pos[0], k)
+            if not draft:
+                return None
+            return Match(draft=draft, match_len=match_len, cursor=pos[0], candidates=(pos[0],))
         alive = pos  # ascending corpus positions
         draft: list[int] = []
         for t in range(k):
