@@ -17,8 +17,12 @@ Adaptivity: each request keeps a decayed count of accepted and rejected draft to
 k tokens while its per-token acceptance estimate a has a**k >= draft_cost, so a request whose
 drafts fail stops drafting and probes one token at every multiple of `probe_every` engine steps
 (all such requests on the same steps, so the steps between stay plain decode steps, overlapped on
-a GPU). `wants_draft` tells the scheduler whether a step may draft at all. The batch caps k so
-rows x (1 + k) stays within `verify_token_budget`.
+a GPU). The batch caps k so rows x (1 + k) stays within `verify_token_budget`.
+
+Per batch (`batch_wants_draft`, what the scheduler asks): a drafting step is synchronous for every
+row, so a step drafts only on a probe step or when the rows' expected accepted tokens reach the
+break-even per row — the measured cost ratio of drafting to plain steps minus one (`step_costs`),
+at least `min_batch_gain`.
 
 Requests with repetition/frequency/presence penalties, still under min_new_tokens, under a
 grammar, or asking for top / token-id logprobs do not draft: their logits (or what is recorded of
