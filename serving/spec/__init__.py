@@ -4,6 +4,9 @@ config       SpecConfig (SGLang's --speculative-* names)
 draft_index  NgramIndex (documents -> hashed n-grams, voted continuations, cursors), SelfIndex
 corpus       CorpusRegistry: SGLang's /add_external_corpus semantics, token budget
 proposer     per-step drafts from corpus, siblings and the request itself; adaptive lengths
+step_costs   measured cost of a drafting step vs a plain one (the batch gate's break-even)
+verify_step  the verify step in the engine's pipeline (schedule, launch, settle)
+verify_graphs  CUDA graphs of verify batches
 acceptance   verify_drafts: exact acceptance through the engine's seeded sampler
 state        SpecState, attached to the engine as `engine.spec`
 """
