@@ -5,8 +5,9 @@ GEMM on a partition stream, while fp32 GEMMs and Triton kernels ran there. Hypot
 bf16 cuBLAS kernels launch thread-block clusters, and a partition made of the split's *remainder*
 (the decode side here: 12, 20, ... SMs) need not hold whole cluster-capable SM groups. This probe
 runs, each in a fresh process (a failed launch may poison the context):
-  - a split made as the engine makes it (group = prefill, remainder = decode), and the reverse
-    (group = decode, remainder = prefill), for decode sizes on and off multiples of 8;
+  - a split made as the engine makes it (group = prefill, remainder = decode), the reverse
+    (group = decode, remainder = prefill), and both sides as groups (decode split off first, the
+    remainder split again), for decode sizes on and off multiples of 8;
   - on each side: bf16 and fp32 matmuls of a decode-like (64 x 1024 x 3072) and a prefill-like
     (2048 x 1024 x 3072) shape, with the green context current and not.
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DECODE_SIZES = (12, 16, 28, 32)
 
 
-def child(decode_sms: int, reverse: bool, side: str, dtype: str, push: bool) -> dict:
+def child(decode_sms: int, reverse: str, side: str, dtype: str, push: bool) -> dict:
     import torch
 
     from rollout_accel.serving.smshare import partitions as parts
@@ -40,12 +41,30 @@ def child(decode_sms: int, reverse: bool, side: str, dtype: str, push: bool) -> 
         driver, "cuDeviceGetDevResource", dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
     )
     total = int(whole.sm.smCount)
-    min_count = decode_sms if reverse else total - decode_sms
-    result, _, remainder = parts._call(
-        driver, "cuDevSmResourceSplitByCount", 1, whole, 0, min_count
-    )
-    group = result[0]
-    decode_res, prefill_res = (group, remainder) if reverse else (remainder, group)
+    if reverse == "groups":
+        # Both sides as split *groups*: decode first, then the remainder split again (as much
+        # of it as the driver will group), so neither side is a raw remainder.
+        result, _, rest = parts._call(
+            driver, "cuDevSmResourceSplitByCount", 1, whole, 0, decode_sms
+        )
+        decode_res = result[0]
+        prefill_res = None
+        for count in range(int(rest.sm.smCount), 0, -2):
+            try:
+                again, _, _ = parts._call(driver, "cuDevSmResourceSplitByCount", 1, rest, 0, count)
+            except parts.GreenContextError:
+                continue
+            prefill_res = again[0]
+            break
+        if prefill_res is None:
+            return {"error": "the remainder could not be grouped"}
+    else:
+        min_count = decode_sms if reverse == "1" else total - decode_sms
+        result, _, remainder = parts._call(
+            driver, "cuDevSmResourceSplitByCount", 1, whole, 0, min_count
+        )
+        group = result[0]
+        decode_res, prefill_res = (group, remainder) if reverse == "1" else (remainder, group)
     res = decode_res if side == "decode" else prefill_res
     part = parts._make_partition(driver, dev, torch.device("cuda", 0), res)
     dt = getattr(torch, dtype)
@@ -78,7 +97,7 @@ def child(decode_sms: int, reverse: bool, side: str, dtype: str, push: bool) -> 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         decode_sms, reverse, side, dtype, push = sys.argv[2:7]
-        row = child(int(decode_sms), reverse == "1", side, dtype, push == "1")
+        row = child(int(decode_sms), reverse, side, dtype, push == "1")
         print("RESULT " + json.dumps(row))
         return 0
     link = Path(tempfile.mkdtemp())
@@ -87,7 +106,7 @@ def main() -> int:
     jobs = [
         (decode_sms, reverse, side, dtype, push)
         for decode_sms in DECODE_SIZES
-        for reverse in ("0", "1")
+        for reverse in ("0", "1", "groups")
         for side in ("decode", "prefill")
         for dtype, push in (("bfloat16", "0"), ("bfloat16", "1"), ("float32", "0"))
     ]
@@ -101,7 +120,7 @@ def main() -> int:
             got = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-300:]}
         except subprocess.TimeoutExpired:
             got = {"error": "timeout"}
-        split = "group=decode" if reverse == "1" else "group=prefill"
+        split = {"0": "group=prefill", "1": "group=decode", "groups": "both groups"}[reverse]
         row = {"decode_sms": decode_sms, "split": split, "side": side, "dtype": dtype}
         row.update(green_ctx_current=push == "1", **got)
         print(json.dumps(row), flush=True)
