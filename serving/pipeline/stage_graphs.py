@@ -112,6 +112,9 @@ class StageGraphs:
         self.eager_decode = 0  # decode micro-batches that ran eagerly (graphs unavailable)
         self.invalidations: list[str] = []  # why graphs were dropped, in order
         self._fingerprint: tuple[int, ...] | None = None
+        self._watch_key: tuple[int, int] | None = None
+        self._watch_params: list[torch.nn.Parameter] = []
+        self._watch_layers: list[torch.nn.Module] = []
         self._rotary_generation = -1
         dev, bs = self.device, max_bs
         self.static = torch.zeros((4, bs), dtype=torch.int64, device=dev)
@@ -138,9 +141,16 @@ class StageGraphs:
         ex = self.ex
         model = ex.model
         start, end = ex.layer_range
+        if self._watch_key != (start, end):
+            # Parameter objects stay (moves, release and resume re-point their .data): list them
+            # once per layer range, read their addresses every step (~200 reads for 18 layers).
+            layers = list(model.model.layers[start:end])
+            self._watch_params = [p for layer in layers for p in layer.parameters()]
+            self._watch_layers = layers
+            self._watch_key = (start, end)
         ptrs: list[int] = [start, end]
-        for layer in model.model.layers[start:end]:
-            ptrs += [p.data_ptr() for p in layer.parameters()]
+        ptrs += [p.data_ptr() for p in self._watch_params]
+        for layer in self._watch_layers:
             attn, mlp = layer.self_attn, layer.mlp
             for fused in (attn.qkv_weight, attn.qkv_bias, mlp.gate_up_weight):
                 ptrs.append(0 if fused is None else fused.data_ptr())
