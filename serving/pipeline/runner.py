@@ -36,6 +36,7 @@ from rollout_accel.serving.pipeline.partition import (
 from rollout_accel.serving.pipeline.plan import StepPlan, build_plan
 from rollout_accel.serving.pipeline.rebalance import Rebalancer
 from rollout_accel.serving.pipeline.stage import StageExecutor, names_owned
+from rollout_accel.serving.pipeline.stage_graphs import emulated
 from rollout_accel.serving.pipeline.worker import WorkerSpec, send_weights, worker_main
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class PipelineRunner:
         # Decode CUDA graphs per stage: opt-in (pp_cuda_graph) until measured on GPUs; off with
         # cuda_graph=False (--disable-cuda-graph) and on the CPU.
         graph_max_bs = 0
-        if is_cuda and config.pp_cuda_graph and config.cuda_graph:
+        if (is_cuda or emulated()) and config.pp_cuda_graph and config.cuda_graph:
             graph_max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
         ports = (comm.free_port(), comm.free_port())
         timeout_s = 600.0

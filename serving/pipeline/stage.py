@@ -27,7 +27,7 @@ from rollout_accel.serving.models.loader import load_named_tensors
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
 from rollout_accel.serving.pipeline.partition import Bounds, owner_of
 from rollout_accel.serving.pipeline.plan import MicroBatch, StepPlan
-from rollout_accel.serving.pipeline.stage_graphs import StageGraphs
+from rollout_accel.serving.pipeline.stage_graphs import StageGraphs, emulated
 
 
 @dataclass(slots=True)
@@ -97,7 +97,7 @@ class StageExecutor:
         self.strip()
         # Decode CUDA graphs of this stage's part (GPU only; off on the CPU whatever is asked).
         self.graphs: StageGraphs | None = None
-        if self.is_cuda and graph_max_bs > 0:
+        if (self.is_cuda or emulated()) and graph_max_bs > 0:
             self.graphs = StageGraphs(self, graph_max_bs)
 
     # -- ownership ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ the stage runs eagerly instead of capturing at every boundary.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +43,26 @@ if TYPE_CHECKING:
     from rollout_accel.serving.pipeline.stage import StageExecutor
 
 log = logging.getLogger(__name__)
+
+# Tests only: on the CPU, "capture" records the graph bodies and "replay" runs them eagerly into
+# the same static outputs, so the host-side protocol (static inputs, receives into them, output
+# views, head, sampling, recapture) runs end to end without CUDA. Inherited by spawned stages.
+EMULATE_ENV = "ROLLOUT_ACCEL_EMULATE_STAGE_GRAPHS"
+
+
+def emulated() -> bool:
+    return os.environ.get(EMULATE_ENV) == "1"
+
+
+class _EmulatedGraph:
+    """A CPU stand-in for a captured graph: replay recomputes the body into fixed outputs."""
+
+    def __init__(self, body: Any, outputs: tuple[torch.Tensor, ...]) -> None:
+        self.body, self.outputs = body, outputs
+
+    def replay(self) -> None:
+        for out, new in zip(self.outputs, self.body(), strict=True):
+            out.copy_(new)
 
 
 def pick_bucket(buckets: list[int], rows: int) -> int | None:
@@ -98,6 +119,7 @@ class StageGraphs:
         self.ex = ex
         self.device = ex.device
         self.is_cuda = self.device.type == "cuda"
+        self.emulate = not self.is_cuda and emulated()
         self.max_bs = max_bs
         self.buckets = batch_buckets(max_bs)
         self.width = ex.table.max_context
@@ -210,7 +232,7 @@ class StageGraphs:
         reason = self.stale_reason()
         if reason is not None:
             self.invalidate(reason)
-        usable = self.enabled and self.is_cuda and not (self.ex.released & _BLOCKING)
+        usable = self.enabled and self._can_capture() and not (self.ex.released & _BLOCKING)
         picks: list[int | None] = []
         for mb in micro:
             bucket = pick_bucket(self.buckets, len(mb.rows)) if graphable(mb) else None
@@ -295,10 +317,32 @@ class StageGraphs:
         normed, _ = add_rms_norm(hidden, residual, norm.weight, norm.eps)
         return model.lm_head(normed)
 
+    def _can_capture(self) -> bool:
+        return self.is_cuda or self.emulate
+
+    def _capture_emulated(self, bucket: int) -> None:
+        # No warm-up run: the CPU reference attention gives NaN for seq_len-0 padding rows.
+        hidden = torch.zeros((bucket, self.ex.hidden_size), dtype=self.ex.dtype)
+        out = (hidden, torch.zeros_like(hidden))
+        self.layers[bucket] = _EmulatedGraph(lambda: self._layers_body(bucket), out)
+        self.outputs[bucket] = out
+        self.captures += 1
+        if self.ex.is_last:
+            vocab = self.ex.model.config.vocab_size
+            logits = torch.zeros((bucket, vocab), dtype=self.ex.dtype)
+            self.heads[bucket] = _EmulatedGraph(lambda: (self._head_body(*out),), (logits,))
+            self.logits[bucket] = logits
+            self.captures += 1
+        self._rotary_generation = self.ex.model.model.rotary.generation
+        self._fingerprint = self.fingerprint()
+
     @torch.inference_mode()
     def capture(self, bucket: int) -> None:
         """Captures one bucket (padding rows only during warm-up and capture: K/V go to slot 0).
         Called at a step boundary, before the step's receives touch the static inputs."""
+        if self.emulate:
+            self._capture_emulated(bucket)
+            return
         if not self.is_cuda:
             raise RuntimeError("decode graphs need a CUDA device")
         ex = self.ex
@@ -339,7 +383,7 @@ class StageGraphs:
 
     def capture_all(self) -> None:
         """Every bucket now (engine start, benchmark warm-up), largest first."""
-        if not (self.enabled and self.is_cuda) or self.ex.released & _BLOCKING:
+        if not (self.enabled and self._can_capture()) or self.ex.released & _BLOCKING:
             return
         reason = self.stale_reason()
         if reason is not None:

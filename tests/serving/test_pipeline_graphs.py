@@ -226,3 +226,50 @@ def test_no_capture_while_layers_move(engine: Engine, expected: list[list[int]])
         engine.loop.call(runner.finish_moves)
     finally:
         runner.executor.graphs = None
+
+
+def _counts(runner) -> list[tuple[int, int, int]]:
+    return [(s["replays"], s["captures"], s["invalidations"]) for s in runner.graph_stats]
+
+
+def test_graphed_path_end_to_end_emulated(monkeypatch, expected: list[list[int]]) -> None:
+    """The graphed decode path on both stages with CPU stand-ins for capture and replay (see
+    EMULATE_ENV): static inputs, receives into them, output views, head + sampler, captures at
+    start, drops on moves / release and captures again. Micro-batches of 4 and 2 rows fill their
+    buckets exactly (the CPU reference attention gives NaN for padding rows)."""
+    from rollout_accel.serving.pipeline.stage_graphs import EMULATE_ENV
+
+    monkeypatch.setenv(EMULATE_ENV, "1")  # spawned stages inherit it
+    with Engine(
+        "tiny-qwen3", pp_size=2, pp_microbatches=1, pp_cuda_graph=True, **ENGINE_ARGS
+    ) as eng:
+        runner = eng.runner
+        assert runner.cuda_graphs and runner.executor.graphs.captured  # captured at start
+        assert _ids(eng) == expected
+        first = _counts(runner)
+        assert all(c[0] >= 20 for c in first), first  # both stages replayed the decode steps
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.update(ids=_ids(eng)))
+        thread.start()
+        for bounds, wait in (((0, 1, 4), 3), ((0, 3, 4), 6)):
+            steps = runner.steps
+            while runner.steps < steps + wait and thread.is_alive():
+                thread.join(0.005)
+            eng.loop.call(lambda b=bounds: runner.request_bounds(b))
+        thread.join(120)
+        assert out["ids"] == expected
+        moved = _counts(runner)
+        assert all(m[2] > f[2] and m[1] > f[1] for m, f in zip(moved, first, strict=True))
+        assert tuple(runner.bounds) == (0, 3, 4)
+        eng.loop.call(lambda: setattr(runner, "micro_batches", 2))
+        eng.loop.call(lambda: runner.set_cuda_graphs(False))
+        eager = _ids(eng)
+        eng.loop.call(lambda: runner.set_cuda_graphs(True))
+        before = _counts(runner)
+        assert _ids(eng) == eager == expected
+        assert all(a[0] > b[0] for a, b in zip(_counts(runner), before, strict=True))
+        assert eng.release_memory_occupation()[0] and eng.resume_memory_occupation()[0]
+        released = _counts(runner)
+        assert _ids(eng) == expected
+        again = _counts(runner)
+        assert all(a[1] > r[1] and a[0] > r[0] for a, r in zip(again, released, strict=True))
