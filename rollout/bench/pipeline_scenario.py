@@ -156,6 +156,8 @@ def _run_mode(
         runner.request_bounds(bounds)
         runner.finish_moves()  # each mode starts from its split
         runner.set_cuda_graphs(graphs)  # a no-op on engines without stage graphs (CPU)
+        if graphs:
+            runner.capture_graphs()  # every bucket before the clock starts (as after a start)
         runner.rebalance = mode.startswith("dynamic")
         runner.predictor = LatencyPredictor(runner.pp_size)  # every mode learns from scratch
         runner.rebalancer = Rebalancer(runner.model.config.num_hidden_layers, runner.pp_size)
@@ -199,6 +201,7 @@ def _run_mode(
         "graph_counts": [
             {k: b[k] - a[k] for k in b} for a, b in zip(graphs0, graphs1, strict=True)
         ],
+        "graph_failures": [s.get("failed") for s in runner.graph_stats if s and s.get("failed")],
     }
 
 
@@ -516,6 +519,8 @@ def format_table(result: dict[str, Any]) -> str:
                     for i, c in enumerate(r["graph_counts"])
                 )
                 lines.append(f"graphs {kind} {mode}: {counts}")
+            for failure in r.get("graph_failures", []):
+                lines.append(f"graphs {kind} {mode}: CAPTURE FAILED, eager: {failure[:200]}")
     dynamic = "dynamic-graph" if "dynamic-graph" in result["modes"] else "dynamic"
     timeline = result["modes"][dynamic]["timeline"]
     lines.append(

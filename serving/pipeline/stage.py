@@ -496,7 +496,8 @@ class StageExecutor:
         elif action == "capture":
             self.graphs.capture_all()
         elif action == "enable":
-            self.graphs.enabled = bool(command["on"])
+            # A stage whose capture failed stays eager (see StageGraphs._try_capture).
+            self.graphs.enabled = bool(command["on"]) and self.graphs.failed is None
         else:
             raise ValueError(f"unknown graphs action {action!r}")
 

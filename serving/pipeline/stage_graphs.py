@@ -133,6 +133,7 @@ class StageGraphs:
         self.replays = 0  # micro-batches replayed
         self.eager_decode = 0  # decode micro-batches that ran eagerly (graphs unavailable)
         self.invalidations: list[str] = []  # why graphs were dropped, in order
+        self.failed: str | None = None  # a capture's error (graphs then off on this stage)
         self._fingerprint: tuple[int, ...] | None = None
         self._watch_key: tuple[int, int] | None = None
         self._watch_params: list[torch.nn.Parameter] = []
@@ -197,7 +198,7 @@ class StageGraphs:
 
     def invalidate(self, reason: str) -> None:
         """Drops every graph and the pool (captured again lazily at a later step boundary)."""
-        if not self.captured and self.pool is None:
+        if not self.captured and self.pool is None and not self.heads:
             return
         self.invalidations.append(reason)
         if self.is_cuda:
@@ -222,6 +223,7 @@ class StageGraphs:
             "eager_decode": self.eager_decode,
             "invalidations": len(self.invalidations),
             "enabled": self.enabled,
+            "failed": self.failed,
         }
 
     # -- a step ---------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ class StageGraphs:
         for mb in micro:
             bucket = pick_bucket(self.buckets, len(mb.rows)) if graphable(mb) else None
             if bucket is not None and usable and bucket not in self.layers and may_capture:
-                self.capture(bucket)
+                usable = self._try_capture(bucket)
             if bucket is not None and not (usable and bucket in self.layers):
                 self.eager_decode += 1
                 bucket = None
@@ -389,8 +391,22 @@ class StageGraphs:
         if reason is not None:
             self.invalidate(reason)
         for bucket in reversed(self.buckets):
-            if bucket not in self.layers:
-                self.capture(bucket)
+            if bucket not in self.layers and not self._try_capture(bucket):
+                return
+
+    def _try_capture(self, bucket: int) -> bool:
+        """Captures `bucket`; a failed capture turns this stage's graphs off (eager from then
+        on, reported in `stats`) rather than failing the pipeline. Mixing eager and graphed
+        stages is fine: they exchange the same tensors."""
+        try:
+            self.capture(bucket)
+            return True
+        except Exception as exc:
+            log.exception("stage %d: decode graph capture failed; running eagerly", self.ex.stage)
+            self.failed = repr(exc)
+            self.invalidate("capture failed")
+            self.enabled = False
+            return False
 
 
 # Released memory a graph would read (or the graphs' own memory): no capture, no replay.

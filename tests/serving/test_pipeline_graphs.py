@@ -273,3 +273,20 @@ def test_graphed_path_end_to_end_emulated(monkeypatch, expected: list[list[int]]
         assert _ids(eng) == expected
         again = _counts(runner)
         assert all(a[1] > r[1] and a[0] > r[0] for a, r in zip(again, released, strict=True))
+
+
+def test_failed_capture_falls_back_to_eager(engine: Engine) -> None:
+    graphs = _attach(engine)
+    try:
+        graphs.is_cuda = True  # pretend, to reach the capture; the capture itself fails
+
+        def broken(bucket: int) -> None:
+            raise RuntimeError("capture refused")
+
+        graphs.capture = broken
+        assert graphs.prepare([_micro(4), _micro(2)], may_capture=True) == [None, None]
+        assert not graphs.enabled and "capture refused" in graphs.stats()["failed"]
+        engine.runner.executor.graphs_command({"action": "enable", "on": True})
+        assert not graphs.enabled  # stays eager
+    finally:
+        engine.runner.executor.graphs = None
