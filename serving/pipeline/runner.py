@@ -402,7 +402,11 @@ class PipelineRunner:
     def capture_graphs(self) -> None:
         """Every stage captures all its decode buckets now (start, benchmark warm-up)."""
         self.finish_moves()
+        if self.executor.graphs is None:
+            return
         self._graphs_command({"action": "capture"})
+        replies = [comm.recv_object(self.ctrl, s) for s in range(1, self.pp_size)]
+        self.graph_stats = [self.executor.graph_stats()] + [r["graphs"] for r in replies]
 
     def set_cuda_graphs(self, on: bool) -> None:
         """Switches the stages' decode graphs on or off (eager) at the next step; benchmarks

@@ -167,5 +167,7 @@ def _serve(executor: StageExecutor, ctrl) -> None:
             executor.resume(command["tags"])
         elif kind == "graphs":
             executor.graphs_command(command)
+            if command["action"] == "capture":  # stage 0 waits: captures end before it goes on
+                comm.send_object(ctrl, {"graphs": executor.graph_stats()}, 0)
         else:
             raise ValueError(f"unknown pipeline command {kind!r}")
