@@ -95,7 +95,8 @@ class StageExecutor:
         self.released: set[str] = set()
         self._offloaded: dict[str, torch.Tensor] = {}
         self.strip()
-        # Decode CUDA graphs of this stage's part (GPU only; off on the CPU whatever is asked).
+        # Decode CUDA graphs of this stage's part: GPU only (off on the CPU whatever is asked,
+        # unless the tests' emulation is on, see stage_graphs.EMULATE_ENV).
         self.graphs: StageGraphs | None = None
         if (self.is_cuda or emulated()) and graph_max_bs > 0:
             self.graphs = StageGraphs(self, graph_max_bs)
@@ -392,6 +393,9 @@ class StageExecutor:
 
     def end_move(self, layer_index: int, src: int, dst: int, delta: np.ndarray) -> None:
         """Finishes the move begun at the previous boundary; every stage calls it."""
+        if self.graphs is not None and self.stage in (src, dst):
+            # Before the sender frees the layer: the graphs read the old range by address.
+            self.graphs.invalidate(f"layer {layer_index} moved {src} -> {dst}")
         if self.stage in (src, dst):
             layer, works, tensors, idx = self._migration
             assert layer == layer_index, (layer, layer_index)
@@ -420,16 +424,12 @@ class StageExecutor:
                 for (_, param), data in zip(self._layer_params(layer_index), weights, strict=True):
                     param.data = data
                 self._fuse(self.model.model.layers[layer_index])
-        before = self.layer_range
         b = list(self.bounds)
         if dst == src - 1:
             b[src] += 1
         else:
             b[dst] -= 1
         self.bounds = tuple(b)
-        if self.graphs is not None and self.layer_range != before:
-            # The graphs hold the old range's layers (and the sender's freed buffers).
-            self.graphs.invalidate(f"layer {layer_index} moved {src} -> {dst}")
 
     def _drop_layer(self, layer_index: int) -> None:
         for _, param in self._layer_params(layer_index):
