@@ -36,6 +36,19 @@ JSON). Against pp = 1 it reports identical sequences and the share of tokens bef
 difference: a greedy pp = 2 run with one micro-batch has pp = 1's GEMM shapes (expected
 identical); with 2 micro-batches each GEMM has half the rows and a bf16 near-tie may flip a token.
 
+`--cuda-graph` (issue 15's next step: the stages were launch-bound): the stages replay decode
+micro-batches from CUDA graphs (`pp_cuda_graph`), and the runs become, side by side: pp = 1 as
+the engine runs by default (its decode CUDA graphs) as the reference; on one pp = 2 engine, top-p
+even split eager, even with graphs, dynamic rebalancing with graphs (stage busy time is then GPU
+time from CUDA events around the replays), even with graphs again (A-B-A); greedy even with
+graphs with 2 and with 1 micro-batch; until the deadline, greedy dynamic and best static with
+graphs. Graph-vs-eager token agreement is reported, not enforced (graphs pad a micro-batch to
+its bucket: bf16 GEMMs over more rows may flip a near-tie); graph runs on a settled split must
+agree with each other exactly. Per graph run it prints each stage's replays, eager decode
+micro-batches (while layers move), captures and graph drops.
+
+    OUT=/path python scripts/gpu_pipeline_bench.py --cuda-graph   # bound 150 s on 2 H200s
+
 Progress lines ([+seconds] ...) are flushed as it goes, so a timeout still says where it was.
 Prints a table last; writes $OUT/gpu_pipeline_bench.json.
 """
@@ -85,6 +98,12 @@ def main() -> None:
         "--deadline-s", type=float, default=100.0, help="skip greedy-dynamic / best-static after"
     )
     parser.add_argument("--no-greedy", action="store_true")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="per-stage decode CUDA graphs: pp=1 with its graphs, pp=2 eager vs graphs, dynamic "
+        "with graphs (see the docstring)",
+    )
     args = parser.parse_args()
     say("importing torch")
     _import_path()
@@ -112,6 +131,7 @@ def main() -> None:
         deadline_s=args.deadline_s,
         progress=say,
         device=args.device,
+        cuda_graph=args.cuda_graph,
         max_total_tokens=args.max_total_tokens,
         context_length=max(1024, 2 * (96 + args.max_len)),
     )

@@ -33,7 +33,7 @@ for p in ${PARTS:-tests smshare bench profile}; do
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;
     external) part external 240 env SLIME_SRC="$PWD/.slime-src" python3 scripts/gpu_slime_external.py ;;
-    pipeline) part pipeline_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_pipeline_gpu.py
-              part pipeline 150 python3 scripts/gpu_pipeline_bench.py ;;
+    pipeline) part pipeline_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_pipeline_gpu.py
+              part pipeline 150 python3 scripts/gpu_pipeline_bench.py --cuda-graph ;;
   esac
 done

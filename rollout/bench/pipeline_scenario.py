@@ -145,6 +145,7 @@ def _run_mode(
     bounds,
     progress: Progress | None = None,
     label: str = "",
+    graphs: bool = False,
 ) -> dict[str, Any]:
     from rollout_accel.serving.pipeline.latency import LatencyPredictor
     from rollout_accel.serving.pipeline.rebalance import Rebalancer
@@ -154,7 +155,10 @@ def _run_mode(
     def setup() -> None:
         runner.request_bounds(bounds)
         runner.finish_moves()  # each mode starts from its split
-        runner.rebalance = mode == "dynamic"
+        runner.set_cuda_graphs(graphs)  # a no-op on engines without stage graphs (CPU)
+        if graphs:
+            runner.capture_graphs()  # every bucket before the clock starts (as after a start)
+        runner.rebalance = mode.startswith("dynamic")
         runner.predictor = LatencyPredictor(runner.pp_size)  # every mode learns from scratch
         runner.rebalancer = Rebalancer(runner.model.config.num_hidden_layers, runner.pp_size)
         runner.timeline = runner.timeline[:0]
@@ -162,7 +166,9 @@ def _run_mode(
 
     engine.loop.call(setup)
     first = runner.steps
+    graphs0 = _graph_counts(runner)
     outs, seconds, steps = _generate(engine, label or mode, work, sampling, progress)
+    graphs1 = _graph_counts(runner)
     history = [h for h in runner.history if h["step"] > first]
     walls = np.array([h["wall"] for h in history])
     busy = np.array([h["busy"] for h in history])
@@ -189,7 +195,19 @@ def _run_mode(
         "predictor": runner.predictor.report(),
         "timeline": [{**t, "step": t["step"] - first} for t in runner.timeline],
         "history": history,
+        "cuda_graphs": graphs and runner.cuda_graphs,
+        # Per stage, during this run: graphed micro-batches, captures, decode micro-batches run
+        # eagerly for want of a graph (moves queued / in flight), graph drops.
+        "graph_counts": [
+            {k: b[k] - a[k] for k in b} for a, b in zip(graphs0, graphs1, strict=True)
+        ],
+        "graph_failures": [s.get("failed") for s in runner.graph_stats if s and s.get("failed")],
     }
+
+
+def _graph_counts(runner: Any) -> list[dict[str, int]]:
+    keys = ("replays", "captures", "eager_decode", "invalidations")
+    return [{k: int(s[k]) if s else 0 for k in keys} for s in runner.graph_stats]
 
 
 def _warm_up(engine: Any, work, sampling, greedy_sampling) -> None:
@@ -236,12 +254,19 @@ def run_pipeline_bench(
     best_static: bool = True,
     deadline_s: float | None = None,
     progress: Progress | None = None,
+    cuda_graph: bool = False,
     **engine_args: Any,
 ) -> dict[str, Any]:
     """Runs the modes on one pp engine (see the module docstring); with `reference`, first the
     same requests on a pp = 1 engine (eager, like the stages) and a greedy pp run with one
     micro-batch (pp = 1's GEMM shapes). Optional runs (greedy dynamic, best static) are skipped
-    once `deadline_s` has passed. Returns the results (tokens compared, not returned)."""
+    once `deadline_s` has passed. Returns the results (tokens compared, not returned).
+
+    `cuda_graph`: the stages' decode CUDA graphs (`pp_cuda_graph`). The pp = 1 reference then
+    runs as the engine does by default (its decode CUDA graphs), and the pp runs are: top-p even
+    eager, even with graphs, dynamic with graphs, even with graphs again (A-B-A); greedy even
+    with graphs with 2 and 1 micro-batches; then (deadline) greedy dynamic and best static, with
+    graphs. On the CPU the graphs are a no-op (the same runs, eager)."""
     import gc
 
     import torch
@@ -266,7 +291,7 @@ def run_pipeline_bench(
     if reference:
         say("pp=1 reference engine: building")
         t0 = time.perf_counter()
-        engine = Engine(model, pp_size=1, cuda_graph=False, **common)
+        engine = Engine(model, pp_size=1, cuda_graph=cuda_graph, **common)
         say(f"pp=1 engine built in {time.perf_counter() - t0:.1f} s")
         try:
             vocab = engine.model_config.vocab_size
@@ -287,7 +312,13 @@ def run_pipeline_bench(
 
     say(f"pp={pp_size} engine: building")
     t0 = time.perf_counter()
-    engine = Engine(model, pp_size=pp_size, pp_microbatches=micro_batches, **common)
+    engine = Engine(
+        model,
+        pp_size=pp_size,
+        pp_microbatches=micro_batches,
+        pp_cuda_graph=cuda_graph,
+        **common,
+    )
     say(f"pp={pp_size} engine built in {time.perf_counter() - t0:.1f} s")
     try:
         runner = engine.runner
@@ -300,47 +331,83 @@ def run_pipeline_bench(
         _warm_up(engine, work, sampling, greedy_sampling)
         say("pp warm-up done")
 
-        def run(name: str, kind: str, bounds, mode: str | None = None) -> dict[str, Any]:
+        def run(
+            name: str, kind: str, bounds, mode: str | None = None, graphs: bool = False
+        ) -> dict[str, Any]:
             samp = sampling if kind == "top-p" else greedy_sampling
             label = f"pp={pp_size} {kind} {name}"
             say(f"{label}: start (split {list(bounds)})")
-            r = _run_mode(engine, mode or name, work, samp, bounds, progress, label)
+            r = _run_mode(engine, mode or name, work, samp, bounds, progress, label, graphs)
             say(
                 f"{label}: {r['steps']} steps, {r['e2e_step_ms']:.2f} ms/step, "
                 f"split {r['initial_bounds']} -> {r['final_bounds']} ({r['moves']} moves)"
             )
             return r
 
-        runs = {"even": run("even", "top-p", even), "dynamic": run("dynamic", "top-p", even)}
-        # The even split once more after dynamic (A-B-A): the spread of the two even runs is the
-        # run-to-run noise (and any drift) a difference must exceed to mean something.
-        runs["even-again"] = run("even-again", "top-p", even, mode="even")
-        greedy: dict[str, Any] = {}
-        if greedy_pass:
-            greedy["even"] = run("even", "greedy", even)
-        if reference:
+        def one_micro_batch(name: str, mode: str, graphs: bool) -> dict[str, Any]:
             micro = runner.micro_batches
             engine.loop.call(lambda: setattr(runner, "micro_batches", 1))
             try:
-                greedy["even-1mb"] = run("even-1mb", "greedy", even, mode="even")
+                return run(name, "greedy", even, mode=mode, graphs=graphs)
             finally:
                 engine.loop.call(lambda: setattr(runner, "micro_batches", micro))
-        if greedy_pass and in_time("greedy dynamic"):
-            greedy["dynamic"] = run("dynamic", "greedy", even)
-        if best_static and in_time("best static"):
-            static = best_static_bounds(runner, runs["even"]["history"])
-            runs["best-static"] = run("best-static", "top-p", static)
+
+        greedy: dict[str, Any] = {}
+        if cuda_graph:
+            g = True
+            runs = {
+                "even": run("even", "top-p", even),
+                "even-graph": run("even-graph", "top-p", even, mode="even", graphs=g),
+                "dynamic-graph": run("dynamic-graph", "top-p", even, graphs=g),
+            }
+            runs["even-graph-again"] = run("even-graph-again", "top-p", even, "even", g)
+            if greedy_pass:
+                greedy["even-graph"] = run("even-graph", "greedy", even, "even", g)
+            if reference:
+                greedy["even-graph-1mb"] = one_micro_batch("even-graph-1mb", "even", g)
+            if greedy_pass and in_time("greedy dynamic"):
+                greedy["dynamic-graph"] = run("dynamic-graph", "greedy", even, graphs=g)
+            if best_static and in_time("best static"):
+                static = best_static_bounds(runner, runs["even-graph"]["history"])
+                runs["best-static-graph"] = run("best-static-graph", "top-p", static, "even", g)
+        else:
+            runs = {"even": run("even", "top-p", even), "dynamic": run("dynamic", "top-p", even)}
+            # The even split once more after dynamic (A-B-A): the spread of the two even runs is
+            # the run-to-run noise (and any drift) a difference must exceed to mean something.
+            runs["even-again"] = run("even-again", "top-p", even, mode="even")
+            if greedy_pass:
+                greedy["even"] = run("even", "greedy", even)
+            if reference:
+                greedy["even-1mb"] = one_micro_batch("even-1mb", "even", False)
+            if greedy_pass and in_time("greedy dynamic"):
+                greedy["dynamic"] = run("dynamic", "greedy", even)
+            if best_static and in_time("best static"):
+                static = best_static_bounds(runner, runs["even"]["history"])
+                runs["best-static"] = run("best-static", "top-p", static)
     finally:
         engine.shutdown()
-    # Within the pp engine the modes share GEMM shapes and kernels: tokens must be identical.
-    reference_ids = runs["even"]["output_ids"]
-    token_check = {
-        name: run["output_ids"] == reference_ids for name, run in runs.items() if name != "even"
-    }
-    if "dynamic" in greedy:
-        token_check["greedy-dynamic"] = (
-            greedy["dynamic"]["output_ids"] == greedy["even"]["output_ids"]
-        )
+    # Within the pp engine, runs on the same path (eager, or graphs with a settled split) share
+    # GEMM shapes and kernels: their tokens must be identical. Across paths (graphs pad a
+    # micro-batch to its bucket, so GEMMs see more rows) and for dynamic runs with graphs (they
+    # run eagerly while layers move), bf16 near-ties may flip: those are reported, not enforced.
+    token_check: dict[str, bool] = {}
+    agreement: dict[str, Any] = {}
+    for group, kind in ((runs, "top-p"), (greedy, "greedy")):
+        for name, r in group.items():
+            base = "even-graph" if name.endswith(("graph", "graph-again")) else "even"
+            if name == base or base not in group or name.endswith("1mb"):
+                continue
+            same = r["output_ids"] == group[base]["output_ids"]
+            if name.startswith("dynamic") and name.endswith("graph"):
+                agreement[f"{kind} {name} vs {base}"] = compare_tokens(
+                    group[base]["output_ids"], r["output_ids"]
+                )
+            elif kind == "top-p" or name.startswith("dynamic"):
+                token_check[name if kind == "top-p" else f"greedy-{name}"] = same
+        if "even-graph" in group and "even" in group:
+            agreement[f"{kind} even-graph vs even (eager)"] = compare_tokens(
+                group["even"]["output_ids"], group["even-graph"]["output_ids"]
+            )
     # Against pp = 1: reported, not enforced (see `format_table` for when they may differ).
     vs_pp1 = {}
     for kind, pp1 in ref.items():
@@ -354,6 +421,7 @@ def run_pipeline_bench(
                 {k: v for k, v in h.items() if k != "micro_features"} for h in r["history"]
             ]
     even_busy = runs["even"]["mean_busy_ms"]
+    graph_busy = runs["even-graph"]["mean_busy_ms"] if "even-graph" in runs else None
     return {
         "model": model,
         "pp_size": pp_size,
@@ -367,7 +435,13 @@ def run_pipeline_bench(
         # The imbalance the bench runs under: the last stage's busy time over the first's, even split.
         "even_split_busy_ratio_last_first": even_busy[-1] / max(even_busy[0], 1e-12),
         "tokens_identical": token_check,
+        "graphs_vs_eager": agreement,
         "vs_pp1": vs_pp1,
+        "cuda_graph": cuda_graph,
+        "reference_cuda_graph": cuda_graph,
+        "even_graph_busy_ratio_last_first": None
+        if graph_busy is None
+        else graph_busy[-1] / max(graph_busy[0], 1e-12),
     }
 
 
@@ -385,16 +459,23 @@ def format_table(result: dict[str, Any]) -> str:
         f"max_len {result['max_len']}, top-p {result['top_p']}, micro-batches "
         f"{result['micro_batches']}; even split: last stage busy "
         f"{result['even_split_busy_ratio_last_first']:.2f}x the first",
-        f"{'sampling':8} {'run':16} {'ms/step':>8} {'vs even':>8} {'vs pp1':>7} {'late ms':>7} "
+        f"{'sampling':8} {'run':24} {'ms/step':>8} {'vs even':>8} {'vs pp1':>7} {'late ms':>7} "
         f"{'bneck ms':>8} {'busy/stage ms':>14} {'tok/s':>8} {'split':>12} {'moves':>5}",
     ]
+    if result.get("even_graph_busy_ratio_last_first") is not None:
+        lines[0] += (
+            f"; with graphs {result['even_graph_busy_ratio_last_first']:.2f}x (busy = GPU time)"
+        )
+    pp1 = "pp=1 (graphs)" if result.get("reference_cuda_graph") else "pp=1 (eager)"
     for kind, r in ref.items():
         lines.append(
-            f"{kind:8} {'pp=1 (eager)':16} {r['e2e_step_ms']:8.2f} {'':>8} {1.0:7.3f} {'':>7} "
+            f"{kind:8} {pp1:24} {r['e2e_step_ms']:8.2f} {'':>8} {1.0:7.3f} {'':>7} "
             f"{'':>8} {'':>14} {r['tokens_per_s']:8.1f} {'':>12} {'':>5}"
         )
     for kind, runs in groups.items():
         evens = [r["e2e_step_ms"] for m, r in runs.items() if m in ("even", "even-again")]
+        if not evens:  # greedy with graphs: relative to the even split with graphs
+            evens = [r["e2e_step_ms"] for m, r in runs.items() if m.startswith("even-graph")]
         base = float(np.mean(evens)) if evens else float("nan")
         for mode, r in runs.items():
             ms = r["e2e_step_ms"]
@@ -402,7 +483,7 @@ def format_table(result: dict[str, Any]) -> str:
             busy = "/".join(f"{b:.2f}" for b in r["mean_busy_ms"])
             split = f"{_counts(r['initial_bounds'])}->{_counts(r['final_bounds'])}"
             lines.append(
-                f"{kind:8} {f'pp={pp} {mode}':16} {ms:8.2f} {ms / base:8.3f} {vs1} "
+                f"{kind:8} {f'pp={pp} {mode}':24} {ms:8.2f} {ms / base:8.3f} {vs1} "
                 f"{r['second_half_step_ms']:7.2f} {r['mean_bottleneck_ms']:8.2f} {busy:>14} "
                 f"{r['tokens_per_s']:8.1f} {split:>12} {r['moves']:5d}"
             )
@@ -421,12 +502,29 @@ def format_table(result: dict[str, Any]) -> str:
             + ", ".join(parts)
         )
         lines.append(
-            "  (greedy even-1mb has pp=1's GEMM shapes: expected identical; with more micro-batches"
+            "  (greedy even-1mb / even-graph-1mb have pp=1's GEMM shapes: expected identical; with more micro-batches"
             " each GEMM has fewer rows and a bf16 near-tie may flip a token)"
         )
-    timeline = result["modes"]["dynamic"]["timeline"]
+    for name, c in result.get("graphs_vs_eager", {}).items():
+        lines.append(
+            f"{name}: seqs identical {c['identical_seqs']}/{c['seqs']} "
+            f"(share before a first difference {c['prefix_token_share']:.3f}; reported only)"
+        )
+    for kind, runs in groups.items():
+        for mode, r in runs.items():
+            if r.get("cuda_graphs"):
+                counts = " | ".join(
+                    f"s{i} replays {c['replays']} eager {c['eager_decode']} "
+                    f"captures {c['captures']} drops {c['invalidations']}"
+                    for i, c in enumerate(r["graph_counts"])
+                )
+                lines.append(f"graphs {kind} {mode}: {counts}")
+            for failure in r.get("graph_failures", []):
+                lines.append(f"graphs {kind} {mode}: CAPTURE FAILED, eager: {failure[:200]}")
+    dynamic = "dynamic-graph" if "dynamic-graph" in result["modes"] else "dynamic"
+    timeline = result["modes"][dynamic]["timeline"]
     lines.append(
-        "dynamic timeline (top-p): "
+        f"{dynamic} timeline (top-p): "
         + (", ".join(f"step {t['step']}: {t['bounds']}" for t in timeline) or "no moves")
     )
     return "\n".join(lines)
@@ -452,6 +550,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-total-tokens", type=int, default=16_384)
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
     parser.add_argument("--reference", action="store_true", help="also run pp = 1 first")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="stage decode CUDA graphs (pp_cuda_graph): eager vs graphs runs (GPU; CPU: eager)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/pipeline_bench.json)")
     args = parser.parse_args(argv)
     result = run_pipeline_bench(
@@ -464,6 +567,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         micro_batches=args.micro_batches,
         greedy_pass=not args.no_greedy,
         reference=args.reference,
+        cuda_graph=args.cuda_graph,
         max_total_tokens=args.max_total_tokens,
     )
     out = Path(args.out or Path(os.environ.get("OUT", "out")) / "pipeline_bench.json")

@@ -51,11 +51,13 @@ class EngineConfig:
     speculative_draft_cost: float | None = None
     # Pipeline parallelism (serving/pipeline/): stages, the initial split as layer counts per
     # stage ("3,1"; None = even, leftovers last), micro-batches per step (0 = pp_size), and
-    # dynamic layer rebalancing from predicted stage latencies.
+    # dynamic layer rebalancing from predicted stage latencies; per-stage decode CUDA graphs
+    # (opt-in until measured on GPUs; CUDA only, and only with cuda_graph on).
     pp_size: int = 1
     pp_partition: str | None = None
     pp_microbatches: int = 0
     pp_rebalance: bool = False
+    pp_cuda_graph: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -86,6 +88,8 @@ class EngineConfig:
             raise ValueError(f"pp_size: must be a positive integer, got {self.pp_size!r}")
         if not isinstance(self.pp_microbatches, int) or self.pp_microbatches < 0:
             raise ValueError(f"pp_microbatches: must be >= 0, got {self.pp_microbatches!r}")
+        if not isinstance(self.pp_cuda_graph, bool):
+            raise ValueError(f"pp_cuda_graph: must be true or false, got {self.pp_cuda_graph!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
         if not isinstance(self.sm_share, bool):

@@ -59,6 +59,9 @@ class StepPlan:
     micro: list[MicroBatch]
     samplers: dict[int, Any] = field(default_factory=dict)  # row -> SamplingParams (new owners)
     outputs: dict[int, list[int]] = field(default_factory=dict)  # row -> output ids (penalties)
+    # Stages may capture missing decode graphs this step (False while layer moves are queued or
+    # in flight: the graphs would be dropped again at the next boundary, so run eagerly).
+    capture_graphs: bool = True
 
 
 def _split_items(cu: np.ndarray, count: int) -> list[tuple[int, int]]:

@@ -36,6 +36,7 @@ from rollout_accel.serving.pipeline.partition import (
 from rollout_accel.serving.pipeline.plan import StepPlan, build_plan
 from rollout_accel.serving.pipeline.rebalance import Rebalancer
 from rollout_accel.serving.pipeline.stage import StageExecutor, names_owned
+from rollout_accel.serving.pipeline.stage_graphs import emulated
 from rollout_accel.serving.pipeline.worker import WorkerSpec, send_weights, worker_main
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ class PipelineRunner:
         self._closed = False
         self.broken: BaseException | None = None
         self.record_features = False  # keep each step's micro-batch features (benchmarks)
+        self.graph_stats: list[dict[str, Any] | None] = [executor.graph_stats()] + [None] * (
+            self.pp_size - 1
+        )
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -115,6 +119,11 @@ class PipelineRunner:
                     f"{torch.cuda.device_count()} visible"
                 )
         backend = "nccl" if is_cuda else "gloo"
+        # Decode CUDA graphs per stage: opt-in (pp_cuda_graph) until measured on GPUs; off with
+        # cuda_graph=False (--disable-cuda-graph) and on the CPU.
+        graph_max_bs = 0
+        if (is_cuda or emulated()) and config.pp_cuda_graph and config.cuda_graph:
+            graph_max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
         ports = (comm.free_port(), comm.free_port())
         timeout_s = 600.0
         ctx = mp.get_context("spawn")
@@ -135,6 +144,7 @@ class PipelineRunner:
                 max_context=engine.table.max_context,
                 eos_ids=engine.eos_ids,
                 threads=torch.get_num_threads(),
+                graph_max_bs=graph_max_bs,
             )
             proc = ctx.Process(target=worker_main, args=(spec,), daemon=True)
             proc.start()
@@ -147,10 +157,18 @@ class PipelineRunner:
             if "error" in reply:
                 raise RuntimeError(f"pipeline stage failed to start: {reply['error']}")
         executor = StageExecutor(
-            0, bounds, engine.model, engine.kv_cache, engine.table, engine.eos_ids, data, False
+            0,
+            bounds,
+            engine.model,
+            engine.kv_cache,
+            engine.table,
+            engine.eos_ids,
+            data,
+            False,
+            graph_max_bs=graph_max_bs,
         )
         micro = config.pp_microbatches or pp
-        return cls(
+        runner = cls(
             executor,
             engine.table,
             engine.allocator,
@@ -160,6 +178,9 @@ class PipelineRunner:
             micro,
             config.pp_rebalance,
         )
+        if graph_max_bs:
+            runner.capture_graphs()  # every bucket now, as pp = 1 does at start
+        return runner
 
     def weight_updater(self, cache: Any, model_config: Any, set_version: Any) -> Any:
         from rollout_accel.serving.pipeline.weights import PipelineWeightUpdater
@@ -191,6 +212,8 @@ class PipelineRunner:
             self._advance_moves()
             if self._moving is not None:
                 self._delta.append(plan.slots)  # KV written while a layer is in flight
+            # Graphs are captured only while the partition is settled (see StageGraphs).
+            plan.capture_graphs = self._moving is None and self._target is None
             t_start = time.perf_counter()
             comm.broadcast_command(self.ctrl, {"kind": "step", "plan": plan})
             ids = torch.from_numpy(plan.input_ids).to(self.executor.device)
@@ -200,11 +223,13 @@ class PipelineRunner:
                 pos = torch.from_numpy(plan.positions[:nd]).to(ids.device)
                 ids[:nd] = table.token_ids[rows, pos]
             _, _, _, timings0 = self.executor.run_step(plan, ids)
-            last = comm.recv_object(self.ctrl, self.pp_size - 1)
-            timings = [timings0] + [
-                comm.recv_object(self.ctrl, s)["timings"] for s in range(1, self.pp_size - 1)
-            ]
-            timings.append(last["timings"])
+            replies = [comm.recv_object(self.ctrl, s) for s in range(1, self.pp_size)]
+            last = replies[-1]
+            timings = [timings0] + [r["timings"] for r in replies]
+            if self.executor.graphs is not None:
+                self.graph_stats = [self.executor.graph_stats()] + [
+                    r.get("graphs") for r in replies
+                ]
         except Exception as exc:
             # The stages are out of step now (one may wait on a send that never comes): every
             # later call fails at once with the cause instead of hanging on the groups.
@@ -368,7 +393,37 @@ class PipelineRunner:
         self.released -= set(tags)
 
     def recapture_if_needed(self, force: bool = False) -> None:
-        """No CUDA graphs under pipeline parallelism (stages run eagerly)."""
+        """With `force` (SGLang's recapture_cuda_graph), every stage drops its decode graphs;
+        they are captured again when a step needs them. Otherwise graphs are kept current
+        lazily (see StageGraphs), so there is nothing to do."""
+        if force and self.executor.graphs is not None:
+            self._graphs_command({"action": "reset", "reason": "recapture requested"})
+
+    def capture_graphs(self) -> None:
+        """Every stage captures all its decode buckets now (start, benchmark warm-up)."""
+        self.finish_moves()
+        if self.executor.graphs is None:
+            return
+        self._graphs_command({"action": "capture"})
+        replies = [comm.recv_object(self.ctrl, s) for s in range(1, self.pp_size)]
+        self.graph_stats = [self.executor.graph_stats()] + [r["graphs"] for r in replies]
+
+    def set_cuda_graphs(self, on: bool) -> None:
+        """Switches the stages' decode graphs on or off (eager) at the next step; benchmarks
+        compare both on one engine. A no-op when the engine was started without them."""
+        self._graphs_command({"action": "enable", "on": bool(on)})
+
+    @property
+    def cuda_graphs(self) -> bool:
+        graphs = self.executor.graphs
+        return graphs is not None and graphs.enabled
+
+    def _graphs_command(self, command: dict[str, Any]) -> None:
+        self._check_broken()
+        if self.executor.graphs is None:
+            return
+        comm.broadcast_command(self.ctrl, {"kind": "graphs", **command})
+        self.executor.graphs_command(command)
 
     def close(self) -> None:
         if self._closed:
@@ -394,4 +449,5 @@ class PipelineRunner:
             "micro_batches": self.micro_batches,
             "predictor": self.predictor.report(),
             "timeline": list(self.timeline),
+            "cuda_graphs": list(self.graph_stats),
         }

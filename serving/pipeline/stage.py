@@ -27,6 +27,7 @@ from rollout_accel.serving.models.loader import load_named_tensors
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
 from rollout_accel.serving.pipeline.partition import Bounds, owner_of
 from rollout_accel.serving.pipeline.plan import MicroBatch, StepPlan
+from rollout_accel.serving.pipeline.stage_graphs import StageGraphs, emulated
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class StageExecutor:
         data_group: dist.ProcessGroup,
         mirror_table: bool,
         shapes: dict[str, tuple[int, ...]] | None = None,
+        graph_max_bs: int = 0,
     ) -> None:
         self.stage = stage
         self.bounds = bounds
@@ -93,6 +95,11 @@ class StageExecutor:
         self.released: set[str] = set()
         self._offloaded: dict[str, torch.Tensor] = {}
         self.strip()
+        # Decode CUDA graphs of this stage's part: GPU only (off on the CPU whatever is asked,
+        # unless the tests' emulation is on, see stage_graphs.EMULATE_ENV).
+        self.graphs: StageGraphs | None = None
+        if (self.is_cuda or emulated()) and graph_max_bs > 0:
+            self.graphs = StageGraphs(self, graph_max_bs)
 
     # -- ownership ------------------------------------------------------------------------------
     @property
@@ -172,7 +179,15 @@ class StageExecutor:
         input_lps: dict[int, list[float]] = {}
         pending: list[Any] = []
         marks: list[list[Any]] = []  # per micro-batch: embed, layers and head spans
-        for mb in plan.micro:
+        buckets: list[int | None] = [None] * len(plan.micro)
+        if self.graphs is not None:
+            # A step boundary: stale graphs go, missing buckets are captured (before any receive
+            # touches the static inputs), and each decode micro-batch learns its bucket.
+            buckets = self.graphs.prepare(plan.micro, plan.capture_graphs)
+        for mb, bucket in zip(plan.micro, buckets, strict=True):
+            if bucket is not None:
+                marks.append(self._graphed(plan, mb, bucket, tokens, logprobs, pending))
+                continue
             lo, hi = mb.tok_lo, mb.tok_hi
             span: list[Any] = []
             if self.is_first:
@@ -206,11 +221,53 @@ class StageExecutor:
             marks.append(span)
         for work in pending:
             work.wait()
+        # Timings per micro-batch: [layers s, extra s]. On GPUs these are CUDA-event intervals
+        # on the stage's stream, i.e. device time from the first kernel of the span to its last:
+        # eagerly that includes the gaps while Python launches kernels (launch-bound stages read
+        # as busy), with graphs it is the replay itself. With graphs, "layers" covers the
+        # stage's layers (plus the embedding on stage 0, one gather inside its graph) and "extra"
+        # the last stage's norm + LM head replay plus the eager sampler. Receive waits are
+        # excluded (the start event runs after the received data arrived). The events are read
+        # once per step, after every micro-batch was queued: the host then waits for the last
+        # stage's tokens anyway, so this adds no synchronisation per micro-batch.
         timings = [
             [self._seconds(m[2], m[3]), self._seconds(m[0], m[1]) + self._seconds(m[3], m[4])]
             for m in marks
         ]
         return tokens, logprobs, input_lps, timings
+
+    def _graphed(
+        self,
+        plan: StepPlan,
+        mb: MicroBatch,
+        bucket: int,
+        tokens: list[torch.Tensor],
+        logprobs: list[torch.Tensor],
+        pending: list[Any],
+    ) -> list[Any]:
+        """One decode micro-batch through this stage's graphs; returns its timing marks."""
+        graphs = self.graphs
+        assert graphs is not None
+        lo, hi = mb.tok_lo, mb.tok_hi
+        n = hi - lo
+        if not self.is_first:
+            hidden_in, residual_in = graphs.receive(n)
+            dist.recv(hidden_in, self.stage - 1, group=self.group)
+            dist.recv(residual_in, self.stage - 1, group=self.group)
+        t0 = self._mark()
+        hidden, residual = graphs.run_layers(mb, plan.positions[lo:hi], plan.slots[lo:hi], bucket)
+        t1 = self._mark()
+        if not self.is_last:
+            # Copies: the graph's outputs are overwritten by the bucket's next replay, which may
+            # be queued before the transfer has read them.
+            pending.append(dist.isend(hidden.clone(), self.stage + 1, group=self.group))
+            pending.append(dist.isend(residual.clone(), self.stage + 1, group=self.group))
+            return [None, None, t0, t1, t1]
+        logits = graphs.run_head(n, bucket)
+        tok, lp = self._sample(mb, logits)
+        tokens.append(tok)
+        logprobs.append(lp)
+        return [None, None, t0, t1, self._mark()]
 
     def _mark(self) -> Any:
         """A point in this stage's timeline: a CUDA event in stream order on GPUs (no host sync,
@@ -288,10 +345,14 @@ class StageExecutor:
         if len(mb.emit_rows) == 0:
             empty = torch.empty(0, device=dev)
             return empty.long(), empty.float()
+        return self._sample(mb, logits)
+
+    def _sample(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples the micro-batch's emitting rows from their logits (in order)."""
         views = [
             _RowView(self.samplers[int(r)], self._outputs.get(int(r), [])) for r in mb.emit_rows
         ]
-        both = torch.from_numpy(np.stack([mb.emit_rows, mb.emit_next])).to(dev)
+        both = torch.from_numpy(np.stack([mb.emit_rows, mb.emit_next])).to(self.device)
         return self.sampler.sample(views, logits, both[0], both[1], mb.out_pos)
 
     # -- layer moves ----------------------------------------------------------------------------
@@ -332,6 +393,9 @@ class StageExecutor:
 
     def end_move(self, layer_index: int, src: int, dst: int, delta: np.ndarray) -> None:
         """Finishes the move begun at the previous boundary; every stage calls it."""
+        if self.graphs is not None and self.stage in (src, dst):
+            # Before the sender frees the layer: the graphs read the old range by address.
+            self.graphs.invalidate(f"layer {layer_index} moved {src} -> {dst}")
         if self.stage in (src, dst):
             layer, works, tensors, idx = self._migration
             assert layer == layer_index, (layer, layer_index)
@@ -381,6 +445,9 @@ class StageExecutor:
         return load_named_tensors(self.model, mine) if mine else 0
 
     def release(self, tags: list[str]) -> None:
+        if self.graphs is not None and {"weights", "kv_cache", "cuda_graph"} & set(tags):
+            # Before any buffer goes: the graphs read them by address.
+            self.graphs.invalidate(f"memory released ({sorted(tags)})")
         if "weights" in tags and "weights" not in self.released:
             for name, param in self.model.named_parameters():
                 if param.numel():
@@ -393,7 +460,7 @@ class StageExecutor:
             for i in range(start, end):
                 self.kv.k[i] = self._empty(self.kv.k[i])
                 self.kv.v[i] = self._empty(self.kv.v[i])
-        self.released |= set(tags) & {"weights", "kv_cache"}
+        self.released |= set(tags) & {"weights", "kv_cache", "cuda_graph"}
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -416,3 +483,23 @@ class StageExecutor:
                 self.kv.k[i] = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=self.device)
                 self.kv.v[i] = torch.zeros(self.kv_shape, dtype=self.kv_dtype, device=self.device)
             self.released.discard("kv_cache")
+        if "cuda_graph" in tags:
+            self.released.discard("cuda_graph")  # graphs are captured again when a step needs them
+
+    def graphs_command(self, command: dict[str, Any]) -> None:
+        """Stage 0's graph commands: "reset" (drop), "capture" (every bucket now), "enable"."""
+        if self.graphs is None:
+            return
+        action = command["action"]
+        if action == "reset":
+            self.graphs.invalidate(command.get("reason", "reset"))
+        elif action == "capture":
+            self.graphs.capture_all()
+        elif action == "enable":
+            # A stage whose capture failed stays eager (see StageGraphs._try_capture).
+            self.graphs.enabled = bool(command["on"]) and self.graphs.failed is None
+        else:
+            raise ValueError(f"unknown graphs action {action!r}")
+
+    def graph_stats(self) -> dict[str, Any] | None:
+        return None if self.graphs is None else self.graphs.stats()

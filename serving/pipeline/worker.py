@@ -40,6 +40,7 @@ class WorkerSpec:
     max_context: int
     eos_ids: tuple[int, ...]
     threads: int
+    graph_max_bs: int = 0  # decode CUDA graphs up to this micro-batch size (0: eager)
 
 
 def skeleton(
@@ -108,6 +109,7 @@ def _build(spec: WorkerSpec, data_group) -> StageExecutor:
         data_group,
         mirror_table=True,
         shapes=shapes,
+        graph_max_bs=spec.graph_max_bs,
     )
     if device.type == "cuda":
         for i in range(start, end):
@@ -145,7 +147,7 @@ def _serve(executor: StageExecutor, ctrl) -> None:
             return
         if kind == "step":
             tokens, logprobs, input_lps, timings = executor.run_step(command["plan"])
-            reply: dict = {"timings": timings}
+            reply: dict = {"timings": timings, "graphs": executor.graph_stats()}
             if executor.is_last:
                 reply["tokens"] = torch.cat(tokens).cpu().numpy() if tokens else np.zeros(0)
                 reply["logprobs"] = (
@@ -163,5 +165,9 @@ def _serve(executor: StageExecutor, ctrl) -> None:
             executor.release(command["tags"])
         elif kind == "resume":
             executor.resume(command["tags"])
+        elif kind == "graphs":
+            executor.graphs_command(command)
+            if command["action"] == "capture":  # stage 0 waits: captures end before it goes on
+                comm.send_object(ctrl, {"graphs": executor.graph_stats()}, 0)
         else:
             raise ValueError(f"unknown pipeline command {kind!r}")

@@ -122,6 +122,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="ours, not SGLang's: move layers between stages from predicted stage latencies",
     )
     engine.add_argument(
+        "--pp-cuda-graph",
+        action="store_true",
+        help="ours: replay each pipeline stage's decode micro-batches from CUDA graphs",
+    )
+    engine.add_argument(
         "--speculative-algorithm",
         default=None,
         type=str.upper,
@@ -184,6 +189,7 @@ def parse_server_args(
     if args.pp_size > 1:
         kwargs["pp_size"] = args.pp_size
         kwargs["pp_rebalance"] = bool(args.pp_rebalance)
+        kwargs["pp_cuda_graph"] = bool(args.pp_cuda_graph)
     overrides = {
         "mem_fraction_static": args.mem_fraction_static,
         "context_length": args.context_length,

@@ -42,15 +42,22 @@ def test_pipeline_scenario_smoke(tmp_path: Path, capsys) -> None:
 def test_gpu_script_cpu_smoke(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_pipeline_bench.py"), "--device", "cpu"]
     cmd += ["--model", "tiny-qwen3", "--num-seqs", "3", "--max-len", "8", "--no-greedy"]
+    cmd += ["--cuda-graph"]  # the graph runs' layout (graphs are a no-op on the CPU: eager)
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].endswith("importing torch") and "pp=2 engine built" in proc.stdout
-    assert lines[-1].startswith("dynamic timeline")  # the table comes last
+    assert lines[-1].startswith("dynamic-graph timeline")  # the table comes last
+    assert "pp=1 (graphs)" in proc.stdout
     result = json.loads((tmp_path / "gpu_pipeline_bench.json").read_text())
     assert result["dtype"] == "float32" and result["reference_pp1"]["top-p"]["steps"] > 0
-    assert all(result["tokens_identical"].values())
+    assert set(result["modes"]) >= {"even", "even-graph", "dynamic-graph", "even-graph-again"}
+    assert "even-graph-1mb" in result["greedy"]
+    assert result["tokens_identical"] and all(result["tokens_identical"].values())
+    # float32 and no graphs on the CPU: every run agrees, the reported ones included.
+    assert all(c["identical"] for c in result["graphs_vs_eager"].values())
+    assert not any(r["cuda_graphs"] for r in result["modes"].values())
 
 
 def test_compare_tokens_counts_the_prefix_before_a_difference() -> None:

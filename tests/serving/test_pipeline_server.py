@@ -24,6 +24,8 @@ def test_pp_flags() -> None:
     kwargs = _parse("--pipeline-parallel-size", "3", "--pp-rebalance")
     assert (kwargs["pp_size"], kwargs["pp_rebalance"]) == (3, True)
     assert "pp_size" not in _parse()
+    assert _parse("--pp-size", "2")["pp_cuda_graph"] is False
+    assert _parse("--pp-size", "2", "--pp-cuda-graph")["pp_cuda_graph"] is True
     with pytest.raises(ServerArgsError, match="--pp-size"):
         _parse("--pp-size", "0")
 
