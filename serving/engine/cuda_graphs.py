@@ -103,7 +103,12 @@ class DecodeGraphs:
             for bs in reversed(self.buckets):
                 self._body(bs)  # warm-up: Triton compiles and autotunes outside the capture
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                # thread_local: only this thread's capture-unsafe calls invalidate the capture;
+                # a recapture (after resume) may run while other threads use CUDA (an NCCL
+                # watchdog of a weight-update group, the HTTP server's engine calls).
+                with torch.cuda.graph(
+                    graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"
+                ):
                     self.outputs[bs] = self._body(bs)
                 if self.pool is None:
                     self.pool = graph.pool()
