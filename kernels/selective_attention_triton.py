@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The prefill kernel's tile: the same online-softmax step over one KV tile (unmasked below the
+# block's first query, causally masked above it).
+from .paged_attention_triton import _prefill_tile
+
 _LOG2E = 1.4426950408889634
 
 
@@ -24,48 +28,6 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if head_dim > 128:
         return 64, 32, 4, 2
     return 64, 64, 4, 3
-
-
-@triton.jit
-def _tile(
-    q,
-    m_i,
-    l_i,
-    acc,
-    n0,
-    n_end,
-    q_pos,
-    bt_row,
-    k_head,
-    v_head,
-    stride_kt,
-    stride_vt,
-    qk_scale,
-    offs_d,
-    d_mask,
-    BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pos = n0 + tl.arange(0, BLOCK_N)
-    in_range = pos < n_end
-    page = tl.load(bt_row + pos // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
-    slot = page * PAGE_SIZE + pos % PAGE_SIZE
-    kv_mask = in_range[:, None] & d_mask[None, :]
-    k = tl.load(k_head + slot[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        visible = (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows seeing nothing yet: no NaN
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_head + slot[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -129,7 +91,7 @@ def _selective_kernel(
     full_tiles_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
     end = last_pos + 1
     for n0 in range(0, full_tiles_end, BLOCK_N):
-        m_i, l_i, acc = _tile(
+        m_i, l_i, acc = _prefill_tile(
             q,
             m_i,
             l_i,
@@ -147,11 +109,11 @@ def _selective_kernel(
             d_mask,
             BLOCK_N=BLOCK_N,
             PAGE_SIZE=PAGE_SIZE,
-            MASKED=False,
+            CAUSAL=False,
             DOT_PRECISION=DOT_PRECISION,
         )
     for n0 in range(full_tiles_end, end, BLOCK_N):
-        m_i, l_i, acc = _tile(
+        m_i, l_i, acc = _prefill_tile(
             q,
             m_i,
             l_i,
@@ -169,7 +131,7 @@ def _selective_kernel(
             d_mask,
             BLOCK_N=BLOCK_N,
             PAGE_SIZE=PAGE_SIZE,
-            MASKED=True,
+            CAUSAL=True,
             DOT_PRECISION=DOT_PRECISION,
         )
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
