@@ -334,24 +334,7 @@ def paged_decode_attention(
     block_h = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
-    if direct:
-        mid_o = out  # unused by the kernel; any tensor gives valid strides
-        mid_lse = out
-        mid_strides = (0, 0, 0, 0, 0)
-    else:
-        mid_o = torch.empty(
-            (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        mid_lse = torch.empty(
-            (batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device
-        )
-        mid_strides = (
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-        )
+    mid_o, mid_lse, mid_strides = split_workspace(out, batch, num_splits, lse_fill=None)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -385,20 +368,59 @@ def paged_decode_attention(
         num_stages=cfg.num_stages,
     )
     if not direct:
-        _decode_merge_kernel[(batch, num_q_heads)](
-            mid_o,
-            mid_lse,
-            out,
-            num_splits,
-            *mid_strides,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if block_d >= 128 else 2,
-        )
+        merge_splits(mid_o, mid_lse, out, num_splits, mid_strides)
     return out
+
+
+def split_workspace(
+    out: torch.Tensor, rows: int, num_splits: int, lse_fill: float | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Per-split partial outputs [rows, Hq, S, D] and log-sum-exps [rows, Hq, S] (float32) for
+    a split-KV launch, and their strides as the split kernels take them. One split writes `out`
+    directly: then both are `out` (unused; any tensor gives valid strides) and strides are 0.
+    `lse_fill`: an initial value for the lse (e.g. -inf where some rows may go unwritten)."""
+    if num_splits == 1:
+        return out, out, (0, 0, 0, 0, 0)
+    heads, head_dim = out.shape[1], out.shape[2]
+    mid_o = torch.empty((rows, heads, num_splits, head_dim), dtype=torch.float32, device=out.device)
+    shape = (rows, heads, num_splits)
+    if lse_fill is None:
+        mid_lse = torch.empty(shape, dtype=torch.float32, device=out.device)
+    else:
+        mid_lse = torch.full(shape, lse_fill, dtype=torch.float32, device=out.device)
+    strides = (
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+    )
+    return mid_o, mid_lse, strides
+
+
+def merge_splits(
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    out: torch.Tensor,
+    num_splits: int,
+    strides: tuple[int, ...],
+) -> None:
+    """Combines the splits of `split_workspace` into `out`: one program per (row, q head)."""
+    rows, heads, head_dim = mid_o.shape[0], mid_o.shape[1], mid_o.shape[3]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _decode_merge_kernel[(rows, heads)](
+        mid_o,
+        mid_lse,
+        out,
+        num_splits,
+        *strides,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4 if block_d >= 128 else 2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

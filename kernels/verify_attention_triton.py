@@ -24,10 +24,11 @@ from .paged_attention_triton import (
     DecodeConfig,
     _check_common,
     _check_out,
-    _decode_merge_kernel,
     _dot_precision,
     default_decode_config,
     default_num_splits,
+    merge_splits,
+    split_workspace,
 )
 
 _LOG2E = 1.4426950408889634
@@ -193,24 +194,8 @@ def paged_verify_attention(
     block_r = max(16, triton.next_power_of_2(max_q_len * group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
-    if direct:
-        mid_o, mid_lse = out, out  # unused by the kernel
-        mid_strides = (0, 0, 0, 0, 0)
-    else:
-        mid_o = torch.empty(
-            (total, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        # -inf everywhere first: query rows no program owns (padding) merge to zeros.
-        mid_lse = torch.full(
-            (total, num_q_heads, num_splits), float("-inf"), dtype=torch.float32, device=q.device
-        )
-        mid_strides = (
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-        )
+    # -inf lse everywhere first: query rows no program owns (padding) merge to zeros.
+    mid_o, mid_lse, mid_strides = split_workspace(out, total, num_splits, lse_fill=float("-inf"))
     _verify_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -245,19 +230,6 @@ def paged_verify_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if not direct:
-        # One merge program per (query token, q head): the decode merge over total_q "tokens".
-        _decode_merge_kernel[(total, num_q_heads)](
-            mid_o,
-            mid_lse,
-            out,
-            num_splits,
-            *mid_strides,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if block_d >= 128 else 2,
-        )
+    if not direct:  # one merge program per (query token, q head)
+        merge_splits(mid_o, mid_lse, out, num_splits, mid_strides)
     return out
