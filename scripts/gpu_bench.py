@@ -16,22 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> None:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
+from repo_path import expose_repo
 
 
 def copy_bandwidth(torch) -> float:
@@ -82,7 +71,7 @@ def main() -> None:
         "--eager", action="store_true", help="our engine without CUDA graphs (ablation)"
     )
     args = parser.parse_args()
-    _import_path()
+    expose_repo()
     import torch
 
     from rollout_accel.serving.engine import Engine

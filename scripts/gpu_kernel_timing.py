@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> None:
-    try:
-        import rollout_accel.kernels  # noqa: F401
-    except ImportError:
-        link = Path(tempfile.mkdtemp())
-        (link / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link))
+from repo_path import expose_repo
 
 
 def main() -> None:
-    _import_path()
+    expose_repo()
     import torch
     from triton.testing import do_bench
 

@@ -23,23 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from repo_path import expose_repo
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> None:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-model", default="qwen3-0.6b-shape", help="preset of the speed part")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a smoke run")
     args = p.parse_args(argv)
-    _import_path()
+    expose_repo()
     import torch
 
     from rollout_accel.rollout.bench.kvreuse_scenario import (

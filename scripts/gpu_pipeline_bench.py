@@ -59,27 +59,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_path import expose_repo
+
 T0 = time.perf_counter()
 
 
 def say(message: str) -> None:
     stamp = time.strftime("%H:%M:%S", time.gmtime())
     print(f"[+{time.perf_counter() - T0:6.1f} s {stamp}Z] {message}", flush=True)
-
-
-def _import_path() -> None:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
 
 
 def main() -> None:
@@ -106,7 +96,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     say("importing torch")
-    _import_path()
+    expose_repo()
     import torch
 
     from rollout_accel.rollout.bench.pipeline_scenario import format_table, run_pipeline_bench

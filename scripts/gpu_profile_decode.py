@@ -6,11 +6,8 @@ python scripts/gpu_profile_decode.py [--num-seqs 256] [--ctx 768]
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_path import expose_repo
 
 
 def main() -> None:
@@ -19,12 +16,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=768)
     parser.add_argument("--eager", action="store_true")
     args = parser.parse_args()
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link = Path(tempfile.mkdtemp())
-        (link / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link))
+    expose_repo()
     import threading
 
     import torch

@@ -38,21 +38,9 @@ from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from repo_path import expose_repo
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> str:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`; returns the
-    PYTHONPATH the server subprocess needs."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-
-        return os.environ.get("PYTHONPATH", "")
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
-        return os.pathsep.join(p for p in (str(link_dir), os.environ.get("PYTHONPATH")) if p)
 
 
 def _sha256(tensor) -> str:
@@ -82,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args_cli.slime_src or not (Path(args_cli.slime_src) / "slime").is_dir():
         print("set SLIME_SRC (or --slime-src) to a directory holding slime/")
         return 2
-    pythonpath = _import_path()
+    pythonpath = expose_repo()
     sys.path.insert(0, str(ROOT))  # tests.serving helpers
     import requests
     import torch

@@ -22,23 +22,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> None:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
+from repo_path import expose_repo
 
 
 # -- (a) %smid ------------------------------------------------------------------------------------
@@ -462,7 +451,7 @@ def main() -> int:
     )
     parser.add_argument("--part", choices=sorted(CHILD_PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    _import_path()
+    expose_repo()
     if args.part:  # a child of the run below: one part, its JSON to $OUT/part_<name>.json
         import torch
 

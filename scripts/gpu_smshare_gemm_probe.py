@@ -20,11 +20,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_path import expose_repo
+
 DECODE_SIZES = (12, 16, 28, 32)
 
 
@@ -100,9 +100,7 @@ def main() -> int:
         row = child(int(decode_sms), reverse, side, dtype, push == "1")
         print("RESULT " + json.dumps(row))
         return 0
-    link = Path(tempfile.mkdtemp())
-    (link / "rollout_accel").symlink_to(ROOT)
-    env = {**os.environ, "PYTHONPATH": f"{link}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": expose_repo()}
     jobs = [
         (decode_sms, reverse, side, dtype, push)
         for decode_sms in DECODE_SIZES

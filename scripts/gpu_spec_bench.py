@@ -29,22 +29,10 @@ import argparse
 import json
 import os
 import random
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_path() -> None:
-    """Run from a checkout without installing: expose the repo as `rollout_accel`."""
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link_dir))
+from repo_path import expose_repo
 
 
 def ngram_overlap(sample: list[int], history: list[list[int]], n: int = 4) -> float:
@@ -125,7 +113,7 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="only the attention timings")
     args = parser.parse_args()
 
-    _import_path()
+    expose_repo()
     import torch
 
     cuda = args.device.startswith("cuda")

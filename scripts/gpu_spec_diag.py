@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_path import expose_repo
 
 CONFIGS: dict[str, dict] = {
     "default": {},
@@ -203,12 +201,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link = Path(tempfile.mkdtemp())
-        (link / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link))
+    expose_repo()
     if args.device == "cuda":
         probe_capture(args.dtype)
     rows = [run_config(n, CONFIGS[n], args.device, args.dtype) for n in args.configs.split(",")]

@@ -16,21 +16,15 @@ import os
 import pstats
 import runpy
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_path import expose_repo
 
 
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    try:
-        import rollout_accel.serving  # noqa: F401
-    except ImportError:
-        link = Path(tempfile.mkdtemp())
-        (link / "rollout_accel").symlink_to(ROOT)
-        sys.path.insert(0, str(link))
+    expose_repo()
     from rollout_accel.serving.engine import engine_loop
 
     profiles: list[cProfile.Profile] = []
