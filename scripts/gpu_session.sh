@@ -4,14 +4,7 @@
 # spec, specdiag, specqueue, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-pp=$(mktemp -d); ln -s "$PWD" "$pp/rollout_accel"; export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+source scripts/gpu_env.sh
 part() {  # part NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   echo "=== $name"; local t0=$SECONDS

@@ -6,14 +6,7 @@
 # Logs and JSON under $OUT/<part>/; each part's log tail is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-pp=$(mktemp -d); ln -s "$PWD" "$pp/rollout_accel"; export PYTHONPATH="$pp:$PYTHONPATH"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+source scripts/gpu_env.sh
 run() {  # run NAME GPUS SECONDS CMD...
   local name=$1 gpus=$2 secs=$3; shift 3
   mkdir -p "$OUT/$name"; local t0=$SECONDS
