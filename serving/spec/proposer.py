@@ -94,6 +94,9 @@ class AcceptanceTracker:
         return min(k_max, int(math.log(cost) / math.log(a)) if a < 1.0 else k_max)
 
 
+_FRESH = AcceptanceTracker()  # the estimate of a request that has not drafted yet (read only)
+
+
 @dataclass(slots=True)
 class _Cursor:
     """Where a request is in one source: the corpus positions of its next token in every
@@ -166,17 +169,19 @@ class Proposer:
             and getattr(req, "extra_logprobs", None) is None
         )
 
-    def wants_draft(self, req: DraftRequest, k_batch: int) -> bool:
-        """Whether `req` may draft at the next step (then its last token must be on the host);
+    def wanted_draft_len(self, req: DraftRequest, k_batch: int) -> int | None:
+        """The draft length `req` would take at the next step (0: only if it is a probe step),
+        or None when it will not draft then (its last token then need not be on the host);
         cheap, and without side effects."""
         if k_batch <= 0 or not self._eligible(req):
-            return False
+            return None
         st = self.requests.get(req.rid)
         if st is None:
-            return True
-        if st.tracker.draft_len(k_batch, self.config.draft_cost) == 0:
-            return st.next_probe <= self.steps
-        return st.cursor is not None or st.retry_at <= self.steps
+            return _FRESH.draft_len(k_batch, self.config.draft_cost)
+        k = st.tracker.draft_len(k_batch, self.config.draft_cost)
+        if k == 0:
+            return 0 if st.next_probe <= self.steps else None
+        return k if st.cursor is not None or st.retry_at <= self.steps else None
 
     def batch_wants_draft(self, ready: Sequence[DraftRequest], pending: int = 0) -> bool:
         """Whether a step over these decode rows should draft: a probe is due, or the rows'
@@ -187,7 +192,6 @@ class Proposer:
         k_batch = self.batch_draft_len(len(ready))
         if k_batch <= 0:
             return False
-        cost = self.config.draft_cost
         per_row = self.config.min_batch_gain
         measured = self.costs.break_even_gain()
         if measured is not None:  # what a drafting step costs here, measured
@@ -198,13 +202,13 @@ class Proposer:
         probe_step = (self.steps + pending) % self.config.probe_every == 0
         gain = 0.0
         for req in ready:
-            if not self.wants_draft(req, k_batch):
+            k = self.wanted_draft_len(req, k_batch)
+            if k is None:
                 continue
             if probe_step:
                 return True
             st = self.requests.get(req.rid)
-            tracker = st.tracker if st is not None else AcceptanceTracker()
-            gain += tracker.expected_accepted(tracker.draft_len(k_batch, cost))
+            gain += (st.tracker if st is not None else _FRESH).expected_accepted(k)
             if gain >= need:
                 return True
         return False
