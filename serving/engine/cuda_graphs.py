@@ -1,5 +1,6 @@
 """Decode steps replayed from CUDA graphs (GPU only).
 
+`BucketGraphs` holds what every graph family shares (capture loop, pool, staleness, release).
 Decode-only batches of up to `max_bs` sequences replay graphs captured for a set of batch-size
 buckets; a batch is padded up to its bucket with rows of seq_len 0 (the Triton decode kernel
 writes zeros for them) on the table's spare row, whose K/V go to the reserved slot 0. A graph
@@ -28,7 +29,88 @@ def batch_buckets(max_bs: int) -> list[int]:
     return sorted({b for b in small if b <= max_bs} | set(range(48, max_bs + 1, 16)) | {max_bs})
 
 
-class DecodeGraphs:
+class BucketGraphs:
+    """One captured graph of a forward body per bucket, all in one memory pool: the capture
+    loop, the staleness check and release shared by the decode, verify and SM-sharing prefill
+    graphs. A subclass sets `model`, `device`, `width` and `buckets`, stages its padding, and
+    implements `_body(bucket)` (the forward over its static inputs) and `capture()`."""
+
+    # thread_local: only this thread's capture-unsafe calls invalidate a capture; a recapture
+    # (after resume) may run while other threads use CUDA (an NCCL watchdog of a weight-update
+    # group, the HTTP server's engine calls).
+    capture_error_mode = "thread_local"
+    model: CausalLM
+    device: torch.device
+    width: int
+    buckets: list[int]
+
+    def _init_graphs(self) -> None:
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.replays = 0
+        self.captures = 0
+        self._rotary_generation = -1
+
+    def _body(self, bucket: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def capture(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    @property
+    def stale(self) -> bool:
+        """The rotary tables were reallocated since capture: the graphs read freed memory."""
+        return self.captured and self.model.model.rotary.generation != self._rotary_generation
+
+    def ensure_current(self) -> None:
+        """Captures when there are no graphs yet or they went stale (correctness first: a
+        stale replay would compute with garbage cos/sin)."""
+        if not self.captured or self.stale:
+            self.capture()
+
+    def _pin_rotary(self) -> None:
+        """Rotary tables must exist for every position before capture (no growth inside a
+        graph); their generation tells `stale` if they ever move."""
+        rotary = self.model.model.rotary
+        rotary.tables(self.width, self.device)
+        self._rotary_generation = rotary.generation
+
+    def _capture_buckets(self, stream: torch.cuda.Stream) -> None:
+        """Warms up and captures every bucket on `stream`, largest first (the pool is sized by
+        the first), then joins the current stream."""
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):
+                self._body(bucket)  # warm-up: Triton compiles and autotunes outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    graph, pool=self.pool, stream=stream, capture_error_mode=self.capture_error_mode
+                ):
+                    self.outputs[bucket] = self._body(bucket)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bucket] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.captures += 1
+
+    def release(self) -> None:
+        """Drops the graphs and their memory pool (they would point at moved buffers)."""
+        if not self.graphs and self.pool is None:
+            return
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+
+class DecodeGraphs(BucketGraphs):
     """Captured decode graphs over static input buffers; `run` stages a batch and replays."""
 
     def __init__(
@@ -41,17 +123,8 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_bs)
         self.device = table.device
         self.width = table.max_context
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
-        self.replays = 0
-        self.captures = 0
-        self._rotary_generation = -1
+        self._init_graphs()
         self._allocate_inputs()
-
-    @property
-    def captured(self) -> bool:
-        return bool(self.graphs)
 
     def _allocate_inputs(self) -> None:
         dev, bs = self.device, self.max_bs
@@ -92,56 +165,14 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Captures every bucket (padding rows: seq_len 0, K/V into the reserved slot 0)."""
         self.release()
-        # Rotary tables must exist for every position before capture (no growth inside a graph).
-        rotary = self.model.model.rotary
-        rotary.tables(self.width, self.device)
-        self._rotary_generation = rotary.generation
+        self._pin_rotary()
         self._stage_padding(0, self.max_bs)
-        stream = self._capture_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._body(bs)  # warm-up: Triton compiles and autotunes outside the capture
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: only this thread's capture-unsafe calls invalidate the capture;
-                # a recapture (after resume) may run while other threads use CUDA (an NCCL
-                # watchdog of a weight-update group, the HTTP server's engine calls).
-                with torch.cuda.graph(
-                    graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"
-                ):
-                    self.outputs[bs] = self._body(bs)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        self.captures += 1
-
-    @property
-    def stale(self) -> bool:
-        """The rotary tables were reallocated since capture: the graphs read freed memory."""
-        return self.captured and self.model.model.rotary.generation != self._rotary_generation
-
-    def ensure_current(self) -> None:
-        """Captures when there are no graphs yet or they went stale (correctness first: a
-        stale replay would compute with garbage cos/sin)."""
-        if not self.captured or self.stale:
-            self.capture()
+        self._capture_buckets(self._capture_stream())
 
     def _capture_stream(self) -> torch.cuda.Stream:
         """The stream the graphs are captured on (a graph keeps to the SMs of the stream it was
         captured on: a side stream here, a partition's stream for SM sharing)."""
         return torch.cuda.Stream(self.device)
-
-    def release(self) -> None:
-        """Drops the graphs and their memory pool (they would point at moved buffers)."""
-        if not self.graphs and self.pool is None:
-            return
-        self.graphs.clear()
-        self.outputs.clear()
-        self.pool = None
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
 
     def fits(self, batch_size: int) -> bool:
         return self.captured and 0 < batch_size <= self.max_bs

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rollout_accel.serving.engine.batch import Batch, host_input_ids, pack_layout
+from rollout_accel.serving.engine.cuda_graphs import BucketGraphs
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -47,9 +48,11 @@ class StagedPrefill:
     emit_next: torch.Tensor
 
 
-class PrefillGraphs:
+class PrefillGraphs(BucketGraphs):
     """Captured prefill-chunk graphs over static inputs; `stage` on the main stream, `replay` on
     the partition's stream, `logits` after the join."""
+
+    capture_error_mode = "global"  # as measured on the H200 (thread_local not tried there)
 
     def __init__(
         self,
@@ -69,11 +72,7 @@ class PrefillGraphs:
         self.buckets = token_buckets(max(1, max_tokens))
         self.max_tokens = self.buckets[-1]
         self.max_items = max_items
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
-        self.replays = 0
-        self._rotary_generation = -1
+        self._init_graphs()
         t, p = self.max_tokens, max_items
         # One int64 block: ids, positions, token rows, slots [t each]; cu [p + 1]; seq_lens,
         # item rows, logit rows, emit rows, emit next positions [p each]. One pinned copy a step.
@@ -86,14 +85,6 @@ class PrefillGraphs:
         hosts = [torch.zeros_like(self.static, device="cpu") for _ in range(2)]
         self._hosts = [h.pin_memory() for h in hosts] if self.is_cuda else hosts
         self._flip = 0
-
-    @property
-    def captured(self) -> bool:
-        return bool(self.graphs)
-
-    @property
-    def stale(self) -> bool:
-        return self.captured and self.model.model.rotary.generation != self._rotary_generation
 
     def fits(self, batch: Batch) -> bool:
         """A prefill-only chunk these graphs can run (prompt logprobs need every row's logits:
@@ -139,34 +130,10 @@ class PrefillGraphs:
     def capture(self) -> None:
         """Captures every bucket on `stream` (largest first, one shared pool)."""
         self.release()
-        rotary = self.model.model.rotary
-        rotary.tables(self.width, self.device)
-        self._rotary_generation = rotary.generation
+        self._pin_rotary()
         self._stage_host(self._hosts[0].numpy(), [], 0)
         self.static.copy_(self._hosts[0])
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bucket in reversed(self.buckets):
-                self._body(bucket)  # warm-up: Triton compiles outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bucket] = self._body(bucket)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bucket] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-
-    def release(self) -> None:
-        """Drops the graphs and their pool (they would point at moved buffers)."""
-        if not self.graphs and self.pool is None:
-            return
-        self.graphs.clear()
-        self.outputs.clear()
-        self.pool = None
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        self._capture_buckets(self.stream)
 
     def _stage_host(self, host: np.ndarray, items_arrays: list[np.ndarray], tokens: int) -> None:
         """Fills the host block: the given arrays (ids, positions, token rows, slots, cu,
@@ -197,8 +164,8 @@ class PrefillGraphs:
     ) -> int:
         """Copies one chunk's inputs into the static buffers on the current stream; returns
         the bucket to replay."""
-        if self.is_cuda and (not self.captured or self.stale):
-            self.capture()
+        if self.is_cuda:
+            self.ensure_current()
         tokens = len(ids)
         bucket = next(b for b in self.buckets if b >= tokens)
         self._flip ^= 1
