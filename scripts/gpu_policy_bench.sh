@@ -6,11 +6,7 @@
 # Extra flags go to every longtail run (e.g. --steps 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-./out}"
-mkdir -p "$OUT"
-pp=$(mktemp -d)
-ln -s "$PWD" "$pp/rollout_accel"
-export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/gpu_env.sh
 bench() { python3 -c "import sys; from rollout_accel.rollout.bench.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 common=(--model-path qwen3-0.6b-shape --max-len 1024 --steps 8 --policies sync,partial,history
         --no-progress --no-plots)

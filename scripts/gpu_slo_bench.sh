@@ -6,11 +6,7 @@
 # Extra flags pass through (e.g. --load 1.0, --duration 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-./out}"
-mkdir -p "$OUT"
-pp=$(mktemp -d)
-ln -s "$PWD" "$pp/rollout_accel"
-export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/gpu_env.sh
 python3 -c "import sys; from rollout_accel.rollout.bench.slo_scenario import main; sys.exit(main(sys.argv[1:]))" \
   --model-path qwen3-0.6b-shape --scale 2 --max-prefill-tokens 8192 --max-running-requests 256 \
   --load 0.9 --duration 15 --rounds 2 --out "$OUT" "$@"
