@@ -22,6 +22,12 @@ for p in ${PARTS:-tests smshare bench profile}; do
     specdiag) part specdiag 240 python3 scripts/gpu_spec_diag.py ;;
     specqueue) part specqueue 300 python3 scripts/gpu_spec_bench.py --max-running 64 --scales 1,32,128 ;;
     gemmprobe) part gemmprobe 240 python3 scripts/gpu_smshare_gemm_probe.py ;;
+    smprobe)  # the probe, then the SM-sharing run on the first layout whose engine came up
+      part gemmprobe 240 python3 scripts/gpu_smshare_gemm_probe.py
+      export SMSHARE_LAYOUT=$(python3 -c "import json; rows = json.load(open('$OUT/gemm_probe.json'))
+print(next((r['job'].split()[1] for r in rows if r['job'].startswith('engine') and r.get('available')), 'split'))")
+      echo "SMSHARE_LAYOUT=$SMSHARE_LAYOUT"
+      part smshare 300 python3 scripts/gpu_smshare.py ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;

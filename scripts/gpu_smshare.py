@@ -452,6 +452,11 @@ def main() -> int:
     parser.add_argument("--part", choices=sorted(CHILD_PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     expose_repo()
+    layout = os.environ.get("SMSHARE_LAYOUT")  # a partition layout to try (partitions.LAYOUTS)
+    if layout:
+        from rollout_accel.serving.smshare import partitions
+
+        partitions.DEFAULT_LAYOUT = layout
     if args.part:  # a child of the run below: one part, its JSON to $OUT/part_<name>.json
         import torch
 
@@ -476,6 +481,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "torch": torch.__version__,
+        "layout": os.environ.get("SMSHARE_LAYOUT", "split"),
     }
     why = unsupported_reason(torch.device("cuda", 0)) if torch.cuda.is_available() else "no GPU"
     results["green_contexts"] = why or "ok"

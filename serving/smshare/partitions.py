@@ -30,6 +30,15 @@ MIN_CAPABILITY = (9, 0)
 # Decode partition sizes tried by default (SMs). On a 132-SM Hopper these give the splits
 # 120/12, 112/20, 104/28, 96/36 and 88/44 (the driver rounds a group to its granularity, 8).
 DEFAULT_DECODE_SMS: tuple[int, ...] = (12, 20, 28, 36, 44)
+# How a preset's two SM sets are cut from the device:
+#   "split": ONE split of (total - decode) SMs; its group is prefill, the remainder decode.
+#   "units": the device split into groups of UNIT_SMS; decode takes whole groups (decode_sms
+#            rounded down to units, at least one), prefill the other groups and the remainder.
+#            Every decode SM then belongs to a driver-made group (co-schedulable, as clusters need).
+#   "units-strict": as "units", but the remainder is left idle: every SM of both sides is in a group.
+LAYOUTS = ("split", "units", "units-strict")
+DEFAULT_LAYOUT = "split"
+UNIT_SMS = 8  # Hopper's SM-group granularity
 
 _LIVE = {"contexts": 0, "streams": 0}
 _logged: set[str] = set()
@@ -147,11 +156,18 @@ class PartitionSet:
 
     @classmethod
     def create(
-        cls, device: torch.device, decode_sms: Sequence[int] = DEFAULT_DECODE_SMS
+        cls,
+        device: torch.device,
+        decode_sms: Sequence[int] = DEFAULT_DECODE_SMS,
+        layout: str | None = None,
     ) -> PartitionSet:
-        """Makes one split per requested decode size (duplicates after rounding dropped; a
-        size the driver cannot split is noted in `skipped`). Raises GreenContextError (after
-        destroying what it made) when creating a context or stream fails."""
+        """Makes one preset per requested decode size (duplicates after rounding dropped; a
+        size the driver cannot split is noted in `skipped`), cut as `layout` says (LAYOUTS).
+        Raises GreenContextError (after destroying what it made) when creating a context or
+        stream fails."""
+        layout = layout or DEFAULT_LAYOUT
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
         driver = _driver()
         _call(driver, "cuInit", 0)
         torch.cuda.init()
@@ -162,28 +178,27 @@ class PartitionSet:
         total = int(whole.sm.smCount)
         made = cls(device, total, [])
         seen: set[tuple[int, int]] = set()
+        units = _split_units(driver, whole) if layout.startswith("units") else None
         try:
             for want in sorted(set(decode_sms)):
                 if not 0 < want < total:
                     made.skipped.append(f"decode_sms={want}: not in (0, {total})")
                     continue
                 try:
-                    result, groups, remainder = _call(
-                        driver, "cuDevSmResourceSplitByCount", 1, whole, 0, total - want
-                    )
-                    if int(groups) < 1:
-                        raise GreenContextError(f"{total - want}/{want}: the driver made no group")
+                    if units is None:
+                        prefill_res, decode_res = _split_once(driver, whole, total, want)
+                    else:
+                        prefill_res, decode_res = _take_units(units, want, layout == "units")
                 except GreenContextError as exc:  # this split only: the others may still work
                     made.skipped.append(str(exc))
                     continue
-                group = result[0]
-                pair = (int(group.sm.smCount), int(remainder.sm.smCount))
-                if pair[1] < 1 or pair in seen:
-                    continue  # rounding left nothing for decode, or repeats an earlier preset
+                pair = (_sm_count(prefill_res), _sm_count(decode_res))
+                if pair[0] < 1 or pair[1] < 1 or pair in seen:
+                    continue  # rounding left one side nothing, or repeats an earlier preset
                 seen.add(pair)
-                prefill = _make_partition(driver, dev, device, group)
+                prefill = _make_partition(driver, dev, device, prefill_res)
                 try:
-                    decode = _make_partition(driver, dev, device, remainder)
+                    decode = _make_partition(driver, dev, device, decode_res)
                 except BaseException:
                     _destroy_partition(driver, prefill)
                     raise
@@ -224,8 +239,49 @@ def live_handles() -> dict[str, int]:
     return dict(_LIVE)
 
 
-def _make_partition(driver: Any, dev: Any, device: torch.device, resource: Any) -> Partition:
-    desc = _call(driver, "cuDevResourceGenerateDesc", [resource], 1)
+def _sm_count(resources: list[Any]) -> int:
+    return sum(int(r.sm.smCount) for r in resources)
+
+
+def _split_once(driver: Any, whole: Any, total: int, want: int) -> tuple[list[Any], list[Any]]:
+    """Layout "split": (prefill, decode) resources of one split of `total - want` SMs."""
+    result, groups, remainder = _call(
+        driver, "cuDevSmResourceSplitByCount", 1, whole, 0, total - want
+    )
+    if int(groups) < 1:
+        raise GreenContextError(f"{total - want}/{want}: the driver made no group")
+    return [result[0]], [remainder]
+
+
+def _split_units(driver: Any, whole: Any) -> tuple[list[Any], Any]:
+    """Layout "units": the device as groups of UNIT_SMS SMs, and what is left over."""
+    total = int(whole.sm.smCount)
+    result, groups, remainder = _call(
+        driver, "cuDevSmResourceSplitByCount", total // UNIT_SMS, whole, 0, UNIT_SMS
+    )
+    made = [result[i] for i in range(int(groups))]
+    if len(made) < 2:
+        raise GreenContextError(f"cuDevSmResourceSplitByCount made {len(made)} unit groups")
+    return made, remainder
+
+
+def _take_units(
+    units: tuple[list[Any], Any], want: int, with_remainder: bool
+) -> tuple[list[Any], list[Any]]:
+    """Layouts "units*": decode takes whole groups (`want` rounded down, at least one), prefill
+    the other groups and, `with_remainder`, the remainder (it has no co-scheduling guarantee)."""
+    groups, remainder = units
+    size = int(groups[0].sm.smCount)
+    count = max(1, want // size)
+    if count >= len(groups):
+        raise GreenContextError(f"decode_sms={want}: leaves no unit group for prefill")
+    has_rest = with_remainder and remainder is not None and int(remainder.sm.smCount) > 0
+    rest = [remainder] if has_rest else []
+    return groups[count:] + rest, groups[:count]
+
+
+def _make_partition(driver: Any, dev: Any, device: torch.device, resources: list[Any]) -> Partition:
+    desc = _call(driver, "cuDevResourceGenerateDesc", resources, len(resources))
     flags = int(driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM)
     context = _call(driver, "cuGreenCtxCreate", desc, dev, flags)
     _LIVE["contexts"] += 1
@@ -238,7 +294,7 @@ def _make_partition(driver: Any, dev: Any, device: torch.device, resource: Any) 
         raise
     _LIVE["streams"] += 1
     stream = torch.cuda.ExternalStream(int(raw), device=device)
-    part = Partition(int(resource.sm.smCount), stream, context, raw)
+    part = Partition(_sm_count(resources), stream, context, raw)
     try:
         part._done = _green_event(driver, context)
     except BaseException:
@@ -280,13 +336,15 @@ def log_once(message: str) -> None:
 
 
 def open_partitions(
-    device: torch.device, decode_sms: Sequence[int] = DEFAULT_DECODE_SMS
+    device: torch.device,
+    decode_sms: Sequence[int] = DEFAULT_DECODE_SMS,
+    layout: str | None = None,
 ) -> tuple[PartitionSet | None, str]:
     """The preset partitions of `device`, or (None, why not) — logged once; never raises."""
     reason = unsupported_reason(device)
     if reason is None:
         try:
-            partitions = PartitionSet.create(device, decode_sms)
+            partitions = PartitionSet.create(device, decode_sms, layout)
         except Exception as exc:  # any creation failure: run as today
             reason = f"green-context creation failed: {exc}"
         else:
