@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
-# log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, bench, profile,
+# log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, smtests, smscenario,
+# smscenario8b, smprobe, bench, profile,
 # spec, specdiag, specqueue, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,10 @@ for p in ${PARTS:-tests smshare bench profile}; do
 print(next((r['job'].split()[1] for r in rows if r['job'].startswith('engine') and r.get('available')), 'split'))")
       echo "SMSHARE_LAYOUT=$SMSHARE_LAYOUT"
       part smshare 300 python3 scripts/gpu_smshare.py ;;
+    smtests) part smtests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_smshare_gpu.py ;;
+    smscenario) part smscenario 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare --out "$OUT/sm_0.6b" ;;
+    smscenario8b) part smscenario8b 420 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
+        --model qwen3-8b-shape --background 96 --background-new 384 --arrivals 48 --out "$OUT/sm_8b" ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;

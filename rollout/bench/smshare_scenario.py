@@ -1,8 +1,10 @@
 """`rollout bench --scenario smshare`: prefill/decode SM sharing vs time-sharing, in one process.
 
 One engine (SM sharing built in, GPU with green contexts) serves the same seeded rollout-shaped
-workload three ways, switching only the runner's mode between runs:
-  time-share  today's chunked prefill mixed into decode steps;
+workload four ways, switching only the runner's mode between runs:
+  time-share  today's chunked prefill mixed into decode steps (one eager merged forward);
+  sequential  the graphs SM sharing uses (decode graph, prefill-chunk graph) one after the other
+              on the whole GPU: the baseline that isolates what running them at once buys;
   static      SM-shared, one fixed preset whenever both sides have work (the preset the latency
               model predicts fastest over the adaptive run's mixed steps; `--static-preset all`
               measures every preset instead and keeps the best);
@@ -11,8 +13,8 @@ Workload: a large running decode batch (long outputs) plus continuous arrivals o
 resumed partial samples (a running sample's prompt + a partial response, so the prefix is cached)
 and multi-turn appends (an earlier prompt + a new turn). The mix shifts: arrivals are dense in
 the first phase (prefill-heavy) and sparse in the second (decode-heavy).
-Reports output throughput, TTFT and TPOT p50/p99 per mode, ratios against time-sharing, the
-preset counts, and a preset timeline (PNG). Exits with status 2 and a message where green
+Reports output throughput, TTFT and TPOT p50/p99 per mode, ratios against time-sharing and
+against sequential, the preset counts, and a preset timeline (PNG). Exits with status 2 and a message where green
 contexts are missing.
 
     rollout bench --scenario smshare [--model qwen3-0.6b-shape] [--out DIR]
@@ -182,7 +184,12 @@ def _plot(timelines: dict[str, list[Any]], names: list[str], path: Path) -> str 
     for ax, (label, steps) in zip(axes[:, 0], timelines.items(), strict=True):
         if steps:
             t0 = steps[0].time
-            ax.scatter([s.time - t0 for s in steps], [order.get(s.preset, -1) for s in steps], s=4)
+            times = [s.time - t0 for s in steps]
+            ax.scatter(times, [order.get(s.preset, -1) for s in steps], s=4)
+            # The mix behind each choice: prefill tokens in the step (right axis).
+            mix = ax.twinx()
+            mix.plot(times, [s.prefill_tokens for s in steps], color="0.6", lw=0.6, alpha=0.6)
+            mix.set_ylabel("prefill tokens", color="0.4")
         ax.set_yticks(range(len(names)), names)
         ax.set_title(f"{label}: split per mixed step (prefill/decode SMs)")
         ax.set_xlabel("seconds since the run started")
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_all(engine: Any, args: argparse.Namespace) -> int:
+    from rollout_accel.serving.smshare.planner import WHOLE_NAME
+
     runner = engine.runner
     if not runner.available:
         print(
@@ -235,7 +244,7 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     workload = make_workload(args, engine.model_config.vocab_size)
-    names = ["time-share", *runner.partitions.describe()]
+    names = [WHOLE_NAME, *runner.partitions.describe()]
 
     def serve(
         mode: str, preset: int | None = None, load: Workload = workload
@@ -259,6 +268,7 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[Any]] = {}
     results["time-share"], _ = serve("time-share")
+    results["sequential"], _ = serve("sequential")
     results["adaptive"], timelines["adaptive"] = serve("adaptive")
     if args.static_preset == "all":
         best: tuple[float, str] | None = None
@@ -283,8 +293,10 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         results["static"]["preset"] = runner.partitions.presets[index].name
     engine.loop.call(lambda: runner.set_mode("time-share"))
     base = results["time-share"]
+    sequential = results["sequential"]
     for res in results.values():
         res["throughput_vs_time_share"] = res["throughput_tok_s"] / base["throughput_tok_s"]
+        res["throughput_vs_sequential"] = res["throughput_tok_s"] / sequential["throughput_tok_s"]
     problem = _plot(timelines, names, out_dir / "smshare_timeline.png")
     report = {
         "scenario": "smshare",
@@ -335,16 +347,18 @@ def torch_device_name() -> str:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'mode':<18}{'tok/s':>9}{'x ts':>7}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}"
+        f"{'mode':<18}{'tok/s':>9}{'x ts':>7}{'x seq':>7}"
+        f"{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}"
     )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         lines.append(
             f"{name:<18}{r['throughput_tok_s']:>9.0f}{r['throughput_vs_time_share']:>7.2f}"
+            f"{r.get('throughput_vs_sequential', float('nan')):>7.2f}"
             f"{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}"
             f"{r['tpot_p50_ms']:>10.2f}{r['tpot_p99_ms']:>8.2f}"
         )
-    return "\n".join(lines) + "\n(ms; 'x ts' = throughput / time-share)"
+    return "\n".join(lines) + "\n(ms; 'x ts', 'x seq' = throughput / time-share, / sequential)"
 
 
 if __name__ == "__main__":

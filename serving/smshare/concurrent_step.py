@@ -28,6 +28,12 @@ for decode-only or prefill-only batches, and for mixed steps the graphs cannot r
 logprobs, more prefill items or tokens than captured), `launch` IS `ModelRunner.launch`. Mode
 `split` runs the two parts one after the other on the current stream, eagerly (the decomposition
 without concurrency, runnable on the CPU).
+
+Mode `sequential` is the baseline that isolates what concurrency buys: the same two graph replays
+(whole-GPU decode graphs and prefill-chunk graphs captured on a plain side stream, so they are
+not confined to any partition) one after the other on the main stream. It is also what the
+planner's whole-GPU option runs, whenever the step is graphable: a mixed step run as two replays
+beats one eager merged forward wherever launches dominate (small models, small batches).
 """
 
 from __future__ import annotations
@@ -58,12 +64,18 @@ from rollout_accel.serving.smshare.partitions import (
     log_once,
     open_partitions,
 )
-from rollout_accel.serving.smshare.planner import LatencyModel, LatencyTable, PlanChoice, Planner
+from rollout_accel.serving.smshare.planner import (
+    WHOLE,
+    LatencyModel,
+    LatencyTable,
+    PlanChoice,
+    Planner,
+)
 from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
-MODES = ("adaptive", "static", "time-share", "split")
+MODES = ("adaptive", "static", "sequential", "time-share", "split")
 METRICS_LOG_INTERVAL_S = 60.0  # how often the chosen presets are logged
 
 
@@ -102,7 +114,9 @@ class SmShareRunner(ModelRunner):
     """`ModelRunner` that runs mixed steps' decode and prefill concurrently on SM partitions.
 
     `mode`: adaptive (the planner chooses per step), static (always `static_preset` when both
-    sides have work), time-share (today's behaviour, counted), split (sequential decomposition).
+    sides have work), sequential (both parts' graphs one after the other on the whole GPU),
+    time-share (today's behaviour: one eager merged forward), split (eager decomposition).
+    `prefill_graphs[WHOLE]` holds the whole-GPU prefill-chunk graphs (sequential steps).
     `available` is False with `unavailable_reason` set where sharing cannot run.
     """
 
@@ -133,6 +147,7 @@ class SmShareRunner(ModelRunner):
         self._logged_at = time.perf_counter()
         self.split_steps = 0  # mixed steps run as two parts (concurrently or in split mode)
         self.concurrent_steps = 0  # of which on partition streams at once
+        self.sequential_steps = 0  # of which as two whole-GPU graph replays in turn
         self.ungraphable_steps = 0  # mixed steps time-shared because the graphs cannot run them
         if not tpot_ms > 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
@@ -176,6 +191,17 @@ class SmShareRunner(ModelRunner):
             )
             prefill.capture()
             self.prefill_graphs[preset.index] = prefill
+        # Whole-GPU prefill graphs: captured on a plain side stream, so not confined to any
+        # partition; replayed on the main stream right after the whole-GPU decode graph.
+        whole = PrefillGraphs(
+            self.model,
+            self.kv_cache,
+            self.table,
+            max_prefill_tokens,
+            torch.cuda.Stream(self.device),
+        )
+        whole.capture()
+        self.prefill_graphs[WHOLE] = whole
         self._check_join()
         if profile:
             table = profile_latency(self, max_prefill_tokens)
@@ -232,13 +258,13 @@ class SmShareRunner(ModelRunner):
         Without partitions only `time-share` and `split` exist; others fall back to time-share."""
         if mode not in MODES:
             raise ValueError(f"sm_share mode {mode!r}: expected one of {MODES}")
-        if mode in ("static", "adaptive"):
+        if mode in ("static", "adaptive", "sequential"):
             if self.planner is None:
                 mode = "time-share"
             else:
                 if mode == "static" and static_preset is None:
                     raise ValueError("sm_share mode 'static' needs static_preset")
-                fixed = static_preset if mode == "static" else None
+                fixed = {"static": static_preset, "sequential": WHOLE}.get(mode)
                 learnt = dict(self.planner.correction)
                 self.planner = Planner(self.planner.model, self.tpot_s, fixed)
                 self.planner.correction.update(learnt)  # what served steps taught is kept
@@ -282,7 +308,7 @@ class SmShareRunner(ModelRunner):
         # it): what the step cost on the GPU, fed back to the planner once it completed.
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        handle = super().launch(batch) if preset is None else self._launch_concurrent(batch, preset)
+        handle = self._launch_graphed(batch, preset)
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self._timings.append((choice, record, start, end))
@@ -340,28 +366,39 @@ class SmShareRunner(ModelRunner):
             batch, d_tokens, d_logprobs, p_tokens, p_logprobs, input_logprobs
         )
 
-    def _launch_concurrent(self, batch: Batch, preset: Preset) -> StepHandle:
-        """Both parts at once on `preset`'s partitions, as graph replays (see the module doc)."""
+    def _launch_graphed(self, batch: Batch, preset: Preset | None) -> StepHandle:
+        """Both parts as graph replays: at once on `preset`'s partitions (see the module doc),
+        or, with no preset, one after the other on the whole GPU (the main stream)."""
         self.table.flush()
         self.split_steps += 1
-        self.concurrent_steps += 1
         nd = batch.num_decode
         decode, prefill = self._parts(batch)
-        d_graphs = self.preset_graphs[preset.index]
-        p_graphs = self.prefill_graphs[preset.index]
+        if preset is None:
+            assert self.graphs is not None
+            self.sequential_steps += 1
+            d_graphs: DecodeGraphs = self.graphs
+            p_graphs = self.prefill_graphs[WHOLE]
+        else:
+            self.concurrent_steps += 1
+            d_graphs = self.preset_graphs[preset.index]
+            p_graphs = self.prefill_graphs[preset.index]
         main = torch.cuda.current_stream(self.device)
         # Staging on the main stream: the pinned buffers and the copies never meet a partition
         # stream (stage() may also recapture stale graphs: that synchronizes, before the fork).
         positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
         d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
         staged = p_graphs.stage(prefill)
-        self._fork(main, preset)
-        # Decode first: its replay is running while the prefill replay is queued.
-        with torch.cuda.stream(preset.decode.stream):
+        if preset is None:
             d_graphs.replay(d_bucket)
-        with torch.cuda.stream(preset.prefill.stream):
             p_graphs.replay(staged.bucket)
-        self._join(main, preset)
+        else:
+            self._fork(main, preset)
+            # Decode first: its replay is running while the prefill replay is queued.
+            with torch.cuda.stream(preset.decode.stream):
+                d_graphs.replay(d_bucket)
+            with torch.cuda.stream(preset.prefill.stream):
+                p_graphs.replay(staged.bucket)
+            self._join(main, preset)
         # Sampling on the main stream (after both parts): its tensors are the main stream's.
         d_logits = d_graphs.outputs[d_bucket][:nd]
         d_rows, d_next = d_graphs.rows[:nd], d_graphs.positions[:nd] + 1

@@ -37,7 +37,7 @@ DEFAULT_DECODE_SMS: tuple[int, ...] = (12, 20, 28, 36, 44)
 #            Every decode SM then belongs to a driver-made group (co-schedulable, as clusters need).
 #   "units-strict": as "units", but the remainder is left idle: every SM of both sides is in a group.
 LAYOUTS = ("split", "units", "units-strict")
-DEFAULT_LAYOUT = "split"
+DEFAULT_LAYOUT = "units"
 UNIT_SMS = 8  # Hopper's SM-group granularity
 
 _LIVE = {"contexts": 0, "streams": 0}

@@ -8,18 +8,19 @@ Coefficients are least-squares fits clipped at zero, so a prediction never falls
 
 A mixed step (decode rows + a prefill chunk) is joined: the scheduler processes it once, so the
 decode rows see the whole step as their time per output token. Options per step:
-  * time-sharing (today): one forward on the whole GPU; predicted as the whole GPU's prefill of
-    chunk + batch tokens plus its decode-context term (decode rows ride the prefill GEMMs);
+  * whole GPU: the decode graph, then the prefill-chunk graph, on the whole GPU; predicted
+    decode_whole + prefill_whole;
   * preset p: decode on p's decode partition and prefill on its prefill partition at once;
     predicted max(decode_p, prefill_p) + the measured switch overhead.
 Each option's prediction is scaled by a correction factor learnt online from served steps
 (`observe`: measured / predicted, moving average), since the profile times each side alone and
-a co-run also shares memory bandwidth and L2. The planner picks the fastest option (the same tokens are computed either way, so the fastest
+a co-run also shares memory bandwidth and L2. The planner picks the fastest option (the same
+tokens are computed either way, so the fastest
 step is the highest throughput) among those whose predicted step time keeps under the TPOT bound;
 when none does, the fastest overall (counted as a bound miss). Since the step is joined, the
 bound cannot change which option is fastest; what it governs is how much prefill fits beside a
 decode batch (`prefill_budget`, for a scheduler's token budget). A step with only decode or only
-prefill work time-shares: there is nothing to run beside it.
+prefill work runs as today: there is nothing to run beside it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WHOLE = -1  # the whole GPU (no partition): the configuration time-sharing runs on
-TIME_SHARE = "time-share"
+WHOLE = -1  # the whole GPU (no partition): both parts one after the other
+WHOLE_NAME = "whole"
 
 
 @dataclass
@@ -92,11 +93,9 @@ class LatencyModel:
         a, b, c = self._prefill[cfg]
         return float(a + b * tokens + c * tokens * tokens)
 
-    def time_shared(self, batch: int, context_tokens: int, tokens: int) -> float:
-        """One forward on the whole GPU: the decode rows join the prefill's GEMMs, their
-        attention (the context term) still costs its own time."""
-        _, _, ctx_cost = self._decode[WHOLE]
-        return self.prefill(WHOLE, tokens + batch) + float(ctx_cost * context_tokens)
+    def sequential(self, batch: int, context_tokens: int, tokens: int) -> float:
+        """Both parts on the whole GPU, one after the other."""
+        return self.decode(WHOLE, batch, context_tokens) + self.prefill(WHOLE, tokens)
 
     def concurrent(self, cfg: int, batch: int, context_tokens: int, tokens: int) -> float:
         return (
@@ -107,8 +106,9 @@ class LatencyModel:
 
 @dataclass(frozen=True, slots=True)
 class PlanChoice:
-    """A step's plan: `preset` index or None (time-share), its predicted time (corrected by what
-    similar steps measured), the model's raw prediction, and whether the bound is met."""
+    """A step's plan: `preset` index or None (the whole GPU, parts in turn), its predicted time
+    (corrected by what similar steps measured), the model's raw prediction, and whether the
+    bound is met."""
 
     preset: int | None
     predicted_s: float
@@ -122,7 +122,8 @@ class PlanChoice:
 
 class Planner:
     """Chooses per step: adaptive (the model's fastest option under the TPOT bound), or a fixed
-    preset (`static_preset`) whenever both sides have work. Counts choices for metrics."""
+    preset (`static_preset`; WHOLE: always the whole GPU) whenever both sides have work.
+    Counts choices for metrics."""
 
     def __init__(
         self,
@@ -132,7 +133,7 @@ class Planner:
     ) -> None:
         if tpot_bound_s <= 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_bound_s * 1e3}")
-        if static_preset is not None and static_preset not in model.presets:
+        if static_preset not in (None, WHOLE, *model.presets):
             raise ValueError(f"static preset {static_preset}: not one of {model.presets}")
         self.model = model
         self.tpot_bound_s = tpot_bound_s
@@ -145,7 +146,7 @@ class Planner:
 
     def name(self, preset: int | None) -> str:
         if preset is None:
-            return TIME_SHARE
+            return WHOLE_NAME
         return self.model.table.names.get(preset, str(preset))
 
     def choose(self, batch: int, context_tokens: int, prefill_tokens: int) -> PlanChoice:
@@ -155,19 +156,23 @@ class Planner:
         if batch == 0 or prefill_tokens == 0:
             # One side is empty: nothing to run beside it, the whole GPU serves the other.
             choice = PlanChoice(None, 0.0, True)
+        elif self.static_preset == WHOLE:
+            raw = model.sequential(batch, context_tokens, prefill_tokens)
+            t = raw * self.correction.get(None, 1.0)
+            choice = PlanChoice(None, t, t <= self.tpot_bound_s, raw)
         elif self.static_preset is not None:
             raw = model.concurrent(self.static_preset, batch, context_tokens, prefill_tokens)
             t = raw * self.correction.get(self.static_preset, 1.0)
             choice = PlanChoice(self.static_preset, t, t <= self.tpot_bound_s, raw)
         else:
-            raws = [(model.time_shared(batch, context_tokens, prefill_tokens), None)]
+            raws = [(model.sequential(batch, context_tokens, prefill_tokens), None)]
             raws += [
                 (model.concurrent(p, batch, context_tokens, prefill_tokens), p)
                 for p in model.presets
             ]
             options = [(raw * self.correction.get(p, 1.0), p, raw) for raw, p in raws]
             feasible = [o for o in options if o[0] <= self.tpot_bound_s]
-            # Ties go to time-sharing (listed first; min keeps the first), then fewer decode SMs.
+            # Ties go to the whole GPU (listed first; min keeps the first), then fewer decode SMs.
             t, preset, raw = min(feasible or options, key=lambda o: o[0])
             choice = PlanChoice(preset, t, bool(feasible), raw)
         self.counts[self.name(choice.preset)] += 1
@@ -188,8 +193,7 @@ class Planner:
         """The fastest option's predicted (corrected) step time, without counting it."""
         model = self.model
         options = [
-            model.time_shared(batch, context_tokens, prefill_tokens)
-            * self.correction.get(None, 1.0)
+            model.sequential(batch, context_tokens, prefill_tokens) * self.correction.get(None, 1.0)
         ]
         options += [
             model.concurrent(p, batch, context_tokens, prefill_tokens) * self.correction.get(p, 1.0)

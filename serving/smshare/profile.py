@@ -1,8 +1,9 @@
 """Start-up profiling for the planner: a few timed runs per configuration (GPU only).
 
 Per configuration (the whole GPU, and each preset's partitions): decode graph replays at three
-batch sizes x two context lengths, and single-sequence prefills at three chunk sizes (eager on
-the whole GPU; prefill-graph replays on a preset's prefill partition); plus the host cost of one
+batch sizes x two context lengths, and single-sequence prefill-chunk graph replays at three
+chunk sizes (on the main stream for the whole GPU, on a preset's prefill partition); plus the
+host cost of one
 fork + join (events between the main stream and a preset's streams). As in served steps, a
 partition stream only replays graphs: inputs are staged on the main stream and the timing events
 bracket the fork and join on the main stream. Runs before the engine serves anything: decode
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
-from rollout_accel.serving.models.paged_kv import AttentionMetadata
 from rollout_accel.serving.smshare.partitions import Partition, PartitionSet
 from rollout_accel.serving.smshare.planner import WHOLE, LatencyTable
 from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
@@ -91,7 +91,13 @@ def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTa
     result.decode[WHOLE] = [
         (b, b * c, _time_decode(runner, runner.graphs, main, None, b, c)) for b, c in d_points
     ]
-    result.prefill[WHOLE] = [(n, _time_prefill_eager(runner, main, n)) for n in p_points]
+    whole = runner.prefill_graphs[WHOLE]
+    # A graph computes its whole bucket: time each point's bucket, full.
+    buckets = sorted({next(b for b in whole.buckets if b >= n) for n in p_points})
+    buckets = [b for b in buckets if b < min(max_context, num_slots)]
+    result.prefill[WHOLE] = [
+        (b, _time_prefill_graph(runner, whole, main, None, b)) for b in buckets
+    ]
     for preset in partitions.presets:
         result.names[preset.index] = preset.name
         graphs = runner.preset_graphs[preset.index]
@@ -99,9 +105,6 @@ def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTa
             (b, b * c, _time_decode(runner, graphs, main, preset.decode, b, c)) for b, c in d_points
         ]
         prefill = runner.prefill_graphs[preset.index]
-        # A graph computes its whole bucket: time each point's bucket, full.
-        buckets = sorted({next(b for b in prefill.buckets if b >= n) for n in p_points})
-        buckets = [b for b in buckets if b < min(max_context, num_slots)]
         result.prefill[preset.index] = [
             (b, _time_prefill_graph(runner, prefill, main, preset.prefill, b)) for b in buckets
         ]
@@ -139,10 +142,11 @@ def _time_prefill_graph(
     runner: SmShareRunner,
     graphs: PrefillGraphs,
     main: torch.cuda.Stream,
-    part: Partition,
+    part: Partition | None,
     n: int,
 ) -> float:
-    """One sequence of `n` tokens on the table's spare row (restored after)."""
+    """One sequence of `n` tokens on the table's spare row (restored after); on `part`'s
+    stream, or on the main stream (the whole GPU)."""
     table = runner.table
     num_slots = runner.kv_cache.num_slots
     positions = np.arange(n, dtype=np.int64)
@@ -162,34 +166,6 @@ def _time_prefill_graph(
     torch.cuda.synchronize(runner.device)
     table.req_to_token[table.pad_row].zero_()
     torch.cuda.synchronize(runner.device)
-    return seconds
-
-
-def _time_prefill_eager(runner: SmShareRunner, main: torch.cuda.Stream, n: int) -> float:
-    device = runner.device
-    num_slots = runner.kv_cache.num_slots
-    ids = torch.zeros(n, dtype=torch.int64, device=device)
-    positions = torch.arange(n, dtype=torch.int64, device=device)
-    slots = torch.arange(n, dtype=torch.int64, device=device) % (num_slots - 1) + 1
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        block_table=slots.to(torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        cu_q_lens=torch.tensor([0, n], dtype=torch.int32, device=device),
-        page_size=1,
-        is_decode=False,
-        max_q_len=n,
-        num_decode=0,
-    )
-    last = torch.tensor([n - 1], dtype=torch.int64, device=device)
-
-    def run() -> torch.Tensor:
-        return runner.model.forward_paged(
-            ids, positions, meta, runner.kv_cache, logit_rows=last, max_position=n - 1
-        )
-
-    seconds = _timed(main, None, run)
-    torch.cuda.synchronize(device)
     return seconds
 
 

@@ -15,8 +15,8 @@ from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.smshare.concurrent_step import SmShareRunner
 from rollout_accel.serving.smshare.partitions import open_partitions, unsupported_reason
 from rollout_accel.serving.smshare.planner import (
-    TIME_SHARE,
     WHOLE,
+    WHOLE_NAME,
     LatencyModel,
     LatencyTable,
     Planner,
@@ -58,7 +58,7 @@ def test_latency_model_recovers_the_synthetic_costs() -> None:
 
 
 def _brute_force(model: LatencyModel, batch: int, ctx: int, tokens: int) -> tuple[str, float]:
-    options = {TIME_SHARE: model.time_shared(batch, ctx, tokens)}
+    options = {WHOLE_NAME: model.sequential(batch, ctx, tokens)}
     for p in model.presets:
         options[model.table.names[p]] = model.concurrent(p, batch, ctx, tokens)
     name = min(options, key=options.__getitem__)
@@ -83,7 +83,7 @@ def test_heavy_decode_shares_sms_and_light_decode_time_shares() -> None:
     heavy = planner.choose(256, 256 * 512, 3072)  # decode and prefill of similar cost
     light = planner.choose(4, 4 * 64, 8192)  # a long prefill beside a tiny decode batch
     assert heavy.concurrent and not light.concurrent
-    assert heavy.predicted_s < planner.model.time_shared(256, 256 * 8192, 1024)
+    assert heavy.predicted_s < planner.model.sequential(256, 256 * 512, 3072)
 
 
 def test_one_side_empty_time_shares_and_static_is_fixed() -> None:
@@ -93,6 +93,15 @@ def test_one_side_empty_time_shares_and_static_is_fixed() -> None:
     static = Planner(LatencyModel(_table()), tpot_bound_s=1.0, static_preset=2)
     assert static.choose(4, 4 * 64, 8192).preset == 2
     assert static.choose(4, 4 * 64, 0).preset is None
+    # WHOLE as the fixed choice is the sequential baseline: always the whole GPU, predicted as
+    # decode then prefill there, even where a preset would be faster.
+    sequential = Planner(LatencyModel(_table()), tpot_bound_s=1.0, static_preset=WHOLE)
+    shape = (256, 256 * 512, 3072)
+    whole = sequential.choose(*shape)
+    assert whole.preset is None
+    assert whole.predicted_s == pytest.approx(sequential.model.sequential(*shape))
+    assert planner.choose(*shape).predicted_s < whole.predicted_s
+    assert sequential.metrics()["sm_share/steps/whole"] == 1
 
 
 def test_measured_steps_correct_the_model_and_can_change_the_choice() -> None:

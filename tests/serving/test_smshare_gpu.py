@@ -66,8 +66,8 @@ def test_switches_and_close_leak_nothing(device: torch.device) -> None:
 def test_concurrent_outputs_equal_the_plain_runner(
     device: torch.device, model: str, dtype: str
 ) -> None:
-    """Greedy and seeded temperature-1 outputs with SM sharing (every preset, adaptive) are the
-    plain runner's (time-share: one merged forward per mixed step), token for token, in fp32;
+    """Greedy and seeded temperature-1 outputs with SM sharing (every preset, adaptive, and the
+    sequential whole-GPU graphs) are the plain runner's (time-share: one merged forward per mixed step), token for token, in fp32;
     and the concurrent path really ran (its steps counted, the process alive after)."""
     from rollout_accel.serving.engine import Engine
 
@@ -91,6 +91,9 @@ def test_concurrent_outputs_equal_the_plain_runner(
         for params in (greedy, sampled):
             plain = run(params, "time-share")
             assert run(params, "split") == plain
+            before = runner.sequential_steps
+            assert run(params, "sequential") == plain
+            assert runner.sequential_steps > before
             for preset in runner.partitions.presets:
                 before = runner.concurrent_steps
                 assert run(params, "static", preset.index) == plain, preset.name
