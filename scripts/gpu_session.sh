@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
 # log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, smtests, smscenario,
-# smscenario8b, smprobe, bench, profile,
+# smscenarioheavy, smscenario8b, smprobe, bench, profile,
 # spec, specdiag, specqueue, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,10 @@ print(next((r['job'].split()[1] for r in rows if r['job'].startswith('engine') a
       part smshare 300 python3 scripts/gpu_smshare.py ;;
     smtests) part smtests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_smshare_gpu.py ;;
     smscenario) part smscenario 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare --out "$OUT/sm_0.6b" ;;
+    smscenarioheavy)  # prefill-heavy first phase, decode batch drains in the second: the mix shifts
+      part smscenarioheavy 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
+        --background 128 --background-new 256 --arrivals 160 --dense-rate 80 --sparse-rate 8 \
+        --out "$OUT/sm_heavy" ;;
     smscenario8b) part smscenario8b 420 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
         --model qwen3-8b-shape --background 96 --background-new 384 --arrivals 48 --out "$OUT/sm_8b" ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
@@ -41,3 +45,6 @@ print(next((r['job'].split()[1] for r in rows if r['job'].startswith('engine') a
               part pipeline 150 python3 scripts/gpu_pipeline_bench.py --cuda-graph ;;
   esac
 done
+if [ -n "${KEEP_ONLY:-}" ]; then  # at most 8 files come back: drop the rest (their tails printed)
+  find "$OUT" -type f | grep -Ev "$KEEP_ONLY" | xargs -r rm -f
+fi

@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_all(engine: Any, args: argparse.Namespace) -> int:
+    import torch
+
     from rollout_accel.serving.smshare.planner import WHOLE_NAME
 
     runner = engine.runner
@@ -253,10 +255,15 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         engine.loop.call(lambda: runner.set_mode(mode, preset))
         runner.timeline.clear()
         result = run_once(engine, load)
+        engine.loop.call(lambda: (torch.cuda.synchronize(), runner._poll_timings()))
         result["preset_counts"] = runner.metrics() if mode != "time-share" else {}
         steps = list(runner.timeline)
         timed = [s for s in steps if s.measured_s > 0 and s.predicted_s > 0]
         result["mixed_steps_planned"] = len(steps)
+        if timed:  # how much of the run the mixed steps (the only ones a split changes) took
+            mixed_s = sum(s.measured_s for s in timed)
+            result["mixed_step_ms_mean"] = 1e3 * mixed_s / len(timed)
+            result["mixed_share_of_wall"] = mixed_s / result["wall_s"]
         if timed:
             ratios = [s.measured_s / s.predicted_s for s in timed]
             result["measured_over_predicted_p50"] = float(np.median(ratios))
@@ -358,7 +365,20 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}"
             f"{r['tpot_p50_ms']:>10.2f}{r['tpot_p99_ms']:>8.2f}"
         )
-    return "\n".join(lines) + "\n(ms; 'x ts', 'x seq' = throughput / time-share, / sequential)"
+    lines.append("(ms; 'x ts', 'x seq' = throughput / time-share, / sequential)")
+    for name, r in results.items():
+        if "mixed_step_ms_mean" in r:
+            counts = {
+                k.split("/")[-1]: int(v)
+                for k, v in r.get("preset_counts", {}).items()
+                if k.startswith("sm_share/steps/")
+            }
+            lines.append(
+                f"{name}: {r['mixed_steps_planned']} mixed steps, mean "
+                f"{r['mixed_step_ms_mean']:.2f} ms, {100 * r['mixed_share_of_wall']:.0f}% of the "
+                f"run; splits {counts}"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ def device() -> torch.device:
     return dev
 
 
-def test_partitions_are_disjoint_by_smid(device: torch.device) -> None:
+def test_partitions_are_disjoint_by_smid(device: torch.device, monkeypatch) -> None:
     import importlib.util
     import pathlib
 
     path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu_smshare.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the script imports its sibling repo_path
     spec = importlib.util.spec_from_file_location("gpu_smshare", path)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
