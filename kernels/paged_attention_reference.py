@@ -56,10 +56,14 @@ def paged_decode_attention_reference(
     values = (
         v_cache.index_select(0, flat).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
     )
+    # Masked positions read slot 0 (reserved, never a real token's): whatever it holds must not
+    # reach the output, and 0 * NaN is NaN, so masked values are zeroed, not only weighted 0.
+    values = values.masked_fill(~valid[:, None, :, None], 0.0)
     qg = q.view(batch, num_kv_heads, group, head_dim).float()
     scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    # A row with seq_len 0 (graph padding) attends to nothing: zeros, as the Triton kernel writes.
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs, values.float())
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
@@ -79,7 +83,7 @@ def paged_prefill_attention_reference(
     q: [total_q, num_q_heads, head_dim] -> same shape. Causal within the new tokens; every cached
     token before them is visible.
     """
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # rows outside every sequence (graph padding) stay zero
     num_q_heads = q.shape[1]
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent H200 call that runs several parts in turn, each bounded and independent; each part's
 # log goes to $OUT/<part>.log and its tail is printed. Parts: tests, smshare, smtests, smscenario,
-# smscenarioheavy, smscenario8b, smprobe, bench, profile,
+# smscenario1k, smscenarioburst, smscenario8b, smscenario8b1k, enginetests, smprobe, bench, profile,
 # spec, specdiag, specqueue, gemmprobe, kvreuse, slo, policy, external and pipeline (the last two on nvidia-h200-x2). Carried wheels in .whl are installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +31,20 @@ print(next((r['job'].split()[1] for r in rows if r['job'].startswith('engine') a
       part smshare 300 python3 scripts/gpu_smshare.py ;;
     smtests) part smtests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_smshare_gpu.py ;;
     smscenario) part smscenario 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare --out "$OUT/sm_0.6b" ;;
-    smscenarioheavy)  # prefill-heavy first phase, decode batch drains in the second: the mix shifts
-      part smscenarioheavy 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
-        --background 128 --background-new 256 --arrivals 160 --dense-rate 80 --sparse-rate 8 \
-        --out "$OUT/sm_heavy" ;;
+    smscenario1k) part smscenario1k 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
+        --max-prefill-tokens 1024 --out "$OUT/sm_0.6b_1k" ;;
+    smscenarioburst)  # arrivals in a burst: the engine is saturated throughout, the mix shifts
+      part smscenarioburst 330 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
+        --background 128 --background-new 512 --arrivals 128 --dense-rate 400 --sparse-rate 40 \
+        --arrival-new 256 --out "$OUT/sm_burst" ;;
     smscenario8b) part smscenario8b 420 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
         --model qwen3-8b-shape --background 96 --background-new 384 --arrivals 48 --out "$OUT/sm_8b" ;;
+    smscenario8b1k) part smscenario8b1k 420 python3 -m rollout_accel.rollout.cli bench --scenario smshare \
+        --model qwen3-8b-shape --background 96 --background-new 384 --arrivals 48 \
+        --max-prefill-tokens 1024 --out "$OUT/sm_8b_1k" ;;
+    enginetests) part enginetests 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/serving/test_engine_gpu.py tests/serving/test_smshare_gpu.py tests/serving/test_spec_gpu.py \
+        tests/serving/test_kvreuse_gpu.py tests/serving/test_logprob_options_gpu.py tests/serving/test_grammar_gpu.py ;;
     kvreuse) part kvreuse 300 python3 scripts/gpu_kvreuse_bench.py ;;
     slo) part slo 240 bash scripts/gpu_slo_bench.sh ;;
     policy) part policy 420 bash scripts/gpu_policy_bench.sh ;;

@@ -9,7 +9,7 @@
   (b) 1,000 preset switches (and 20 create/close cycles) leak no memory, contexts or streams;
   (c) the concurrent runner: tiny-qwen3 fp32 outputs (greedy and seeded temperature 1) with SM
       sharing (every preset, adaptive) == the plain runner's; then a mixed prefill + decode
-      workload at qwen3-0.6b-shape bf16, time-shared (sequential) vs SM-shared (adaptive, two
+      workload at qwen3-0.6b-shape bf16, eager and sequential vs SM-shared (adaptive, two
       static presets): output tokens/s and the ratio, per-step timeline in smshare_timeline.json;
   (d) with --scenario: `rollout bench --scenario smshare` as well (minutes more).
 Each part is bounded (SIGALRM; part c in child processes, so an abort costs only that part) and
@@ -279,7 +279,7 @@ def part_c_outputs(torch) -> dict[str, Any]:
             return {"ok": False, "error": f"unavailable: {runner.unavailable_reason}"}
         rows: dict[str, Any] = {}
         for label, params in (("greedy", greedy), ("seeded_t1", sampled)):
-            engine.loop.call(lambda: runner.set_mode("time-share"))
+            engine.loop.call(lambda: runner.set_mode("eager"))
             plain, _ = _generate(engine, prompts, params)
             runs = [("sequential", None), ("adaptive", None)]
             runs += [(preset.name, preset.index) for preset in runner.partitions.presets]
@@ -301,9 +301,10 @@ def part_c_outputs(torch) -> dict[str, Any]:
 
 def part_c_bench(torch, out: Path) -> dict[str, Any]:
     """qwen3-0.6b-shape bf16: a mixed workload (a running batch of short prompts decoding while
-    long prompts prefill in 512-token chunks) time-shared (one eager merged forward per mixed
-    step: today's engine), sequential (the same graphs as SM sharing, one after the other on the
-    whole GPU: what isolates concurrency's gain) vs SM-shared (adaptive, static on two presets).
+    long prompts prefill in 512-token chunks) eager (one merged forward per mixed step: the
+    engine before prefill-chunk graphs), sequential (the engine's default now: decode graph, then
+    prefill-chunk graph, on the whole GPU; isolates concurrency's gain) vs SM-shared (adaptive,
+    static on two presets).
     Output tokens/s side by side in one process, and the per-step timeline of each run (JSON)."""
     import numpy as np
 
@@ -331,12 +332,12 @@ def part_c_bench(torch, out: Path) -> dict[str, Any]:
         if not runner.available:
             return {"ok": False, "error": f"unavailable: {runner.unavailable_reason}"}
         presets = runner.partitions.presets
-        modes: list[tuple[str, str, int | None]] = [("time-share", "time-share", None)]
+        modes: list[tuple[str, str, int | None]] = [("eager", "eager", None)]
         modes.append(("sequential", "sequential", None))
         modes.append(("adaptive", "adaptive", None))
         for preset in (presets[0], presets[len(presets) // 2]):
             modes.append((f"static {preset.name}", "static", preset.index))
-        engine.loop.call(lambda: runner.set_mode("time-share"))
+        engine.loop.call(lambda: runner.set_mode("sequential"))
         _generate(engine, prompts[:8] + prompts[-2:], params[:8] + params[-2:])  # warm-up
         rows: dict[str, Any] = {}
         timelines: dict[str, list[dict[str, Any]]] = {}
@@ -356,15 +357,13 @@ def part_c_bench(torch, out: Path) -> dict[str, Any]:
                 "concurrent_steps": runner.concurrent_steps - before[0],
                 "sequential_steps": runner.sequential_steps - before[2],
                 "ungraphable_mixed_steps": runner.ungraphable_steps - before[1],
-                "identical_to_time_share": sum(
-                    a == b for a, b in zip(outs, reference, strict=True)
-                ),
+                "identical_to_eager": sum(a == b for a, b in zip(outs, reference, strict=True)),
                 "mixed_steps_planned": len(steps),
                 "mean_mixed_step_ms": round(
                     1e3 * sum(r.measured_s for r in steps) / max(1, len(steps)), 3
                 ),
             }
-            if mode != "time-share":
+            if mode != "eager":
                 t0 = steps[0].time if steps else 0.0
                 timelines[label] = [
                     {
@@ -378,10 +377,10 @@ def part_c_bench(torch, out: Path) -> dict[str, Any]:
                     for r in steps
                 ]
         engine.loop.call(lambda: runner.set_mode("time-share"))
-        base = rows["time-share"]["tokens_per_s"]
+        base = rows["eager"]["tokens_per_s"]
         seq = rows["sequential"]["tokens_per_s"]
         for row in rows.values():
-            row["vs_time_share"] = round(row["tokens_per_s"] / base, 3)
+            row["vs_eager"] = round(row["tokens_per_s"] / base, 3)
             row["vs_sequential"] = round(row["tokens_per_s"] / seq, 3)
         (out / "smshare_timeline.json").write_text(json.dumps(timelines))
         return {
@@ -530,19 +529,19 @@ def main() -> int:
                 note = ", ".join(
                     f"{k} {r['vs_sequential']:.2f}x seq ({r['concurrent_steps']} conc)"
                     for k, r in res["runs"].items()
-                    if k != "time-share"
+                    if k != "eager"
                 )
             print(f"{name:<24}{res.get('ok')!s:>6}{res.get('seconds', 0):>8}  {note[:90]}")
     runs = results.get("c_bench_0.6b_bf16", {}).get("runs") or {}
     if runs:
         print(f"\nmixed workload, qwen3-0.6b-shape bf16 ({results['device']}):")
         print(
-            f"{'mode':<16}{'tok/s':>10}{'x time-share':>14}{'x sequential':>14}"
+            f"{'mode':<16}{'tok/s':>10}{'x eager':>14}{'x sequential':>14}"
             f"{'concurrent':>12}{'ungraphable':>13}"
         )
         for mode, r in runs.items():
             print(
-                f"{mode:<16}{r['tokens_per_s']:>10}{r['vs_time_share']:>14}{r['vs_sequential']:>14}"
+                f"{mode:<16}{r['tokens_per_s']:>10}{r['vs_eager']:>14}{r['vs_sequential']:>14}"
                 f"{r['concurrent_steps']:>12}{r['ungraphable_mixed_steps']:>13}"
             )
     bench = results.get("d_scenario", {}).get("results") or {}

@@ -2,19 +2,21 @@
 
 One engine (SM sharing built in, GPU with green contexts) serves the same seeded rollout-shaped
 workload four ways, switching only the runner's mode between runs:
-  time-share  today's chunked prefill mixed into decode steps (one eager merged forward);
-  sequential  the graphs SM sharing uses (decode graph, prefill-chunk graph) one after the other
-              on the whole GPU: the baseline that isolates what running them at once buys;
+  eager       a mixed step (decode rows + a prefill chunk) as one eager forward: the engine
+              before prefill-chunk graphs, and with --prefill-cuda-graph-max-tokens 0;
+  sequential  the engine's default time-sharing now: the decode graph, then the prefill-chunk
+              graph, on the whole GPU (the baseline that isolates what concurrency buys);
   static      SM-shared, one fixed preset whenever both sides have work (the preset the latency
               model predicts fastest over the adaptive run's mixed steps; `--static-preset all`
               measures every preset instead and keeps the best);
-  adaptive    SM-shared, the planner's choice per step.
+  adaptive    SM-shared, the planner's choice per step (the whole GPU among the options).
 Workload: a large running decode batch (long outputs) plus continuous arrivals of long prompts,
 resumed partial samples (a running sample's prompt + a partial response, so the prefix is cached)
 and multi-turn appends (an earlier prompt + a new turn). The mix shifts: arrivals are dense in
 the first phase (prefill-heavy) and sparse in the second (decode-heavy).
-Reports output throughput, TTFT and TPOT p50/p99 per mode, ratios against time-sharing and
-against sequential, the preset counts, and a preset timeline (PNG). Exits with status 2 and a message where green
+Reports output throughput, TTFT and TPOT p50/p99 per mode, ratios against eager and against
+sequential, each mode's mixed steps (count, mean time, share of the run), the split counts,
+and a preset timeline (PNG). Exits with status 2 and a message where green
 contexts are missing.
 
     rollout bench --scenario smshare [--model qwen3-0.6b-shape] [--out DIR]
@@ -256,7 +258,7 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         runner.timeline.clear()
         result = run_once(engine, load)
         engine.loop.call(lambda: (torch.cuda.synchronize(), runner._poll_timings()))
-        result["preset_counts"] = runner.metrics() if mode != "time-share" else {}
+        result["preset_counts"] = runner.metrics() if mode != "eager" else {}
         steps = list(runner.timeline)
         timed = [s for s in steps if s.measured_s > 0 and s.predicted_s > 0]
         result["mixed_steps_planned"] = len(steps)
@@ -271,10 +273,10 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
 
     # Warm-up on a slice of the workload: Triton autotuning and allocator growth stay out of
     # the measured runs.
-    serve("time-share", load=Workload(workload.background[:32], 32, workload.arrivals[:8]))
+    serve("sequential", load=Workload(workload.background[:32], 32, workload.arrivals[:8]))
     results: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[Any]] = {}
-    results["time-share"], _ = serve("time-share")
+    results["eager"], _ = serve("eager")
     results["sequential"], _ = serve("sequential")
     results["adaptive"], timelines["adaptive"] = serve("adaptive")
     if args.static_preset == "all":
@@ -299,10 +301,10 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
         results["static"], timelines["static"] = serve("static", index)
         results["static"]["preset"] = runner.partitions.presets[index].name
     engine.loop.call(lambda: runner.set_mode("time-share"))
-    base = results["time-share"]
+    eager = results["eager"]
     sequential = results["sequential"]
     for res in results.values():
-        res["throughput_vs_time_share"] = res["throughput_tok_s"] / base["throughput_tok_s"]
+        res["throughput_vs_eager"] = res["throughput_tok_s"] / eager["throughput_tok_s"]
         res["throughput_vs_sequential"] = res["throughput_tok_s"] / sequential["throughput_tok_s"]
     problem = _plot(timelines, names, out_dir / "smshare_timeline.png")
     report = {
@@ -354,18 +356,18 @@ def torch_device_name() -> str:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'mode':<18}{'tok/s':>9}{'x ts':>7}{'x seq':>7}"
+        f"{'mode':<18}{'tok/s':>9}{'x eager':>8}{'x seq':>7}"
         f"{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}"
     )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         lines.append(
-            f"{name:<18}{r['throughput_tok_s']:>9.0f}{r['throughput_vs_time_share']:>7.2f}"
+            f"{name:<18}{r['throughput_tok_s']:>9.0f}{r['throughput_vs_eager']:>8.2f}"
             f"{r.get('throughput_vs_sequential', float('nan')):>7.2f}"
             f"{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}"
             f"{r['tpot_p50_ms']:>10.2f}{r['tpot_p99_ms']:>8.2f}"
         )
-    lines.append("(ms; 'x ts', 'x seq' = throughput / time-share, / sequential)")
+    lines.append("(ms; 'x eager', 'x seq' = throughput / eager, / sequential)")
     for name, r in results.items():
         if "mixed_step_ms_mean" in r:
             counts = {

@@ -29,6 +29,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
+    # Prefill chunks of up to this many tokens replay CUDA graphs, alone or right after a mixed
+    # step's decode graph (None: max_prefill_tokens; 0: off, mixed steps run one eager forward).
+    prefill_cuda_graph_max_tokens: int | None = None
     # Launch step N+1 before processing step N. None: on for CUDA (where launches are async), off
     # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
     overlap_schedule: bool | None = None
@@ -92,6 +95,11 @@ class EngineConfig:
             raise ValueError(f"pp_cuda_graph: must be true or false, got {self.pp_cuda_graph!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("mem_fraction_static: must be in (0, 1)")
+        cap = self.prefill_cuda_graph_max_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise ValueError(
+                f"prefill_cuda_graph_max_tokens: must be an integer >= 0 (0 = off), got {cap!r}"
+            )
         if not isinstance(self.sm_share, bool):
             raise ValueError(f"sm_share: must be true or false, got {self.sm_share!r}")
         tpot = self.sm_share_tpot_ms
@@ -108,6 +116,13 @@ class EngineConfig:
         from rollout_accel.serving.spec.config import spec_config_from
 
         spec_config_from(self, cuda=False)  # raises ValueError naming a bad speculative flag
+
+    def prefill_graph_tokens(self) -> int:
+        """The largest prefill chunk replayed from graphs (0: none); SM sharing needs them."""
+        cap = self.prefill_cuda_graph_max_tokens
+        if cap is None or self.sm_share:
+            return self.max_prefill_tokens
+        return min(cap, self.max_prefill_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

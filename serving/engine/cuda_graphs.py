@@ -12,9 +12,15 @@ from Python costs more than the GPU work itself.
 A graph holds the addresses of the parameters, the KV buffers and its static inputs. Anything
 that moves them (memory release/resume) must `release()` the graphs first and `capture()` again
 after; the runner enforces that.
+
+CPU emulation (EMULATE_ENV=1, for tests without a GPU): "capture" records the body and "replay"
+runs it eagerly over the same static inputs into `outputs[bucket]`, so staging, padding, bucket
+choice, release and recapture run exactly as on a GPU; only the CUDA graph itself is absent.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -22,6 +28,24 @@ import torch
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
+
+EMULATE_ENV = "ROLLOUT_ACCEL_EMULATE_GRAPHS"
+
+
+def emulated(device: torch.device) -> bool:
+    """Graphs are emulated: a CPU device and EMULATE_ENV=1."""
+    return device.type != "cuda" and os.environ.get(EMULATE_ENV) == "1"
+
+
+class _EmulatedGraph:
+    """A CPU stand-in for a captured graph: `replay` runs the body into its bucket's output."""
+
+    def __init__(self, owner: BucketGraphs, bucket: int) -> None:
+        self.owner = owner
+        self.bucket = bucket
+
+    def replay(self) -> None:
+        self.owner.outputs[self.bucket] = self.owner._body(self.bucket)
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -45,7 +69,8 @@ class BucketGraphs:
     buckets: list[int]
 
     def _init_graphs(self) -> None:
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.emulate = emulated(self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EmulatedGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self.replays = 0
@@ -80,9 +105,13 @@ class BucketGraphs:
         rotary.tables(self.width, self.device)
         self._rotary_generation = rotary.generation
 
-    def _capture_buckets(self, stream: torch.cuda.Stream) -> None:
+    def _capture_buckets(self, stream: torch.cuda.Stream | None) -> None:
         """Warms up and captures every bucket on `stream`, largest first (the pool is sized by
         the first), then joins the current stream."""
+        if self.emulate:
+            self.graphs = {bucket: _EmulatedGraph(self, bucket) for bucket in self.buckets}
+            self.captures += 1
+            return
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for bucket in reversed(self.buckets):
@@ -106,8 +135,9 @@ class BucketGraphs:
         self.graphs.clear()
         self.outputs.clear()
         self.pool = None
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        if not self.emulate:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
 
 class DecodeGraphs(BucketGraphs):
@@ -134,7 +164,8 @@ class DecodeGraphs(BucketGraphs):
         # (input ids, block table, the new slots in the table) is gathered inside the graph.
         self.static = torch.zeros((4, bs), dtype=torch.int64, device=dev)
         self.positions, self.rows, self.slot_mapping, self._seq_lens64 = self.static
-        self._hosts = [torch.zeros((4, bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        hosts = [torch.zeros((4, bs), dtype=torch.int64) for _ in range(2)]
+        self._hosts = hosts if self.emulate else [h.pin_memory() for h in hosts]
         self._flip = 0
         self.cu_q_lens = torch.arange(bs + 1, dtype=torch.int32, device=dev)
 
@@ -169,10 +200,10 @@ class DecodeGraphs(BucketGraphs):
         self._stage_padding(0, self.max_bs)
         self._capture_buckets(self._capture_stream())
 
-    def _capture_stream(self) -> torch.cuda.Stream:
+    def _capture_stream(self) -> torch.cuda.Stream | None:
         """The stream the graphs are captured on (a graph keeps to the SMs of the stream it was
         captured on: a side stream here, a partition's stream for SM sharing)."""
-        return torch.cuda.Stream(self.device)
+        return None if self.emulate else torch.cuda.Stream(self.device)
 
     def fits(self, batch_size: int) -> bool:
         return self.captured and 0 < batch_size <= self.max_bs
@@ -208,7 +239,7 @@ class DecodeGraphs(BucketGraphs):
         host[1, bs:bucket] = self.table.pad_row
         # The whole pinned block (16 bytes a row): a sliced, non-contiguous source would be
         # staged through pageable memory, and that copy waits for the stream (a full stall).
-        self.static.copy_(host_t, non_blocking=True)
+        self.static.copy_(host_t, non_blocking=not self.emulate)
         return bucket
 
     def replay(self, bucket: int) -> None:

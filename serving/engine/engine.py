@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rollout_accel.serving.engine.config import EngineConfig
+from rollout_accel.serving.engine.cuda_graphs import emulated as emulated_graphs
 from rollout_accel.serving.engine.detokenizer import DetokenizerState, advance
 from rollout_accel.serving.engine.engine_loop import EngineLoop
 from rollout_accel.serving.engine.errors import (
@@ -109,7 +110,9 @@ class Engine:
             self.config.max_running_requests + 8, self.context_length + 1, self.device
         )
         self.cache = RadixCache(self.allocator.free, enabled=self.config.enable_prefix_caching)
-        graphs = self.config.cuda_graph and self.device.type == "cuda"
+        graphs = self.config.cuda_graph and (
+            self.device.type == "cuda" or emulated_graphs(self.device)
+        )
         runner_cls: Any = ModelRunner
         if self.config.sm_share:  # prefill/decode SM sharing (serving/smshare)
             from rollout_accel.serving.smshare.concurrent_step import make_runner_factory
@@ -133,6 +136,7 @@ class Engine:
                     )
                     if graphs
                     else 0,
+                    prefill_graph_tokens=self.config.prefill_graph_tokens() if graphs else 0,
                 )
         self._weight_version = self.config.weight_version
         self.requests = RequestFactory(

@@ -7,6 +7,12 @@ the engine can schedule the next step while this one runs. `release(tags)` / `re
 memory back and take it again (SGLang's tags: weights, kv_cache, cuda_graph); since a graph holds
 the addresses of the buffers it reads, releasing weights or KV drops the graphs, and resuming
 captures them again once weights and KV are both back.
+
+Graphs: decode-only steps replay decode graphs (by batch size); prefill chunks replay
+prefill-chunk graphs (by token count, `prefill_graph_tokens` at most), alone in a prefill-only
+step, and right after the decode graph in a mixed step (its decode rows and prefill items as
+two replays, then one sampling pass). Whatever the graphs cannot run (prompt logprobs, drafts,
+KV reuse, more items or tokens than captured) runs as one eager forward.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from rollout_accel.serving.engine.batch import (
     host_input_ids,
     pack_layout,
 )
+from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs, emulated
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.logprob_options import record_input
+from rollout_accel.serving.engine.prefill_graphs import PrefillGraphs
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -52,6 +60,7 @@ class ModelRunner:
         table: RequestTable,
         eos_ids: tuple[int, ...],
         cuda_graph_max_bs: int = 0,
+        prefill_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -60,13 +69,17 @@ class ModelRunner:
         self.is_cuda = self.device.type == "cuda"
         self.vocab_size = model.config.vocab_size
         self.sampler = BatchSampler(table, self.vocab_size, eos_ids)
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
+        self.chunk_graphs: PrefillGraphs | None = None  # prefill-chunk graphs (whole GPU)
+        self.graphed_prefill_steps = 0  # steps whose prefill part replayed a chunk graph
+        self.use_chunk_graphs = True  # runtime switch (benchmarks compare with eager steps)
         self.kvreuse: Any = None  # serving.kvreuse.engine_hook.KVReuse when enabled
-        if self.is_cuda and cuda_graph_max_bs > 0:
-            from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
-
+        if (self.is_cuda or emulated(self.device)) and cuda_graph_max_bs > 0:
             self.graphs = DecodeGraphs(model, kv_cache, table, cuda_graph_max_bs)
             self.graphs.capture()
+            if prefill_graph_tokens > 0:
+                self.chunk_graphs = PrefillGraphs(model, kv_cache, table, prefill_graph_tokens)
+                self.chunk_graphs.capture()
         self._offloaded: dict[str, torch.Tensor] = {}
         self.released: set[str] = set()
         if self.is_cuda:
@@ -99,6 +112,8 @@ class ModelRunner:
             input_logprobs: dict[int, list[float]] = {}
         elif self.kvreuse is not None and self.kvreuse.handles(batch):
             sample_logits, emit_rows, emit_next, input_logprobs = self.kvreuse.forward(batch)
+        elif self._chunk_graphable(batch):
+            return self._launch_graphed_parts(batch)
         else:
             sample_logits, emit_rows, emit_next, input_logprobs = self._forward_eager(
                 batch, emitting
@@ -107,6 +122,89 @@ class ModelRunner:
             return CompletedStep(batch, StepResult([], [], input_logprobs))
         tokens, logprobs = self._sample(batch, emitting, sample_logits, emit_rows, emit_next)
         return self._results_handle(batch, tokens, logprobs, input_logprobs)
+
+    # -- graphed prefill chunks ------------------------------------------------------------------
+    def _chunk_graphable(self, batch: Batch) -> bool:
+        """The batch's prefill part fits the chunk graphs and its decode rows (if any) the
+        decode graphs (checked after drafts and KV reuse took theirs)."""
+        if (
+            self.chunk_graphs is None
+            or self.graphs is None
+            or not self.use_chunk_graphs
+            or "cuda_graph" in self.released
+        ):
+            return False
+        nd = batch.num_decode
+        if nd == len(batch.items) or (nd and not self.graphs.fits(nd)):
+            return False
+        return self.chunk_graphs.fits(self._parts(batch)[1])
+
+    @staticmethod
+    def _parts(batch: Batch) -> tuple[Batch, Batch]:
+        """The decode rows and the prefill items as two batches."""
+        nd = batch.num_decode
+        decode = Batch(batch.items[:nd], batch.slots[:nd], nd, nd, batch.rows[:nd])
+        slots = batch.slots[nd:]
+        prefill = Batch(batch.items[nd:], slots, 0, len(slots), batch.rows[nd:])
+        return decode, prefill
+
+    def _launch_graphed_parts(
+        self,
+        batch: Batch,
+        d_graphs: DecodeGraphs | None = None,
+        p_graphs: PrefillGraphs | None = None,
+    ) -> StepHandle:
+        """The decode rows' graph (if any), then the prefill chunk's graph, on the current
+        stream; one sampling pass over both. Table writes were flushed by the caller. Other
+        graphs (a partition's) may be given; SM sharing replays those on its own streams."""
+        d_graphs = d_graphs or self.graphs
+        p_graphs = p_graphs or self.chunk_graphs
+        assert d_graphs is not None and p_graphs is not None
+        self.graphed_prefill_steps += 1
+        nd = batch.num_decode
+        decode, prefill = self._parts(batch)
+        d_bucket = None
+        if nd:
+            positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
+            d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
+        staged = p_graphs.stage(prefill)
+        if d_bucket is not None:
+            d_graphs.replay(d_bucket)
+        p_graphs.replay(staged.bucket)
+        return self._sample_parts(batch, d_graphs, d_bucket, p_graphs, staged)
+
+    def _sample_parts(
+        self,
+        batch: Batch,
+        d_graphs: DecodeGraphs,
+        d_bucket: int | None,
+        p_graphs: PrefillGraphs,
+        staged: Any,
+    ) -> StepHandle:
+        """Samples a two-part step's emitting items (decode rows first, then the prefill items
+        that end their prompt) from the replays' outputs; one results handle."""
+        nd = batch.num_decode
+        decode, prefill = self._parts(batch)
+        tokens: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        if d_bucket is not None:
+            d_logits = d_graphs.outputs[d_bucket][:nd]
+            d_rows, d_next = d_graphs.rows[:nd], d_graphs.positions[:nd] + 1
+            d_tok, d_lp = self._sample(decode, list(range(nd)), d_logits, d_rows, d_next)
+            tokens.append(d_tok)
+            logprobs.append(d_lp.float())
+        if staged.emitting:
+            p_logits = p_graphs.logits(staged)
+            p_tok, p_lp = self._sample(
+                prefill, staged.emitting, p_logits, staged.emit_rows, staged.emit_next
+            )
+            tokens.append(p_tok)
+            logprobs.append(p_lp.float())
+        if not tokens:
+            return CompletedStep(batch, StepResult([], [], {}))
+        if len(tokens) == 1:
+            return self._results_handle(batch, tokens[0], logprobs[0], {})
+        return self._results_handle(batch, torch.cat(tokens), torch.cat(logprobs), {})
 
     def _sample(
         self,
@@ -239,6 +337,8 @@ class ModelRunner:
         flushed the prefix cache); graphs go whenever weights or KV move."""
         if ("weights" in tags or "kv_cache" in tags or "cuda_graph" in tags) and self.graphs:
             self.graphs.release()
+            if self.chunk_graphs is not None:
+                self.chunk_graphs.release()
             if getattr(self, "verify_graphs", None) is not None:  # serving/spec
                 self.verify_graphs.release()
         if "weights" in tags and "weights" not in self.released:
@@ -274,6 +374,8 @@ class ModelRunner:
         GB of KV alive after `shutdown()`."""
         if self.graphs is not None:
             self.graphs.release()
+        if self.chunk_graphs is not None:
+            self.chunk_graphs.release()
         if getattr(self, "verify_graphs", None) is not None:  # serving/spec
             self.verify_graphs.release()
         if not self.kv_cache.released:
@@ -287,9 +389,15 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def recapture_if_needed(self, force: bool = False) -> None:
-        """(Re)captures the decode graphs when they are missing (or `force`) and memory is in."""
+        """(Re)captures the decode and prefill-chunk graphs when they are missing (or `force`)
+        and memory is in."""
         if self.graphs is None or self.released & {"weights", "kv_cache", "cuda_graph"}:
             return
         if force or not self.graphs.captured:
             self.graphs.capture()
             log.info("captured decode CUDA graphs (%d buckets)", len(self.graphs.buckets))
+        if self.chunk_graphs is not None and (force or not self.chunk_graphs.captured):
+            self.chunk_graphs.capture()
+            log.info(
+                "captured prefill-chunk CUDA graphs (%d buckets)", len(self.chunk_graphs.buckets)
+            )

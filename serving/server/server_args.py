@@ -97,6 +97,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument("--random-seed", type=int, default=None, help="alias of --seed")
     engine.add_argument("--cuda-graph-max-bs", type=int, default=None)
+    engine.add_argument(
+        "--prefill-cuda-graph-max-tokens",
+        type=int,
+        default=None,
+        help="prefill chunks up to this many tokens replay CUDA graphs, alone or after a mixed "
+        "step's decode graph (default: --max-prefill-tokens; 0: off)",
+    )
     engine.add_argument("--disable-overlap-schedule", action="store_true")
     engine.add_argument(
         "--enable-sm-share",
@@ -196,6 +203,7 @@ def parse_server_args(
         "max_prefill_tokens": args.chunked_prefill_size,
         "seed": args.random_seed,
         "cuda_graph_max_bs": args.cuda_graph_max_bs,
+        "prefill_cuda_graph_max_tokens": args.prefill_cuda_graph_max_tokens,
         "weight_version": args.weight_version,
     }
     kwargs.update({k: v for k, v in overrides.items() if v is not None})

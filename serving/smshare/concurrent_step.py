@@ -29,11 +29,12 @@ logprobs, more prefill items or tokens than captured), `launch` IS `ModelRunner.
 `split` runs the two parts one after the other on the current stream, eagerly (the decomposition
 without concurrency, runnable on the CPU).
 
-Mode `sequential` is the baseline that isolates what concurrency buys: the same two graph replays
-(whole-GPU decode graphs and prefill-chunk graphs captured on a plain side stream, so they are
-not confined to any partition) one after the other on the main stream. It is also what the
-planner's whole-GPU option runs, whenever the step is graphable: a mixed step run as two replays
-beats one eager merged forward wherever launches dominate (small models, small batches).
+Mode `sequential` is the baseline that isolates what concurrency buys: `ModelRunner`'s own path
+for a graphable mixed step (its whole-GPU decode graph, then its prefill-chunk graph, on the main
+stream), chosen through the planner so its steps are timed and recorded like the others. It is
+also what the planner's whole-GPU option runs. Mode `time-share` is `ModelRunner.launch` itself
+(the same two replays when the step is graphable, else one eager forward); `eager` bypasses the
+chunk graphs (one eager forward per mixed step: the engine before prefill-chunk graphs).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from rollout_accel.serving.engine.config import EngineConfig
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.model_runner import MEMORY_TAGS, ModelRunner
+from rollout_accel.serving.engine.prefill_graphs import PrefillGraphs
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import PagedKVCache
 from rollout_accel.serving.smshare.partitions import (
@@ -71,11 +73,10 @@ from rollout_accel.serving.smshare.planner import (
     PlanChoice,
     Planner,
 )
-from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
-MODES = ("adaptive", "static", "sequential", "time-share", "split")
+MODES = ("adaptive", "static", "sequential", "time-share", "eager", "split")
 METRICS_LOG_INTERVAL_S = 60.0  # how often the chosen presets are logged
 
 
@@ -116,7 +117,7 @@ class SmShareRunner(ModelRunner):
     `mode`: adaptive (the planner chooses per step), static (always `static_preset` when both
     sides have work), sequential (both parts' graphs one after the other on the whole GPU),
     time-share (today's behaviour: one eager merged forward), split (eager decomposition).
-    `prefill_graphs[WHOLE]` holds the whole-GPU prefill-chunk graphs (sequential steps).
+    The whole-GPU graphs are `ModelRunner`'s (`graphs`, `chunk_graphs`).
     `available` is False with `unavailable_reason` set where sharing cannot run.
     """
 
@@ -152,12 +153,14 @@ class SmShareRunner(ModelRunner):
         if not tpot_ms > 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
         self.tpot_s = tpot_ms / 1e3
-        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs)
+        # The whole-GPU option replays ModelRunner's prefill-chunk graphs: always captured here.
+        chunk_tokens = max_prefill_tokens if cuda_graph_max_bs > 0 else 0
+        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs, chunk_tokens)
         self.set_mode("split" if mode == "split" else "time-share")
         if not self.is_cuda:
             self._unavailable(f"device is {self.device.type}, not cuda")
             return
-        if self.graphs is None:
+        if self.graphs is None or self.chunk_graphs is None:
             self._unavailable("needs CUDA graphs (cuda_graph=True) for the decode partition")
             return
         partitions, reason = open_partitions(self.device, decode_sms)
@@ -191,17 +194,6 @@ class SmShareRunner(ModelRunner):
             )
             prefill.capture()
             self.prefill_graphs[preset.index] = prefill
-        # Whole-GPU prefill graphs: captured on a plain side stream, so not confined to any
-        # partition; replayed on the main stream right after the whole-GPU decode graph.
-        whole = PrefillGraphs(
-            self.model,
-            self.kv_cache,
-            self.table,
-            max_prefill_tokens,
-            torch.cuda.Stream(self.device),
-        )
-        whole.capture()
-        self.prefill_graphs[WHOLE] = whole
         self._check_join()
         if profile:
             table = profile_latency(self, max_prefill_tokens)
@@ -270,6 +262,7 @@ class SmShareRunner(ModelRunner):
                 self.planner.correction.update(learnt)  # what served steps taught is kept
         self._timings.clear()
         self._mode = mode
+        self.use_chunk_graphs = mode != "eager"
 
     def metrics(self) -> dict[str, float]:
         return self.planner.metrics() if self.planner is not None else {}
@@ -279,7 +272,11 @@ class SmShareRunner(ModelRunner):
     def launch(self, batch: Batch) -> StepHandle:
         nd = batch.num_decode
         mixed = 0 < nd < len(batch.items)
-        if not mixed or self._mode == "time-share" or self.released & {"weights", "kv_cache"}:
+        if (
+            not mixed
+            or self._mode in ("time-share", "eager")
+            or self.released & {"weights", "kv_cache"}
+        ):
             return super().launch(batch)
         if self._mode == "split":
             return self._launch_parts(batch, None)
@@ -339,15 +336,6 @@ class SmShareRunner(ModelRunner):
         prefill_graphs = next(iter(self.prefill_graphs.values()))
         return decode_graphs.fits(nd) and prefill_graphs.fits(self._parts(batch)[1])
 
-    @staticmethod
-    def _parts(batch: Batch) -> tuple[Batch, Batch]:
-        """The decode rows and the prefill items as two batches."""
-        nd = batch.num_decode
-        decode = Batch(batch.items[:nd], batch.slots[:nd], nd, nd, batch.rows[:nd])
-        slots = batch.slots[nd:]
-        prefill = Batch(batch.items[nd:], slots, 0, len(slots), batch.rows[nd:])
-        return decode, prefill
-
     def _launch_parts(self, batch: Batch, preset: Preset | None) -> StepHandle:
         """Split mode: the decode rows, then the prefill items, on the current stream (eager
         prefill; the reference decomposition, runnable on the CPU)."""
@@ -368,51 +356,33 @@ class SmShareRunner(ModelRunner):
 
     def _launch_graphed(self, batch: Batch, preset: Preset | None) -> StepHandle:
         """Both parts as graph replays: at once on `preset`'s partitions (see the module doc),
-        or, with no preset, one after the other on the whole GPU (the main stream)."""
+        or, with no preset, one after the other on the whole GPU (`ModelRunner`'s path)."""
         self.table.flush()
         self.split_steps += 1
+        if preset is None:
+            self.sequential_steps += 1
+            return self._launch_graphed_parts(batch)
+        self.concurrent_steps += 1
+        self.graphed_prefill_steps += 1
         nd = batch.num_decode
         decode, prefill = self._parts(batch)
-        if preset is None:
-            assert self.graphs is not None
-            self.sequential_steps += 1
-            d_graphs: DecodeGraphs = self.graphs
-            p_graphs = self.prefill_graphs[WHOLE]
-        else:
-            self.concurrent_steps += 1
-            d_graphs = self.preset_graphs[preset.index]
-            p_graphs = self.prefill_graphs[preset.index]
+        d_graphs = self.preset_graphs[preset.index]
+        p_graphs = self.prefill_graphs[preset.index]
         main = torch.cuda.current_stream(self.device)
         # Staging on the main stream: the pinned buffers and the copies never meet a partition
         # stream (stage() may also recapture stale graphs: that synchronizes, before the fork).
         positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
         d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
         staged = p_graphs.stage(prefill)
-        if preset is None:
+        self._fork(main, preset)
+        # Decode first: its replay is running while the prefill replay is queued.
+        with torch.cuda.stream(preset.decode.stream):
             d_graphs.replay(d_bucket)
+        with torch.cuda.stream(preset.prefill.stream):
             p_graphs.replay(staged.bucket)
-        else:
-            self._fork(main, preset)
-            # Decode first: its replay is running while the prefill replay is queued.
-            with torch.cuda.stream(preset.decode.stream):
-                d_graphs.replay(d_bucket)
-            with torch.cuda.stream(preset.prefill.stream):
-                p_graphs.replay(staged.bucket)
-            self._join(main, preset)
+        self._join(main, preset)
         # Sampling on the main stream (after both parts): its tensors are the main stream's.
-        d_logits = d_graphs.outputs[d_bucket][:nd]
-        d_rows, d_next = d_graphs.rows[:nd], d_graphs.positions[:nd] + 1
-        d_tokens, d_logprobs = self._sample(decode, list(range(nd)), d_logits, d_rows, d_next)
-        p_tokens = p_logprobs = None
-        if staged.emitting:
-            p_tokens, p_logprobs = self._sample(
-                prefill,
-                staged.emitting,
-                p_graphs.logits(staged),
-                staged.emit_rows,
-                staged.emit_next,
-            )
-        return self._joined_handle(batch, d_tokens, d_logprobs, p_tokens, p_logprobs, {})
+        return self._sample_parts(batch, d_graphs, d_bucket, p_graphs, staged)
 
     def _joined_handle(
         self,
@@ -497,7 +467,9 @@ def make_runner_factory(config: EngineConfig) -> Callable[..., SmShareRunner]:
         table: RequestTable,
         eos_ids: tuple[int, ...],
         cuda_graph_max_bs: int = 0,
+        prefill_graph_tokens: int = 0,
     ) -> SmShareRunner:
+        del prefill_graph_tokens  # SM sharing captures chunk graphs of max_prefill_tokens
         return SmShareRunner(
             model,
             kv_cache,

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs
+from rollout_accel.serving.engine.prefill_graphs import PrefillGraphs
 from rollout_accel.serving.smshare.partitions import Partition, PartitionSet
 from rollout_accel.serving.smshare.planner import WHOLE, LatencyTable
-from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
 
 if TYPE_CHECKING:
     from rollout_accel.serving.smshare.concurrent_step import SmShareRunner
@@ -91,7 +91,8 @@ def profile_latency(runner: SmShareRunner, max_prefill_tokens: int) -> LatencyTa
     result.decode[WHOLE] = [
         (b, b * c, _time_decode(runner, runner.graphs, main, None, b, c)) for b, c in d_points
     ]
-    whole = runner.prefill_graphs[WHOLE]
+    whole = runner.chunk_graphs
+    assert whole is not None
     # A graph computes its whole bucket: time each point's bucket, full.
     buckets = sorted({next(b for b in whole.buckets if b >= n) for n in p_points})
     buckets = [b for b in buckets if b < min(max_context, num_slots)]

@@ -87,6 +87,32 @@ def test_cuda_graph_equals_eager() -> None:
     assert results[0] == results[1]
 
 
+def test_prefill_chunk_graphs_equal_eager_mixed_steps(cpu_reference) -> None:
+    """Prefill-only and mixed steps as graph replays (the default) give the eager engine's
+    tokens (fp32, greedy: the CPU reference; seeded temperature 1: graphs off), and they ran."""
+    sampled = {"temperature": 1.0, "max_new_tokens": 32, "ignore_eos": True, "sampling_seed": 3}
+    runs = []
+    for cap in (0, None):
+        with Engine(
+            "tiny-qwen3",
+            device="cuda",
+            dtype="float32",
+            max_prefill_tokens=48,
+            prefill_cuda_graph_max_tokens=cap,
+        ) as eng:
+            greedy = eng.generate(
+                input_ids=_prompts(),
+                sampling_params={"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True},
+            )
+            eng.flush_cache()
+            outs = eng.generate(input_ids=_prompts(), sampling_params=sampled)
+            runs.append([o["output_ids"] for o in outs])
+            assert [o["output_ids"] for o in greedy] == [r["output_ids"] for r in cpu_reference]
+            graphed = eng.runner.graphed_prefill_steps
+            assert (graphed > 0) == (cap is None), graphed
+    assert runs[0] == runs[1]
+
+
 def test_gpu_preemption_and_prefix_cache_keep_outputs(cpu_reference) -> None:
     with Engine("tiny-qwen3", device="cuda", dtype="float32", max_total_tokens=700) as eng:
         outs = eng.generate(
@@ -144,14 +170,18 @@ def test_release_resume_recaptures_graphs_and_keeps_outputs(dtype: str) -> None:
         assert _greedy(eng, prompts) == before
         replays = eng.runner.graphs.replays
         captures = eng.runner.graphs.captures
+        chunk = eng.runner.chunk_graphs
+        assert chunk is not None and chunk.captured
+        chunk_captures = chunk.captures
         free_before = torch.cuda.mem_get_info()[0]
         ok, message = eng.release_memory_occupation(["weights", "kv_cache", "cuda_graph"])
         assert ok, message
-        assert not eng.runner.graphs.captured
+        assert not eng.runner.graphs.captured and not chunk.captured
         assert torch.cuda.mem_get_info()[0] > free_before + 2**30  # weights + KV went back
         ok, message = eng.resume_memory_occupation(["weights", "kv_cache", "cuda_graph"])
         assert ok, message
         assert eng.runner.graphs.captures == captures + 1
+        assert chunk.captures == chunk_captures + 1
         after = _greedy(eng, prompts)
         assert eng.runner.graphs.replays > replays, "decode should replay the new graphs"
         # Twice more, as every RL step does.

@@ -112,7 +112,12 @@ def test_measured_steps_correct_the_model_and_can_change_the_choice() -> None:
     for _ in range(30):  # the co-run is much slower than its sides alone predicted
         planner.observe(first, measured_s=3.0 * first.raw_s)
     assert planner.correction[first.preset] == pytest.approx(3.0, rel=0.01)
+    # Unmeasured presets borrow the measured presets' contention; the whole GPU keeps its own.
+    others = [p for p in planner.model.presets if p != first.preset]
+    assert all(planner.factor(p) == pytest.approx(3.0, rel=0.01) for p in others)
+    assert planner.factor(None) == 1.0
     second = planner.choose(*shape)
+    assert second.preset is None  # not a walk through the other, equally contended presets
     assert second.preset != first.preset
     assert second.predicted_s <= 3.0 * first.raw_s
     metrics = planner.metrics()
@@ -199,45 +204,6 @@ def test_runner_on_cpu_is_model_runner_and_split_matches() -> None:
         in_a = [x[0] for x in a["meta_info"]["input_token_logprobs"][1:]]
         in_c = [x[0] for x in c["meta_info"]["input_token_logprobs"][1:]]
         assert np.allclose(in_a, in_c, atol=1e-4)
-
-
-def test_prefill_graph_layout_matches_the_eager_forward() -> None:
-    """The padded static layout a prefill graph computes (padding tokens on the spare row and
-    slot 0, padding items with no tokens, full-width block table, fixed logit rows), run eagerly
-    on the CPU, gives the eager forward's logits and the same sampling rows for every prefill
-    chunk the scheduler makes (chunks with a cached prefix included)."""
-    from rollout_accel.serving.smshare.prefill_graphs import PrefillGraphs
-
-    checks: list[float] = []
-    with Engine("tiny-qwen3", device="cpu", dtype="float32", max_prefill_tokens=24) as eng:
-        runner = eng.runner
-        graphs = PrefillGraphs(runner.model, runner.kv_cache, runner.table, 24, stream=None)
-        assert graphs.buckets == [64]
-        original = runner.launch
-
-        def checked(batch):
-            _, prefill = SmShareRunner._parts(batch)
-            emitting = [i for i, it in enumerate(prefill.items) if it.emits_token]
-            if emitting and graphs.fits(prefill):
-                with torch.inference_mode():
-                    runner.table.flush()
-                    staged = graphs.stage(prefill)
-                    got = graphs.forward_eager(staged.bucket)[: len(emitting)]
-                    want, rows, nxt, _ = runner._forward_eager(prefill, emitting)
-                assert staged.emitting == emitting
-                assert staged.emit_rows.tolist() == rows.tolist()
-                assert staged.emit_next.tolist() == nxt.tolist()
-                checks.extend(float(d) for d in (got.float() - want.float()).abs().amax(dim=1))
-            return original(batch)
-
-        runner.launch = checked
-        prompts = _prompts()
-        eng.generate(
-            input_ids=prompts,
-            sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
-        )
-    assert len(checks) == len(prompts)  # every prompt's last chunk was checked
-    assert max(checks) < 1e-4, checks
 
 
 def test_runner_refuses_unknown_mode() -> None:

@@ -1,16 +1,21 @@
-"""Prefill chunks replayed from CUDA graphs captured on a partition's stream (GPU only).
+"""Prefill chunks replayed from CUDA graphs (GPU; CPU emulation for tests, see cuda_graphs.py).
 
-Why graphs: a partition's stream (a green context's) must only replay graphs. Eager work there
-allocates from torch's caching allocators on that stream, and their bookkeeping (events recorded
-when a block used on the stream is freed, pinned staging buffers) runs in the primary context:
-on the H200 that aborted the process ("invalid device context"). A graph captured on the
-partition's stream keeps to its SMs, and replaying it allocates nothing.
+Why: a prefill chunk's eager forward launches a few hundred kernels from Python; for small
+models and chunks that costs more than the GPU work (on an H200, qwen3-0.6b-shape: a mixed step
+as one eager forward took ~3x as long as the same work as two graph replays). The runner replays
+a chunk's graph alone (a prefill-only step) or right after the decode graph (a mixed step: its
+decode rows and its prefill items as two replays, see `ModelRunner`). SM sharing replays them
+on a partition's stream, which must only replay graphs: eager work there allocates from torch's
+caching allocators on a green context's stream, and their bookkeeping runs in the primary
+context (on the H200 that aborted the process: "invalid device context").
 
 A graph covers a prefill chunk of up to `bucket` tokens in up to `max_items` items: the slot-table
 update, the block-table gather, the forward, the logits of the emitting items' last tokens.
 Inputs are staged on the caller's (main) stream into static buffers: padding tokens write K/V to
 the reserved slot 0 through the table's spare row and belong to no item; padding items have no
 tokens (the prefill kernel skips them). Sampling happens outside, on the main stream.
+Buckets are fine-grained (`token_buckets`): a chunk computes its whole bucket, so coarse
+buckets would waste up to half the compute of a large chunk.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
 
-MAX_ITEMS = 16  # prefill items per graphed chunk; a chunk with more time-shares the GPU
+MAX_ITEMS = 32  # prefill items per graphed chunk; a chunk with more runs eagerly
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Powers of two from 64 up to the first one >= max_tokens."""
+    """Bucket sizes up to the first >= max_tokens: 64, 128, 256, 512, then steps of 128 up to
+    1024, of 256 up to 2048, of 512 beyond (padding stays under ~1/4 of a chunk above 512)."""
     buckets = [64]
     while buckets[-1] < max_tokens:
-        buckets.append(buckets[-1] * 2)
+        last = buckets[-1]
+        step = last if last < 512 else 128 if last < 1024 else 256 if last < 2048 else 512
+        buckets.append(last + step)
     return buckets
 
 
@@ -49,8 +57,9 @@ class StagedPrefill:
 
 
 class PrefillGraphs(BucketGraphs):
-    """Captured prefill-chunk graphs over static inputs; `stage` on the main stream, `replay` on
-    the partition's stream, `logits` after the join."""
+    """Captured prefill-chunk graphs over static inputs; `stage` on the main stream, `replay`
+    on the main stream (or a partition's), `logits` after it. `stream`: where to capture (a
+    partition's stream confines the graphs to its SMs; None: a side stream)."""
 
     capture_error_mode = "global"  # as measured on the H200 (thread_local not tried there)
 
@@ -60,7 +69,7 @@ class PrefillGraphs(BucketGraphs):
         kv_cache: PagedKVCache,
         table: RequestTable,
         max_tokens: int,
-        stream: torch.cuda.Stream,
+        stream: torch.cuda.Stream | None = None,
         max_items: int = MAX_ITEMS,
     ) -> None:
         self.model = model
@@ -72,6 +81,7 @@ class PrefillGraphs(BucketGraphs):
         self.buckets = token_buckets(max(1, max_tokens))
         self.max_tokens = self.buckets[-1]
         self.max_items = max_items
+        self.is_cuda = self.device.type == "cuda"
         self._init_graphs()
         t, p = self.max_tokens, max_items
         # One int64 block: ids, positions, token rows, slots [t each]; cu [p + 1]; seq_lens,
@@ -81,7 +91,6 @@ class PrefillGraphs(BucketGraphs):
         views = torch.split(self.static, self._sizes)
         (self.ids, self.positions, self.token_rows, self.slots, self.cu) = views[:5]
         (self.seq_lens, self.item_rows, self.logit_rows, self.emit_rows, self.emit_next) = views[5:]
-        self.is_cuda = self.device.type == "cuda"
         hosts = [torch.zeros_like(self.static, device="cpu") for _ in range(2)]
         self._hosts = [h.pin_memory() for h in hosts] if self.is_cuda else hosts
         self._flip = 0
@@ -133,7 +142,10 @@ class PrefillGraphs(BucketGraphs):
         self._pin_rotary()
         self._stage_host(self._hosts[0].numpy(), [], 0)
         self.static.copy_(self._hosts[0])
-        self._capture_buckets(self.stream)
+        stream = self.stream
+        if stream is None and self.is_cuda:
+            stream = torch.cuda.Stream(self.device)
+        self._capture_buckets(stream)
 
     def _stage_host(self, host: np.ndarray, items_arrays: list[np.ndarray], tokens: int) -> None:
         """Fills the host block: the given arrays (ids, positions, token rows, slots, cu,
@@ -164,7 +176,7 @@ class PrefillGraphs(BucketGraphs):
     ) -> int:
         """Copies one chunk's inputs into the static buffers on the current stream; returns
         the bucket to replay."""
-        if self.is_cuda:
+        if self.is_cuda or self.emulate:
             self.ensure_current()
         tokens = len(ids)
         bucket = next(b for b in self.buckets if b >= tokens)
