@@ -273,7 +273,9 @@ def _run_all(engine: Any, args: argparse.Namespace) -> int:
 
     # Warm-up on a slice of the workload: Triton autotuning and allocator growth stay out of
     # the measured runs.
-    serve("sequential", load=Workload(workload.background[:32], 32, workload.arrivals[:8]))
+    warm = Workload(workload.background[:32], 32, workload.arrivals[:8])
+    for mode in ("eager", "sequential"):  # both paths compile and autotune before measuring
+        serve(mode, load=warm)
     results: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[Any]] = {}
     results["eager"], _ = serve("eager")
