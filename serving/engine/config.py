@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+DEFAULT_PREFILL_GRAPH_TOKENS = 4096  # the default cap on graphed prefill chunks
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -30,7 +32,8 @@ class EngineConfig:
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
     # Prefill chunks of up to this many tokens replay CUDA graphs, alone or right after a mixed
-    # step's decode graph (None: max_prefill_tokens; 0: off, mixed steps run one eager forward).
+    # step's decode graph (None: max_prefill_tokens up to 4096, where graphs still pay; 0: off,
+    # mixed steps run one eager forward).
     prefill_cuda_graph_max_tokens: int | None = None
     # Launch step N+1 before processing step N. None: on for CUDA (where launches are async), off
     # on the CPU (where a launch computes synchronously, so there is nothing to overlap).
@@ -120,8 +123,12 @@ class EngineConfig:
     def prefill_graph_tokens(self) -> int:
         """The largest prefill chunk replayed from graphs (0: none); SM sharing needs them."""
         cap = self.prefill_cuda_graph_max_tokens
-        if cap is None or self.sm_share:
+        if self.sm_share:
             return self.max_prefill_tokens
+        if cap is None:
+            # Larger chunks are compute-bound (launches are a few percent of them), while every
+            # bucket costs capture time and pool memory.
+            return min(self.max_prefill_tokens, DEFAULT_PREFILL_GRAPH_TOKENS)
         return min(cap, self.max_prefill_tokens)
 
     def to_dict(self) -> dict[str, Any]:

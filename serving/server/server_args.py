@@ -102,7 +102,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prefill chunks up to this many tokens replay CUDA graphs, alone or after a mixed "
-        "step's decode graph (default: --max-prefill-tokens; 0: off)",
+        "step's decode graph (default: --max-prefill-tokens, at most 4096; 0: off)",
     )
     engine.add_argument("--disable-overlap-schedule", action="store_true")
     engine.add_argument(

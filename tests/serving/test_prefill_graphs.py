@@ -151,6 +151,14 @@ def test_prefill_graph_cap_is_validated_and_wired() -> None:
 
     cfg = EngineConfig.from_kwargs(max_prefill_tokens=2048)
     assert cfg.prefill_graph_tokens() == 2048
+    big = EngineConfig.from_kwargs(max_prefill_tokens=16384)
+    assert big.prefill_graph_tokens() == 4096  # the default cap
+    assert (
+        EngineConfig.from_kwargs(
+            max_prefill_tokens=16384, prefill_cuda_graph_max_tokens=8192
+        ).prefill_graph_tokens()
+        == 8192
+    )
     assert EngineConfig.from_kwargs(prefill_cuda_graph_max_tokens=512).prefill_graph_tokens() == 512
     assert EngineConfig.from_kwargs(prefill_cuda_graph_max_tokens=0).prefill_graph_tokens() == 0
     sm = EngineConfig.from_kwargs(prefill_cuda_graph_max_tokens=0, sm_share=True)
