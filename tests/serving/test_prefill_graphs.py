@@ -94,6 +94,7 @@ def _same(a: list[dict], b: list[dict]) -> None:
 def test_emulated_graph_steps_equal_the_eager_engine(monkeypatch) -> None:
     """Prefill-only and mixed steps as graph replays (emulated) give the eager engine's tokens
     and logprobs, greedy and seeded; both kinds of step really ran through the graphs."""
+    monkeypatch.delenv(EMULATE_ENV, raising=False)  # the reference: no graphs at all
     with Engine("tiny-qwen3", **ENGINE) as eager:
         assert eager.runner.chunk_graphs is None  # no CUDA, no emulation: no graphs at all
         want = {name: _generate(eager, p) for name, p in (("greedy", GREEDY), ("t1", SAMPLED))}
