@@ -35,7 +35,7 @@ from rollout_accel.serving.engine.batch import (
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs, emulated
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.logprob_options import record_input
-from rollout_accel.serving.engine.prefill_graphs import PrefillGraphs
+from rollout_accel.serving.engine.prefill_graphs import PrefillGraphs, StagedPrefill
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
 from rollout_accel.serving.models.paged_kv import AttentionMetadata, PagedKVCache
@@ -148,17 +148,11 @@ class ModelRunner:
         prefill = Batch(batch.items[nd:], slots, 0, len(slots), batch.rows[nd:])
         return decode, prefill
 
-    def _launch_graphed_parts(
-        self,
-        batch: Batch,
-        d_graphs: DecodeGraphs | None = None,
-        p_graphs: PrefillGraphs | None = None,
-    ) -> StepHandle:
+    def _launch_graphed_parts(self, batch: Batch) -> StepHandle:
         """The decode rows' graph (if any), then the prefill chunk's graph, on the current
-        stream; one sampling pass over both. Table writes were flushed by the caller. Other
-        graphs (a partition's) may be given; SM sharing replays those on its own streams."""
-        d_graphs = d_graphs or self.graphs
-        p_graphs = p_graphs or self.chunk_graphs
+        stream; one sampling pass over both (`_sample_parts`, which SM sharing also uses for
+        the same two parts replayed at once on partitions). Table writes were flushed."""
+        d_graphs, p_graphs = self.graphs, self.chunk_graphs
         assert d_graphs is not None and p_graphs is not None
         self.graphed_prefill_steps += 1
         nd = batch.num_decode
@@ -179,7 +173,7 @@ class ModelRunner:
         d_graphs: DecodeGraphs,
         d_bucket: int | None,
         p_graphs: PrefillGraphs,
-        staged: Any,
+        staged: StagedPrefill,
     ) -> StepHandle:
         """Samples a two-part step's emitting items (decode rows first, then the prefill items
         that end their prompt) from the replays' outputs; one results handle."""
