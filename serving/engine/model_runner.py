@@ -112,8 +112,8 @@ class ModelRunner:
             input_logprobs: dict[int, list[float]] = {}
         elif self.kvreuse is not None and self.kvreuse.handles(batch):
             sample_logits, emit_rows, emit_next, input_logprobs = self.kvreuse.forward(batch)
-        elif self._chunk_graphable(batch):
-            return self._launch_graphed_parts(batch)
+        elif (parts := self._chunk_graphable_parts(batch)) is not None:
+            return self._launch_graphed_parts(batch, *parts)
         else:
             sample_logits, emit_rows, emit_next, input_logprobs = self._forward_eager(
                 batch, emitting
@@ -124,20 +124,22 @@ class ModelRunner:
         return self._results_handle(batch, tokens, logprobs, input_logprobs)
 
     # -- graphed prefill chunks ------------------------------------------------------------------
-    def _chunk_graphable(self, batch: Batch) -> bool:
-        """The batch's prefill part fits the chunk graphs and its decode rows (if any) the
-        decode graphs (checked after drafts and KV reuse took theirs)."""
+    def _chunk_graphable_parts(self, batch: Batch) -> tuple[Batch, Batch] | None:
+        """The batch's (decode, prefill) parts when the prefill part fits the chunk graphs and
+        the decode rows (if any) the decode graphs (asked after drafts and KV reuse took
+        theirs); else None."""
         if (
             self.chunk_graphs is None
             or self.graphs is None
             or not self.use_chunk_graphs
             or "cuda_graph" in self.released
         ):
-            return False
+            return None
         nd = batch.num_decode
         if nd == len(batch.items) or (nd and not self.graphs.fits(nd)):
-            return False
-        return self.chunk_graphs.fits(self._parts(batch)[1])
+            return None
+        parts = self._parts(batch)
+        return parts if self.chunk_graphs.fits(parts[1]) else None
 
     @staticmethod
     def _parts(batch: Batch) -> tuple[Batch, Batch]:
@@ -148,28 +150,37 @@ class ModelRunner:
         prefill = Batch(batch.items[nd:], slots, 0, len(slots), batch.rows[nd:])
         return decode, prefill
 
-    def _launch_graphed_parts(self, batch: Batch) -> StepHandle:
+    def _launch_graphed_parts(self, batch: Batch, decode: Batch, prefill: Batch) -> StepHandle:
         """The decode rows' graph (if any), then the prefill chunk's graph, on the current
-        stream; one sampling pass over both (`_sample_parts`, which SM sharing also uses for
-        the same two parts replayed at once on partitions). Table writes were flushed."""
+        stream; one sampling pass over both. Table writes were flushed."""
         d_graphs, p_graphs = self.graphs, self.chunk_graphs
         assert d_graphs is not None and p_graphs is not None
         self.graphed_prefill_steps += 1
-        nd = batch.num_decode
-        decode, prefill = self._parts(batch)
-        d_bucket = None
-        if nd:
-            positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
-            d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
-        staged = p_graphs.stage(prefill)
+        d_bucket, staged = self._stage_parts(decode, prefill, d_graphs, p_graphs)
         if d_bucket is not None:
             d_graphs.replay(d_bucket)
         p_graphs.replay(staged.bucket)
-        return self._sample_parts(batch, d_graphs, d_bucket, p_graphs, staged)
+        return self._sample_parts(batch, decode, prefill, d_graphs, d_bucket, p_graphs, staged)
+
+    @staticmethod
+    def _stage_parts(
+        decode: Batch, prefill: Batch, d_graphs: DecodeGraphs, p_graphs: PrefillGraphs
+    ) -> tuple[int | None, StagedPrefill]:
+        """Both parts' inputs into their graphs' static buffers, on the current stream; the
+        decode bucket (None without decode rows) and the staged chunk. Replays may then run
+        here or on other streams (SM sharing's partitions)."""
+        d_bucket = None
+        nd = len(decode.items)
+        if nd:
+            positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
+            d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
+        return d_bucket, p_graphs.stage(prefill)
 
     def _sample_parts(
         self,
         batch: Batch,
+        decode: Batch,
+        prefill: Batch,
         d_graphs: DecodeGraphs,
         d_bucket: int | None,
         p_graphs: PrefillGraphs,
@@ -177,8 +188,7 @@ class ModelRunner:
     ) -> StepHandle:
         """Samples a two-part step's emitting items (decode rows first, then the prefill items
         that end their prompt) from the replays' outputs; one results handle."""
-        nd = batch.num_decode
-        decode, prefill = self._parts(batch)
+        nd = len(decode.items)
         tokens: list[torch.Tensor] = []
         logprobs: list[torch.Tensor] = []
         if d_bucket is not None:

@@ -115,8 +115,9 @@ class SmShareRunner(ModelRunner):
     """`ModelRunner` that runs mixed steps' decode and prefill concurrently on SM partitions.
 
     `mode`: adaptive (the planner chooses per step), static (always `static_preset` when both
-    sides have work), sequential (both parts' graphs one after the other on the whole GPU),
-    time-share (today's behaviour: one eager merged forward), split (eager decomposition).
+    sides have work), sequential (both parts' graphs one after the other on the whole GPU,
+    through the planner so steps are timed), time-share (`ModelRunner.launch` as is), eager (one
+    merged eager forward per mixed step), split (eager decomposition).
     The whole-GPU graphs are `ModelRunner`'s (`graphs`, `chunk_graphs`).
     `available` is False with `unavailable_reason` set where sharing cannot run.
     """
@@ -128,6 +129,7 @@ class SmShareRunner(ModelRunner):
         table: RequestTable,
         eos_ids: tuple[int, ...],
         cuda_graph_max_bs: int = 0,
+        prefill_graph_tokens: int = 0,
         *,
         tpot_ms: float = 50.0,
         max_prefill_tokens: int = 4096,
@@ -153,15 +155,15 @@ class SmShareRunner(ModelRunner):
         if not tpot_ms > 0:
             raise ValueError(f"sm_share_tpot_ms: must be positive, got {tpot_ms}")
         self.tpot_s = tpot_ms / 1e3
-        # The whole-GPU option replays ModelRunner's prefill-chunk graphs: always captured here.
-        chunk_tokens = max_prefill_tokens if cuda_graph_max_bs > 0 else 0
-        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs, chunk_tokens)
+        # The whole-GPU option replays ModelRunner's prefill-chunk graphs; with sm_share the
+        # config asks for them up to max_prefill_tokens (EngineConfig.prefill_graph_tokens).
+        super().__init__(model, kv_cache, table, eos_ids, cuda_graph_max_bs, prefill_graph_tokens)
         self.set_mode("split" if mode == "split" else "time-share")
         if not self.is_cuda:
             self._unavailable(f"device is {self.device.type}, not cuda")
             return
         if self.graphs is None or self.chunk_graphs is None:
-            self._unavailable("needs CUDA graphs (cuda_graph=True) for the decode partition")
+            self._unavailable("needs CUDA graphs (cuda_graph=True) for decode and prefill chunks")
             return
         partitions, reason = open_partitions(self.device, decode_sms)
         if partitions is None:
@@ -359,21 +361,19 @@ class SmShareRunner(ModelRunner):
         or, with no preset, one after the other on the whole GPU (`ModelRunner`'s path)."""
         self.table.flush()
         self.split_steps += 1
+        decode, prefill = self._parts(batch)
         if preset is None:
             self.sequential_steps += 1
-            return self._launch_graphed_parts(batch)
+            return self._launch_graphed_parts(batch, decode, prefill)
         self.concurrent_steps += 1
         self.graphed_prefill_steps += 1
-        nd = batch.num_decode
-        decode, prefill = self._parts(batch)
         d_graphs = self.preset_graphs[preset.index]
         p_graphs = self.prefill_graphs[preset.index]
         main = torch.cuda.current_stream(self.device)
         # Staging on the main stream: the pinned buffers and the copies never meet a partition
         # stream (stage() may also recapture stale graphs: that synchronizes, before the fork).
-        positions = np.fromiter((it.start for it in decode.items), np.int64, nd)
-        d_bucket = d_graphs.stage(positions, decode.rows, decode.slots)
-        staged = p_graphs.stage(prefill)
+        d_bucket, staged = self._stage_parts(decode, prefill, d_graphs, p_graphs)
+        assert d_bucket is not None  # a mixed step has decode rows
         self._fork(main, preset)
         # Decode first: its replay is running while the prefill replay is queued.
         with torch.cuda.stream(preset.decode.stream):
@@ -382,7 +382,7 @@ class SmShareRunner(ModelRunner):
             p_graphs.replay(staged.bucket)
         self._join(main, preset)
         # Sampling on the main stream (after both parts): its tensors are the main stream's.
-        return self._sample_parts(batch, d_graphs, d_bucket, p_graphs, staged)
+        return self._sample_parts(batch, decode, prefill, d_graphs, d_bucket, p_graphs, staged)
 
     def _joined_handle(
         self,
@@ -469,13 +469,13 @@ def make_runner_factory(config: EngineConfig) -> Callable[..., SmShareRunner]:
         cuda_graph_max_bs: int = 0,
         prefill_graph_tokens: int = 0,
     ) -> SmShareRunner:
-        del prefill_graph_tokens  # SM sharing captures chunk graphs of max_prefill_tokens
         return SmShareRunner(
             model,
             kv_cache,
             table,
             eos_ids,
             cuda_graph_max_bs,
+            prefill_graph_tokens,
             tpot_ms=config.sm_share_tpot_ms,
             max_prefill_tokens=config.max_prefill_tokens,
         )

@@ -105,9 +105,9 @@ def test_emulated_graph_steps_equal_the_eager_engine(monkeypatch) -> None:
         launched: list[tuple[int, int]] = []
         original = runner._launch_graphed_parts
 
-        def counted(batch):
+        def counted(batch, *parts):
             launched.append((batch.num_decode, len(batch.items) - batch.num_decode))
-            return original(batch)
+            return original(batch, *parts)
 
         runner._launch_graphed_parts = counted
         for name, params in (("greedy", GREEDY), ("t1", SAMPLED)):
