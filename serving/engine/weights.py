@@ -84,6 +84,13 @@ class WeightUpdater:
                 )
         return None
 
+    def disk_update_problem(self, path: Path) -> str | None:
+        """Why an update from the checkpoint at `path` cannot start (released weights, a bad
+        directory or config), or None."""
+        if "weights" in self.runner.released:
+            return "weights are released; resume_memory_occupation first"
+        return self.check_checkpoint_dir(path)
+
     def from_disk(
         self,
         model_path: str,
@@ -91,10 +98,8 @@ class WeightUpdater:
         weight_version: str | None = None,
         recapture_cuda_graph: bool = False,
     ) -> tuple[bool, str]:
-        if "weights" in self.runner.released:
-            return False, "weights are released; resume_memory_occupation first"
         path = Path(model_path)
-        problem = self.check_checkpoint_dir(path)
+        problem = self.disk_update_problem(path)
         if problem is not None:
             return False, problem
         try:

@@ -70,7 +70,7 @@ class PipelineWeightUpdater(WeightUpdater):
         recapture_cuda_graph: bool = False,
     ) -> tuple[bool, str]:
         path = Path(model_path)
-        problem = self.check_checkpoint_dir(path)
+        problem = self.disk_update_problem(path)
         if problem is not None:
             return False, problem
         ok, message = self.from_tensors(
