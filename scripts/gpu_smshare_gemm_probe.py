@@ -151,17 +151,9 @@ def child_engine(layout: str) -> dict:
 
     logging.basicConfig(level=logging.INFO)
     parts.DEFAULT_LAYOUT = layout
-    with Engine(
-        "qwen3-0.6b-shape",
-        dtype="bfloat16",
-        device="cuda",
-        max_prefill_tokens=512,
-        max_running_requests=64,
-        cuda_graph_max_bs=64,
-        context_length=4096,
-        sm_share=True,
-        seed=1,
-    ) as engine:
+    from gpu_smshare import BENCH_ENGINE  # a sibling script: the bench's own engine
+
+    with Engine("qwen3-0.6b-shape", **BENCH_ENGINE) as engine:
         runner = engine.runner
         out = {"available": runner.available, "reason": runner.unavailable_reason}
         if runner.available:
