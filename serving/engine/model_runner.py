@@ -31,6 +31,7 @@ from rollout_accel.serving.engine.batch import (
     StepResult,
     host_input_ids,
     pack_layout,
+    upload_packed,
 )
 from rollout_accel.serving.engine.cuda_graphs import DecodeGraphs, emulated
 from rollout_accel.serving.engine.kv_pool import RequestTable
@@ -287,10 +288,7 @@ class ModelRunner:
         token_rows = np.repeat(batch.rows, counts)
         parts = [ids, positions, batch.rows, ends, cu, batch.slots.numpy(), logit_np]
         parts += [batch.rows[emit], ends[emit], token_rows]
-        packed = torch.from_numpy(np.concatenate(parts))
-        if self.is_cuda:
-            packed = packed.pin_memory().to(dev, non_blocking=True)
-        views = torch.split(packed, [p.size for p in parts])
+        views = upload_packed(parts, dev)
         ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, logit_rows_t, emit_rows, emit_next = views[:9]
         # The batch's new slots into the device table (the scheduler kept the host mirror).
         self.table.req_to_token[views[9], pos_t] = slots_t.to(torch.int32)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rollout_accel.kernels.fused_ops import add_rms_norm, rms_norm
+from rollout_accel.serving.engine.batch import upload_packed
 from rollout_accel.serving.engine.kv_pool import RequestTable
 from rollout_accel.serving.engine.sampler import BatchSampler
 from rollout_accel.serving.models.decoder import CausalLM
@@ -166,11 +167,7 @@ class StageExecutor:
         self.samplers.update(plan.samplers)
         self._outputs = plan.outputs
         dev = self.device
-        parts = [plan.token_rows, plan.positions, plan.slots]
-        packed = torch.from_numpy(np.concatenate(parts))
-        if self.is_cuda:
-            packed = packed.pin_memory().to(dev, non_blocking=True)
-        rows_t, pos_t, slots_t = torch.split(packed, [p.size for p in parts])
+        rows_t, pos_t, slots_t = upload_packed([plan.token_rows, plan.positions, plan.slots], dev)
         self.table.req_to_token[rows_t, pos_t] = slots_t.to(torch.int32)
         start, end = self.layer_range
         layers = self.model.model.layers[start:end]
@@ -287,11 +284,7 @@ class StageExecutor:
         return start.elapsed_time(end) / 1e3
 
     def _metadata(self, mb: MicroBatch, slots: torch.Tensor) -> tuple[AttentionMetadata, int]:
-        parts = [mb.rows, mb.ends, mb.cu]
-        packed = torch.from_numpy(np.concatenate(parts))
-        if self.is_cuda:
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
-        rows_t, ends_t, cu_t = torch.split(packed, [p.size for p in parts])
+        rows_t, ends_t, cu_t = upload_packed([mb.rows, mb.ends, mb.cu], self.device)
         max_len = int(mb.ends.max())
         n = len(mb.rows)
         meta = AttentionMetadata(

@@ -113,7 +113,12 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
     """One forward over plain and verify decode rows (a CUDA graph when one fits, else eager);
     plain rows sampled by the engine's sampler, verify rows by `verify_drafts`; results on the
     host."""
-    from rollout_accel.serving.engine.batch import CompletedStep, StepResult, pack_layout
+    from rollout_accel.serving.engine.batch import (
+        CompletedStep,
+        StepResult,
+        pack_layout,
+        upload_packed,
+    )
 
     items = batch.items
     nd = batch.num_decode
@@ -138,10 +143,9 @@ def launch_verify(runner: ModelRunner, batch: Batch) -> CompletedStep:
         if it.draft:
             drafts_np[r, : len(it.draft)] = it.draft
     # Per row on the device: table row, sequence end, draft length, drafts.
-    aux = torch.from_numpy(np.concatenate([rows, ends, lens_np, drafts_np.reshape(-1)]))
-    if runner.is_cuda:
-        aux = aux.pin_memory().to(dev, non_blocking=True)
-    rows_t, ends_t, lens_t, drafts_t = torch.split(aux, [n, n, n, drafts_np.size])
+    rows_t, ends_t, lens_t, drafts_t = upload_packed(
+        [rows, ends, lens_np, drafts_np.reshape(-1)], dev
+    )
     drafts_t = drafts_t.view(n, -1)
     graphs = _verify_graphs(runner, ends, n)
     if graphs is not None:
@@ -233,16 +237,13 @@ def _forward_eager(
     layout: PackedLayout,
 ) -> torch.Tensor:
     """The packed forward without graphs: logits of every computed token [total, vocab]."""
+    from rollout_accel.serving.engine.batch import upload_packed
+
     counts, ends, cu, positions = layout.counts, layout.ends, layout.cu, layout.positions
     n = len(counts)
     rows = batch.rows
     parts = [ids, positions, rows, ends, cu, batch.slots.numpy(), np.repeat(rows, counts)]
-    packed = torch.from_numpy(np.concatenate(parts))
-    if runner.is_cuda:
-        packed = packed.pin_memory().to(runner.device, non_blocking=True)
-    ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, token_rows_t = torch.split(
-        packed, [p.size for p in parts]
-    )
+    ids_t, pos_t, rows_t, ends_t, cu_t, slots_t, token_rows_t = upload_packed(parts, runner.device)
     runner.table.req_to_token[token_rows_t, pos_t] = slots_t.to(torch.int32)
     max_len = int(ends.max())
     meta = AttentionMetadata(
