@@ -163,6 +163,17 @@ def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def _runs_by_policy_and_seed(
+    summaries: list[dict[str, Any]],
+) -> tuple[dict[tuple[str, int], dict[str, Any]], list[int]]:
+    """Run summaries by (policy, seed), and the seeds; every seed needs its sync run."""
+    by = {(s["policy"], s["seed"]): s for s in summaries}
+    seeds = sorted({s["seed"] for s in summaries})
+    if any(("sync", seed) not in by for seed in seeds):
+        raise ValueError("frontier: every seed needs a sync run (it sets the target)")
+    return by, seeds
+
+
 def power_analysis(
     summaries: Sequence[dict[str, Any]],
     policies: Sequence[str],
@@ -176,10 +187,7 @@ def power_analysis(
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock: {clock!r} is not wall or cpu")
     total = "rl_wall_seconds" if clock == "wall" else "rl_cpu_seconds"
-    by = {(s["policy"], s["seed"]): s for s in summaries}
-    seeds = sorted({s["seed"] for s in summaries})
-    if any(("sync", seed) not in by for seed in seeds):
-        raise ValueError("frontier: every seed needs a sync run (it sets the target)")
+    by, seeds = _runs_by_policy_and_seed(summaries)
     rows = []
     for policy in policies:
         log_ratios, times, fractions, finals, reached = [], [], [], [], 0
@@ -285,10 +293,7 @@ def analyse(
     A run's final accuracy is the mean of its last `final_window` evaluations; the target of a
     seed is its sync run's final accuracy; a run reaches it at its first evaluation >= target.
     """
-    by = {(s["policy"], s["seed"]): s for s in summaries}
-    seeds = sorted({s["seed"] for s in summaries})
-    if any(("sync", seed) not in by for seed in seeds):
-        raise ValueError("frontier: every seed needs a sync run (it sets the target)")
+    by, seeds = _runs_by_policy_and_seed(summaries)
     rows = []
     for policy in policies:
         finals, walls, cpus, reach_walls, reach_cpus, reach_steps = [], [], [], [], [], []
