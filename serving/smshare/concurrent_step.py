@@ -283,7 +283,8 @@ class SmShareRunner(ModelRunner):
         if self._mode == "split":
             return self._launch_parts(batch, None)
         assert self.planner is not None and self.partitions is not None
-        if not self._graphable(batch):
+        parts = self._graphable_parts(batch)
+        if parts is None:
             self.ungraphable_steps += 1
             return super().launch(batch)
         context = int(sum(it.start + 1 for it in batch.items[:nd]))
@@ -307,7 +308,7 @@ class SmShareRunner(ModelRunner):
         # it): what the step cost on the GPU, fed back to the planner once it completed.
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        handle = self._launch_graphed(batch, preset)
+        handle = self._launch_graphed(batch, preset, *parts)
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self._timings.append((choice, record, start, end))
@@ -323,20 +324,22 @@ class SmShareRunner(ModelRunner):
         while len(self._timings) > 64:
             self._timings.popleft()
 
-    def _graphable(self, batch: Batch) -> bool:
-        """Both parts of this mixed batch can run as graph replays (every preset captured the
-        same shapes, so the first preset's graphs answer for all)."""
+    def _graphable_parts(self, batch: Batch) -> tuple[Batch, Batch] | None:
+        """This mixed batch's (decode, prefill) parts when both can run as graph replays (every
+        preset captured the same shapes, so the first preset's graphs answer for all); else
+        None."""
         if self.released & {"weights", "kv_cache", "cuda_graph"} or not self.prefill_graphs:
-            return False
+            return None
         items = batch.items
         nd = batch.num_decode
         if items[-1].draft is not None or (
             self.kvreuse is not None and self.kvreuse.handles(batch)
         ):
-            return False
+            return None
         decode_graphs = next(iter(self.preset_graphs.values()))
         prefill_graphs = next(iter(self.prefill_graphs.values()))
-        return decode_graphs.fits(nd) and prefill_graphs.fits(self._parts(batch)[1])
+        parts = self._parts(batch)
+        return parts if decode_graphs.fits(nd) and prefill_graphs.fits(parts[1]) else None
 
     def _launch_parts(self, batch: Batch, preset: Preset | None) -> StepHandle:
         """Split mode: the decode rows, then the prefill items, on the current stream (eager
@@ -356,12 +359,13 @@ class SmShareRunner(ModelRunner):
             batch, d_tokens, d_logprobs, p_tokens, p_logprobs, input_logprobs
         )
 
-    def _launch_graphed(self, batch: Batch, preset: Preset | None) -> StepHandle:
+    def _launch_graphed(
+        self, batch: Batch, preset: Preset | None, decode: Batch, prefill: Batch
+    ) -> StepHandle:
         """Both parts as graph replays: at once on `preset`'s partitions (see the module doc),
         or, with no preset, one after the other on the whole GPU (`ModelRunner`'s path)."""
         self.table.flush()
         self.split_steps += 1
-        decode, prefill = self._parts(batch)
         if preset is None:
             self.sequential_steps += 1
             return self._launch_graphed_parts(batch, decode, prefill)
